@@ -1,0 +1,18 @@
+//! `imhost-client`: what a business backend needs to talk to an imhost cluster.
+//!
+//! imhost re-designs FreeIM; a backend never talks to terminals, it asks the
+//! cluster to deliver. This crate holds the one copy of every shape that crosses
+//! a process boundary, so the host and the backends cannot drift apart.
+//!
+//! # Layout
+//! - [`wire`] — FreeIM v2 over Redis, byte for byte: key names, the value-tuple JSON,
+//!   the `__FreeIM__(…)` control messages, partitioning of clients over nodes.
+//! - [`api`] — request and response bodies of the business HTTP API (`/api/v1/…`).
+#![warn(clippy::print_stdout)]
+
+pub mod api;
+pub mod wire;
+
+/// A client (a user of the business system) as FreeIM numbers it: a .NET `long`.
+/// One client may hold several sockets (devices).
+pub type ClientId = i64;

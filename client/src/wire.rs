@@ -1,0 +1,298 @@
+//! FreeIM v2 over Redis, byte for byte (SPEC section 2).
+//!
+//! A backend running FreeIM's own .NET `ImHelper` against the same Redis must see
+//! imhost behave like FreeIM's `ImServer`, so every name and payload here copies
+//! FreeIM: Newtonsoft serialises .NET value tuples as `{"Item1":…,"Item2":…}`, keys
+//! hang off a prefix derived from the WebSocket path, and control messages are
+//! plain strings with a `__FreeIM__(…)` marker in front.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientId;
+
+/// The receipt text FreeIM sends back when the receiver got the message.
+pub const RECEIPT_DELIVERED: &str = "发送成功";
+/// The receipt text FreeIM sends back when the receiver is not connected.
+pub const RECEIPT_OFFLINE: &str = "用户不在线";
+
+const CHAN_MESSAGE_MARKER: &str = "__FreeIM__(ChanMessage)";
+const FORCE_OFFLINE_MARKER: &str = "__FreeIM__(ForceOffline)";
+
+/// Redis key and channel names for one deployment, all hanging off the prefix
+/// `"im_v2" + path with '/' replaced by '_'` (path `/ws` gives `im_v2_ws`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Names for the WebSocket path terminals connect to, e.g. `/ws`.
+    pub fn for_path(path: &str) -> Self {
+        Self {
+            prefix: format!("im_v2{}", path.replace('/', "_")),
+        }
+    }
+
+    /// The prefix itself, `im_v2_ws` for `/ws`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// String key holding a connect token's [`TokenValue`] for a few seconds.
+    pub fn token(&self, token: &str) -> String {
+        format!("{}Token{token}", self.prefix)
+    }
+
+    /// Hash `client id → number of sockets` over the whole cluster.
+    pub fn online(&self) -> String {
+        format!("{}Online", self.prefix)
+    }
+
+    /// Pub/sub channel a node listens on for deliveries and control messages.
+    pub fn server(&self, node: &str) -> String {
+        format!("{}Server{node}", self.prefix)
+    }
+
+    /// Hash of a channel's members (`client id → 0`).
+    pub fn chan(&self, chan: &str) -> String {
+        format!("{}Chan{chan}", self.prefix)
+    }
+
+    /// Hash of a client's channels (`channel → 0`).
+    pub fn client(&self, client_id: ClientId) -> String {
+        format!("{}Client{client_id}", self.prefix)
+    }
+
+    /// Hash `channel → member count`.
+    pub fn list_chan(&self) -> String {
+        format!("{}ListChan", self.prefix)
+    }
+
+    /// Pub/sub channel of online events (payload: a [`TokenValue`]).
+    pub fn online_event(&self) -> String {
+        format!("evt_{}Online", self.prefix)
+    }
+
+    /// Pub/sub channel of offline events (payload: a [`TokenValue`]).
+    pub fn offline_event(&self) -> String {
+        format!("evt_{}Offline", self.prefix)
+    }
+}
+
+/// What a connect token stands for, and the payload of online/offline events:
+/// FreeIM's `(long clientId, string clientMetaData)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenValue {
+    #[serde(rename = "Item1")]
+    pub client_id: ClientId,
+    #[serde(rename = "Item2")]
+    pub metadata: Option<String>,
+}
+
+/// A point-to-point delivery to the receivers that live on one node:
+/// FreeIM's `(long sender, long[] receivers, string content, bool receipt)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectMessage {
+    #[serde(rename = "Item1")]
+    pub sender: ClientId,
+    #[serde(rename = "Item2")]
+    pub receivers: Vec<ClientId>,
+    /// The message as JSON text, sent to terminals exactly as it is.
+    #[serde(rename = "Item3")]
+    pub content: String,
+    #[serde(rename = "Item4")]
+    pub receipt: bool,
+}
+
+/// A delivery to a channel's members on one node, or to every client of the node
+/// when `chan` is `None` (broadcast): FreeIM's `(long sender, string chan, string content)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChanMessage {
+    #[serde(rename = "Item1")]
+    pub sender: ClientId,
+    #[serde(rename = "Item2")]
+    pub chan: Option<String>,
+    #[serde(rename = "Item3")]
+    pub content: String,
+}
+
+/// Everything a node can be asked to do on its `P+"Server"+node` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage {
+    Direct(DirectMessage),
+    Chan(ChanMessage),
+    ForceOffline { client_id: ClientId },
+}
+
+/// A payload on a node's channel that is not a FreeIM message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed {kind} payload: {source}")]
+    Json {
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("malformed ForceOffline payload: {0:?} is not a client id")]
+    ClientId(String),
+}
+
+impl ServerMessage {
+    /// The exact text FreeIM publishes for this message.
+    pub fn encode(&self) -> String {
+        // Serialising these plain structs cannot fail: no maps with non-string
+        // keys, no custom serialisers.
+        match self {
+            ServerMessage::Direct(msg) => serde_json::to_string(msg).unwrap_or_default(),
+            ServerMessage::Chan(msg) => format!(
+                "{CHAN_MESSAGE_MARKER}{}",
+                serde_json::to_string(msg).unwrap_or_default()
+            ),
+            ServerMessage::ForceOffline { client_id } => {
+                format!("{FORCE_OFFLINE_MARKER}{client_id}")
+            }
+        }
+    }
+
+    /// Reads a payload published by an imhost node or by FreeIM's `ImHelper`.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when the payload is none of the three FreeIM shapes.
+    pub fn decode(payload: &str) -> Result<Self, DecodeError> {
+        if let Some(rest) = payload.strip_prefix(CHAN_MESSAGE_MARKER) {
+            serde_json::from_str(rest)
+                .map(ServerMessage::Chan)
+                .map_err(|source| DecodeError::Json {
+                    kind: "ChanMessage",
+                    source,
+                })
+        } else if let Some(rest) = payload.strip_prefix(FORCE_OFFLINE_MARKER) {
+            rest.trim()
+                .parse()
+                .map(|client_id| ServerMessage::ForceOffline { client_id })
+                .map_err(|_| DecodeError::ClientId(rest.to_owned()))
+        } else {
+            serde_json::from_str(payload)
+                .map(ServerMessage::Direct)
+                .map_err(|source| DecodeError::Json {
+                    kind: "message",
+                    source,
+                })
+        }
+    }
+}
+
+/// The node that owns `client_id`: `servers[client_id mod len]`, with a
+/// non-negative modulo so negative ids land somewhere too.
+///
+/// # Panics
+/// When `servers` is empty; a cluster always has at least one node.
+pub fn node_for(client_id: ClientId, servers: &[String]) -> &str {
+    let len = i64::try_from(servers.len()).unwrap_or(i64::MAX);
+    let index = client_id.rem_euclid(len) as usize;
+    &servers[index]
+}
+
+/// Receivers de-duplicated (first occurrence kept) and grouped by owning node,
+/// in the order nodes first appear: what `ImHelper.SendMessage` publishes.
+pub fn group_by_node<'a>(
+    receivers: &[ClientId],
+    servers: &'a [String],
+) -> Vec<(&'a str, Vec<ClientId>)> {
+    let mut groups: Vec<(&str, Vec<ClientId>)> = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(receivers.len());
+    for &id in receivers {
+        if !seen.insert(id) {
+            continue;
+        }
+        let node = node_for(id, servers);
+        match groups.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, ids)) => ids.push(id),
+            None => groups.push((node, vec![id])),
+        }
+    }
+    groups
+}
+
+/// The text a sender gets back as a receipt: `{"content":"<content>","receipt":"…"}`,
+/// where the delivered JSON text is embedded as a JSON string.
+pub fn receipt(content: &str, text: &str) -> String {
+    #[derive(Serialize)]
+    struct Receipt<'a> {
+        content: &'a str,
+        receipt: &'a str,
+    }
+    serde_json::to_string(&Receipt {
+        content,
+        receipt: text,
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_freeim_naming() {
+        let keys = Keys::for_path("/ws");
+        assert_eq!(keys.prefix(), "im_v2_ws");
+        assert_eq!(keys.token("ab"), "im_v2_wsTokenab");
+        assert_eq!(keys.online(), "im_v2_wsOnline");
+        assert_eq!(
+            keys.server("127.0.0.1:6001"),
+            "im_v2_wsServer127.0.0.1:6001"
+        );
+        assert_eq!(keys.chan("room"), "im_v2_wsChanroom");
+        assert_eq!(keys.client(7), "im_v2_wsClient7");
+        assert_eq!(keys.list_chan(), "im_v2_wsListChan");
+        assert_eq!(keys.online_event(), "evt_im_v2_wsOnline");
+        assert_eq!(keys.offline_event(), "evt_im_v2_wsOffline");
+    }
+
+    #[test]
+    fn messages_round_trip_as_freeim_writes_them() {
+        let direct = r#"{"Item1":1,"Item2":[2,3],"Item3":"{\"a\":1}","Item4":true}"#;
+        let msg = ServerMessage::decode(direct).expect("direct");
+        assert_eq!(msg.encode(), direct);
+
+        let chan = r#"__FreeIM__(ChanMessage){"Item1":0,"Item2":null,"Item3":"\"hi\""}"#;
+        let msg = ServerMessage::decode(chan).expect("chan");
+        assert!(matches!(&msg, ServerMessage::Chan(c) if c.chan.is_none()));
+        assert_eq!(msg.encode(), chan);
+
+        let kick = "__FreeIM__(ForceOffline)42";
+        assert_eq!(
+            ServerMessage::decode(kick).expect("kick"),
+            ServerMessage::ForceOffline { client_id: 42 }
+        );
+        assert_eq!(ServerMessage::ForceOffline { client_id: 42 }.encode(), kick);
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error() {
+        assert!(ServerMessage::decode("hello").is_err());
+        assert!(ServerMessage::decode("__FreeIM__(ForceOffline)x").is_err());
+        assert!(ServerMessage::decode("__FreeIM__(ChanMessage){").is_err());
+    }
+
+    #[test]
+    fn partitioning_uses_a_non_negative_modulo() {
+        let servers: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(node_for(4, &servers), "b");
+        assert_eq!(node_for(-1, &servers), "c");
+        let groups = group_by_node(&[1, 4, 2, 1, 3], &servers);
+        assert_eq!(
+            groups,
+            vec![("b", vec![1, 4]), ("c", vec![2]), ("a", vec![3])]
+        );
+    }
+
+    #[test]
+    fn receipt_embeds_content_as_a_string() {
+        assert_eq!(
+            receipt(r#"{"t":"你好"}"#, RECEIPT_DELIVERED),
+            r#"{"content":"{\"t\":\"你好\"}","receipt":"发送成功"}"#
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! The business operations a backend asks a node for: FreeIM's `ImHelper`,
+//! run inside the node. The HTTP API and the demo backend are thin callers.
+//!
+//! Any node accepts any call: deliveries are grouped by owning node and handed
+//! to the relay, which reaches this node or another one alike.
+
+use imhost_client::ClientId;
+use imhost_client::api::{ChannelInfo, ClientInfo, ConnectUrlResponse};
+use imhost_client::wire::{ChanMessage, DirectMessage, ServerMessage, TokenValue, group_by_node};
+
+use crate::config::WS_PATH;
+use crate::http::AppError;
+use crate::node::Node;
+
+/// Longest channel name accepted, in bytes.
+const MAX_CHANNEL_NAME: usize = 256;
+
+/// The JSON text terminals will receive: compact, keys in the caller's order,
+/// non-ASCII kept as UTF-8 (what Newtonsoft writes).
+pub fn message_text(message: &serde_json::Value) -> String {
+    message.to_string()
+}
+
+/// Checks a channel name taken from a URL path.
+pub fn check_channel(chan: &str) -> Result<(), AppError> {
+    if chan.is_empty() || chan.len() > MAX_CHANNEL_NAME {
+        return Err(AppError::BadRequest(format!(
+            "channel name must be 1 to {MAX_CHANNEL_NAME} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Issues a single-use connect URL for `client_id` on the node that owns it.
+pub async fn connect_url(
+    node: &Node,
+    client_id: ClientId,
+    metadata: Option<String>,
+) -> Result<ConnectUrlResponse, AppError> {
+    let value = TokenValue {
+        client_id,
+        metadata,
+    };
+    let token = node
+        .presence
+        .issue_token(&value, node.config.limits.token_ttl)
+        .await?;
+    let server = node.topology.node_for(client_id).to_owned();
+    Ok(ConnectUrlResponse {
+        url: format!("ws://{server}{WS_PATH}?token={token}"),
+        server,
+    })
+}
+
+/// Sends `content` to `receivers`, with receipts back to `sender` when asked.
+pub async fn send_message(
+    node: &Node,
+    sender: ClientId,
+    receivers: &[ClientId],
+    content: String,
+    receipt: bool,
+) -> Result<(), AppError> {
+    for (server, ids) in group_by_node(receivers, &node.topology.servers) {
+        let message = ServerMessage::Direct(DirectMessage {
+            sender,
+            receivers: ids,
+            content: content.clone(),
+            receipt,
+        });
+        node.relay.send(server, message).await?;
+    }
+    Ok(())
+}
+
+/// Sends `content` to a channel's members (every client when `chan` is `None`).
+pub async fn send_chan_message(
+    node: &Node,
+    sender: ClientId,
+    chan: Option<String>,
+    content: String,
+) -> Result<(), AppError> {
+    let message = ServerMessage::Chan(ChanMessage {
+        sender,
+        chan,
+        content,
+    });
+    node.relay.send_all(message).await?;
+    Ok(())
+}
+
+/// Closes every socket of `client_id`, wherever it is.
+pub async fn force_offline(node: &Node, client_id: ClientId) -> Result<(), AppError> {
+    let server = node.topology.node_for(client_id).to_owned();
+    node.relay
+        .send(&server, ServerMessage::ForceOffline { client_id })
+        .await?;
+    Ok(())
+}
+
+/// What the cluster knows about one client.
+pub async fn client_info(node: &Node, client_id: ClientId) -> Result<ClientInfo, AppError> {
+    let connections = node.presence.connections(client_id).await?;
+    let channels = node.presence.channels_of(client_id).await?;
+    Ok(ClientInfo {
+        client_id,
+        online: connections > 0,
+        connections,
+        channels,
+    })
+}
+
+/// Every channel with its member count.
+pub async fn channels(node: &Node) -> Result<Vec<ChannelInfo>, AppError> {
+    Ok(node.presence.channels().await?)
+}

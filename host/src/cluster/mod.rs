@@ -1,0 +1,99 @@
+//! How a node reaches the rest of the cluster, behind two traits.
+//!
+//! - [`Relay`]: "deliver this to node X / to every node", and presence events.
+//! - [`Presence`]: connect tokens, online counts and channel membership, the
+//!   state FreeIM keeps in Redis hashes.
+//!
+//! [`embedded`] implements both in process for a single node; the Redis
+//! implementations slot in beside it without the rest of the host changing,
+//! because everything else only sees `Arc<dyn Relay>` and `Arc<dyn Presence>`.
+//! Messages cross the relay as the typed [`ServerMessage`] of the FreeIM wire,
+//! so the Redis relay is an encode/decode away from the embedded one.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use imhost_client::ClientId;
+use imhost_client::api::{ChannelInfo, PresenceEvent};
+use imhost_client::wire::{ServerMessage, TokenValue};
+
+/// The cluster's shared state or transport could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The backing store is unreachable or overloaded; retrying later may work.
+    #[error("cluster store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A socket came or went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceKind {
+    Online,
+    Offline,
+}
+
+/// One online/offline event, as the event stream serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub kind: PresenceKind,
+    pub event: PresenceEvent,
+}
+
+/// Names of this node and its cluster, and who owns which client.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub me: String,
+    pub servers: Vec<String>,
+}
+
+impl Topology {
+    /// The node that owns `client` (FreeIM partitioning).
+    pub fn node_for(&self, client: ClientId) -> &str {
+        imhost_client::wire::node_for(client, &self.servers)
+    }
+
+    pub fn is_mine(&self, client: ClientId) -> bool {
+        self.node_for(client) == self.me
+    }
+}
+
+/// Carries node commands and presence events between nodes.
+#[async_trait]
+pub trait Relay: Send + Sync {
+    /// Hands `message` to node `node` (possibly this one).
+    async fn send(&self, node: &str, message: ServerMessage) -> Result<(), ClusterError>;
+    /// Hands `message` to every node of the cluster.
+    async fn send_all(&self, message: ServerMessage) -> Result<(), ClusterError>;
+    /// Tells every event subscriber of the cluster that a socket came or went.
+    async fn announce(&self, change: PresenceChange) -> Result<(), ClusterError>;
+}
+
+/// Tokens, online counts and channels, shared by every node.
+#[async_trait]
+pub trait Presence: Send + Sync {
+    /// Stores `value` under a new single-use token that lives for `ttl`.
+    async fn issue_token(&self, value: &TokenValue, ttl: Duration) -> Result<String, ClusterError>;
+    /// Takes a token atomically: a second take of the same token gets `None`.
+    async fn take_token(&self, token: &str) -> Result<Option<TokenValue>, ClusterError>;
+    /// Counts one more socket for `client`; returns its socket count.
+    async fn connected(&self, client: ClientId) -> Result<u64, ClusterError>;
+    /// Counts one socket less; at zero the client is offline and leaves every
+    /// channel. Returns the sockets left.
+    async fn disconnected(&self, client: ClientId) -> Result<u64, ClusterError>;
+    /// Sockets `client` holds in the cluster.
+    async fn connections(&self, client: ClientId) -> Result<u64, ClusterError>;
+    /// Every client with at least one socket.
+    async fn online(&self) -> Result<Vec<ClientId>, ClusterError>;
+    /// Adds clients to a channel (idempotent).
+    async fn join(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError>;
+    /// Removes clients from a channel (idempotent).
+    async fn leave(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError>;
+    /// Members of a channel.
+    async fn members(&self, chan: &str) -> Result<Vec<ClientId>, ClusterError>;
+    /// Every channel with its member count.
+    async fn channels(&self) -> Result<Vec<ChannelInfo>, ClusterError>;
+    /// The channels `client` belongs to.
+    async fn channels_of(&self, client: ClientId) -> Result<Vec<String>, ClusterError>;
+}

@@ -1,0 +1,356 @@
+//! Configuration: command-line flags beat `IMHOST_*` variables, which beat the
+//! TOML file given by `--config`, which beats the built-in defaults (SPEC section 1).
+//!
+//! clap already resolves "flag beats variable" for each [`Options`] field; this
+//! module lays the file underneath, fills in defaults and checks the result, so a
+//! bad setting stops start-up with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// The WebSocket path terminals connect to. FreeIM derives its Redis prefix from
+/// it, so it is fixed rather than configurable.
+pub const WS_PATH: &str = "/ws";
+
+/// Every setting, each optional so that layers can be merged. The same struct is
+/// the clap flag set and the TOML file schema, so the two cannot drift.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Address to listen on for HTTP and WebSocket.
+    #[arg(long, env = "IMHOST_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// This node's name in the cluster; defaults to the listen address.
+    #[arg(long, env = "IMHOST_SERVER", value_name = "NAME")]
+    pub server: Option<String>,
+    /// Every node of the cluster, in the same order on every node.
+    #[arg(
+        long,
+        env = "IMHOST_SERVERS",
+        value_name = "A,B,C",
+        value_delimiter = ','
+    )]
+    pub servers: Option<Vec<String>>,
+    /// Redis URL; without it the node runs embedded (no cluster).
+    #[arg(long, env = "IMHOST_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Bearer key the business API requires; a random one is made when absent.
+    #[arg(long, env = "IMHOST_API_KEY", value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Directory of WebAssembly plugins.
+    #[arg(long, env = "IMHOST_PLUGINS", value_name = "DIR")]
+    pub plugins: Option<PathBuf>,
+    /// Serve the demo chat page at `/` with its toy business backend.
+    #[arg(long, env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub demo: Option<bool>,
+    /// Largest message a terminal may send, in bytes (closes the socket with 1009).
+    #[arg(long, env = "IMHOST_MAX_FRAME_BYTES", value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Messages queued per socket before the socket counts as a slow consumer.
+    #[arg(long, env = "IMHOST_OUTBOUND_QUEUE", value_name = "MESSAGES")]
+    pub outbound_queue: Option<usize>,
+    /// How often the server pings each socket, e.g. `20s`.
+    #[arg(long, env = "IMHOST_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence after which a socket is closed and counted offline, e.g. `60s`.
+    #[arg(long, env = "IMHOST_HEARTBEAT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a connect token stays valid, e.g. `10s`.
+    #[arg(long, env = "IMHOST_TOKEN_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub token_ttl: Option<Duration>,
+    /// Sockets this node accepts at once; defaults to what the open-file limit allows.
+    #[arg(long, env = "IMHOST_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Largest business API request body, in bytes.
+    #[arg(long, env = "IMHOST_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// How long a graceful shutdown waits for sockets to close, e.g. `10s`.
+    #[arg(long, env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// The resolved configuration a node runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub server: String,
+    pub servers: Vec<String>,
+    pub redis: Option<String>,
+    pub api_key: String,
+    /// True when the key was generated because none was configured (it is logged).
+    pub api_key_generated: bool,
+    pub plugins: Option<PathBuf>,
+    pub demo: bool,
+    pub limits: Limits,
+}
+
+/// Bounds that keep one node's memory and time in check whatever clients do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub outbound_queue: usize,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub token_ttl: Duration,
+    /// `None`: derive from the open-file limit at start-up.
+    pub max_connections: Option<usize>,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            outbound_queue: 256,
+            heartbeat_interval: Duration::from_secs(20),
+            heartbeat_timeout: Duration::from_secs(60),
+            token_ttl: Duration::from_secs(10),
+            max_connections: None,
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A setting that cannot be used, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("`{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Options {
+    /// Reads a TOML file of options.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has an unknown key or a bad value.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// `self` where set, else `lower`.
+    pub fn or(self, lower: Options) -> Options {
+        Options {
+            listen: self.listen.or(lower.listen),
+            server: self.server.or(lower.server),
+            servers: self.servers.or(lower.servers),
+            redis: self.redis.or(lower.redis),
+            api_key: self.api_key.or(lower.api_key),
+            plugins: self.plugins.or(lower.plugins),
+            demo: self.demo.or(lower.demo),
+            max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
+            outbound_queue: self.outbound_queue.or(lower.outbound_queue),
+            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
+            heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
+            token_ttl: self.token_ttl.or(lower.token_ttl),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
+            shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+        }
+    }
+
+    /// Fills in defaults and checks every value.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first key whose value cannot work.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let defaults = Limits::default();
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6001)));
+        let server = self.server.unwrap_or_else(|| listen.to_string());
+        if server.trim().is_empty() {
+            return Err(invalid("server", "must not be empty"));
+        }
+        let servers = self.servers.unwrap_or_else(|| vec![server.clone()]);
+        if servers.iter().any(|s| s.trim().is_empty()) {
+            return Err(invalid("servers", "has an empty entry"));
+        }
+        if !servers.contains(&server) {
+            return Err(invalid(
+                "servers",
+                format!("does not contain this node's name {server:?} (set `server`)"),
+            ));
+        }
+        let mut unique = servers.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != servers.len() {
+            return Err(invalid("servers", "names a node twice"));
+        }
+        if servers.len() > 1 && self.redis.is_none() {
+            return Err(invalid(
+                "servers",
+                "several nodes need `redis`; without it the node runs embedded",
+            ));
+        }
+        let (api_key, api_key_generated) = match self.api_key {
+            Some(key) if key.len() < 16 => {
+                return Err(invalid("api_key", "must be at least 16 characters"));
+            }
+            Some(key) => (key, false),
+            None => (crate::token::random_hex(32), true),
+        };
+        let limits = Limits {
+            max_frame_bytes: self.max_frame_bytes.unwrap_or(defaults.max_frame_bytes),
+            outbound_queue: self.outbound_queue.unwrap_or(defaults.outbound_queue),
+            heartbeat_interval: self
+                .heartbeat_interval
+                .unwrap_or(defaults.heartbeat_interval),
+            heartbeat_timeout: self.heartbeat_timeout.unwrap_or(defaults.heartbeat_timeout),
+            token_ttl: self.token_ttl.unwrap_or(defaults.token_ttl),
+            max_connections: self.max_connections,
+            max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
+        };
+        limits.check()?;
+        Ok(Config {
+            listen,
+            server,
+            servers,
+            redis: self.redis,
+            api_key,
+            api_key_generated,
+            plugins: self.plugins,
+            demo: self.demo.unwrap_or(false),
+            limits,
+        })
+    }
+}
+
+impl Limits {
+    fn check(&self) -> Result<(), ConfigError> {
+        if !(16..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(invalid("max_frame_bytes", "must be between 16 and 64 MiB"));
+        }
+        if !(1..=65_536).contains(&self.outbound_queue) {
+            return Err(invalid("outbound_queue", "must be between 1 and 65536"));
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return Err(invalid("heartbeat_interval", "must be at least 10ms"));
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                "must be longer than heartbeat_interval",
+            ));
+        }
+        if self.token_ttl < Duration::from_millis(100) {
+            return Err(invalid("token_ttl", "must be at least 100ms"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+/// `Option<Duration>` written as a humantime string (`"20s"`, `"1m 30s"`) in TOML.
+mod humantime_option {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_a_single_embedded_node() {
+        let config = Options::default().resolve().expect("defaults resolve");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:6001");
+        assert_eq!(config.server, "127.0.0.1:6001");
+        assert_eq!(config.servers, vec!["127.0.0.1:6001".to_owned()]);
+        assert!(config.api_key_generated);
+        assert_eq!(config.api_key.len(), 64);
+    }
+
+    #[test]
+    fn higher_layer_wins() {
+        let file: Options = toml::from_str(
+            "listen = \"127.0.0.1:7000\"\nmax_frame_bytes = 100\nheartbeat_interval = \"5s\"",
+        )
+        .expect("toml");
+        let flags = Options {
+            max_frame_bytes: Some(200),
+            ..Options::default()
+        };
+        let config = flags.or(file).resolve().expect("resolves");
+        assert_eq!(config.listen.port(), 7000);
+        assert_eq!(config.limits.max_frame_bytes, 200);
+        assert_eq!(config.limits.heartbeat_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = toml::from_str::<Options>("listen = 5").expect_err("type");
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = toml::from_str::<Options>("nope = 1").expect_err("unknown");
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = toml::from_str::<Options>("token_ttl = \"soon\"").expect_err("duration");
+        assert!(err.to_string().contains("token_ttl"), "{err}");
+
+        let err = Options {
+            heartbeat_interval: Some(Duration::from_secs(10)),
+            heartbeat_timeout: Some(Duration::from_secs(5)),
+            ..Options::default()
+        }
+        .resolve()
+        .expect_err("timeout shorter than interval");
+        assert!(err.to_string().contains("`heartbeat_timeout`"), "{err}");
+
+        let err = Options {
+            server: Some("a".into()),
+            servers: Some(vec!["b".into()]),
+            ..Options::default()
+        }
+        .resolve()
+        .expect_err("server not in servers");
+        assert!(err.to_string().contains("`servers`"), "{err}");
+    }
+}

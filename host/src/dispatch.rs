@@ -1,0 +1,113 @@
+//! Applies what arrives on this node's inbox to its sockets, with FreeIM's
+//! delivery rules (SPEC section 2): receipts with FreeIM's exact texts, the
+//! sender-echo rule, channel and broadcast fan-out, force-offline.
+//!
+//! One task drains the inbox in order, so messages published in order by one
+//! caller reach a socket in that order. Handing a message to sockets never waits
+//! (see [`crate::registry`]), so the task only waits on the presence store.
+
+use axum::extract::ws::Utf8Bytes;
+use imhost_client::ClientId;
+use imhost_client::wire::{
+    ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, receipt,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::node::Node;
+use crate::registry::{CloseReason, Delivery};
+use crate::stats::Stats;
+
+/// Drains `inbox` until the node has drained its sockets.
+pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
+    loop {
+        tokio::select! {
+            message = inbox.recv() => match message {
+                Some(message) => handle(&node, message).await,
+                None => break,
+            },
+            () = node.shutdown.drained().cancelled() => break,
+        }
+    }
+    debug!("dispatcher stopped");
+}
+
+/// Acts on one message addressed to this node.
+pub async fn handle(node: &Node, message: ServerMessage) {
+    match message {
+        ServerMessage::Direct(direct) => deliver_direct(node, direct).await,
+        ServerMessage::Chan(chan) => deliver_chan(node, chan).await,
+        ServerMessage::ForceOffline { client_id } => {
+            let closed = node
+                .registry
+                .close_client(client_id, CloseReason::ForcedOffline);
+            Stats::add(&node.stats.forced_offline, closed as u64);
+        }
+    }
+}
+
+async fn deliver_direct(node: &Node, msg: DirectMessage) {
+    let wants_receipt =
+        |receiver: ClientId| msg.receipt && msg.sender != 0 && receiver != msg.sender;
+    // One copy of the text for every socket of every receiver.
+    let text = Utf8Bytes::from(msg.content.as_str());
+    for &receiver in &msg.receivers {
+        let outcome = node.registry.deliver(receiver, &text, msg.sender);
+        let receipt_text = match outcome {
+            Delivery::NotConnected => RECEIPT_OFFLINE,
+            Delivery::EchoSkipped => continue,
+            Delivery::Queued(_) => RECEIPT_DELIVERED,
+        };
+        if wants_receipt(receiver) {
+            send_receipt(
+                node,
+                receiver,
+                msg.sender,
+                receipt(&msg.content, receipt_text),
+            )
+            .await;
+        }
+    }
+}
+
+/// FreeIM sends a receipt as a new message from the receiver to the sender.
+/// When the sender lives here the relay round trip is skipped.
+async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content: String) {
+    if node.topology.is_mine(sender) {
+        node.registry
+            .deliver(sender, &Utf8Bytes::from(content), receiver);
+        return;
+    }
+    let message = ServerMessage::Direct(DirectMessage {
+        sender: receiver,
+        receivers: vec![sender],
+        content,
+        receipt: false,
+    });
+    if let Err(err) = node
+        .relay
+        .send(node.topology.node_for(sender), message)
+        .await
+    {
+        Stats::incr(&node.stats.dispatch_errors);
+        warn!(cause = %err, sender, "receipt not sent");
+    }
+}
+
+async fn deliver_chan(node: &Node, msg: ChanMessage) {
+    let text = Utf8Bytes::from(msg.content.as_str());
+    match &msg.chan {
+        None => {
+            node.registry.deliver_all(&text, msg.sender);
+        }
+        Some(chan) => match node.presence.members(chan).await {
+            Ok(members) => {
+                node.registry.deliver_many(members, &text, msg.sender);
+            }
+            Err(err) => {
+                Stats::incr(&node.stats.dispatch_errors);
+                warn!(cause = %err, chan, "channel message not delivered");
+            }
+        },
+    }
+}

@@ -1,0 +1,94 @@
+//! The HTTP face of a node: the business API (`/api/v1`, SPEC section 3), the
+//! terminal upgrade (`/ws`), health, and the demo page when enabled.
+//!
+//! # Layout
+//! - [`error`]: `AppError`, the one place errors become responses.
+//! - `api`: thin handlers over [`crate::business`].
+//! - `events`: the Server-Sent Events stream of online/offline events.
+//! - `demo`: the chat page and its toy business backend (`--demo`).
+
+mod api;
+mod demo;
+pub mod error;
+mod events;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+pub use error::AppError;
+
+use crate::config::WS_PATH;
+use crate::node::Node;
+
+/// `axum::Json` whose rejection is an [`AppError`] with the API's error body.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(AppError))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` whose rejection is an [`AppError`].
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(AppError))]
+pub struct Path<T>(pub T);
+
+/// Every route of the node.
+pub fn router(node: Node) -> Router {
+    let api = Router::new()
+        .route("/connect-url", post(api::connect_url))
+        .route("/messages", post(api::send_message))
+        .route("/channels", get(api::channels))
+        .route("/channels/{chan}/join", post(api::join))
+        .route("/channels/{chan}/leave", post(api::leave))
+        .route("/channels/{chan}/messages", post(api::channel_message))
+        .route("/channels/{chan}/members", get(api::members))
+        .route("/broadcast", post(api::broadcast))
+        .route("/clients/{id}", get(api::client))
+        .route("/clients/{id}/force-offline", post(api::force_offline))
+        .route("/online", get(api::online))
+        .route("/events", get(events::stream))
+        .route("/stats", get(api::stats))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            require_api_key,
+        ))
+        .layer(DefaultBodyLimit::max(node.config.limits.max_body_bytes));
+
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(WS_PATH, get(crate::ws::upgrade))
+        .nest("/api/v1", api);
+    if node.config.demo {
+        router = router.merge(demo::router());
+    }
+    router
+        .fallback(|| async { AppError::NotFound("no such route".into()) })
+        .with_state(node)
+}
+
+/// Rejects API calls without `Authorization: Bearer <api key>`. The compare
+/// takes the same time wherever the first wrong byte is.
+async fn require_api_key(State(node): State<Node>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = node.config.api_key.as_bytes();
+    if bool::from(presented.as_bytes().ct_eq(expected)) {
+        next.run(request).await
+    } else {
+        AppError::Unauthorized("missing or wrong API key".into()).into_response()
+    }
+}

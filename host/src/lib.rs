@@ -1,0 +1,33 @@
+//! imhost: a clustered WebSocket IM server in the shape of FreeIM, extended by
+//! WebAssembly plugins.
+//!
+//! Terminals hold a WebSocket to a node; the business backend asks any node,
+//! over HTTP, to deliver; nodes relay to each other (in process when embedded).
+//!
+//! # Layout
+//! - [`config`] — flags, `IMHOST_*` variables and the TOML file, merged and checked.
+//! - [`server`] — wires a node together and runs it until shutdown.
+//! - [`node`] — the handles every task of a node shares.
+//! - [`ws`] — the terminal side: connect, and one task per socket.
+//! - [`registry`] — local sockets by client id, each with a bounded outbound queue.
+//! - [`dispatch`] — applies FreeIM's delivery rules to what arrives for this node.
+//! - [`business`] — the operations a backend asks for (FreeIM's `ImHelper`).
+//! - [`http`] — the business API, the event stream and the demo page.
+//! - [`cluster`] — the relay and presence traits and their implementations.
+//! - [`shutdown`] — how tasks learn the node is stopping.
+//! - [`stats`] — counters.
+//! - [`token`] — connect tokens.
+#![warn(clippy::print_stdout)]
+
+pub mod business;
+pub mod cluster;
+pub mod config;
+pub mod dispatch;
+pub mod http;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod stats;
+pub mod token;
+pub mod ws;

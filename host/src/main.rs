@@ -1,0 +1,78 @@
+//! The `imhost` binary: parse the configuration, set up logging, bind, run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use imhost::config::Options;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "imhost",
+    version,
+    about = "Clustered WebSocket IM server with WebAssembly plugins"
+)]
+struct Cli {
+    /// TOML file with any of the settings below (flags and variables win over it).
+    #[arg(long, env = "IMHOST_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("imhost=info")),
+        )
+        .init();
+
+    let file = match &cli.config {
+        Some(path) => Options::from_file(path)?,
+        None => Options::default(),
+    };
+    let config = cli
+        .options
+        .or(file)
+        .resolve()
+        .context("invalid configuration")?;
+
+    // Each socket is a file descriptor: take all the hard limit allows.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(cause = %err, "could not raise the open-file limit");
+    }
+    let listener = imhost::server::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    imhost::server::run(listener, config, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(cause = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,52 @@
+//! The handles one node's tasks share: configuration, local connections, the
+//! cluster traits, counters and shutdown. Cheap to clone; it is axum's state.
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, broadcast};
+
+use crate::cluster::{Presence, PresenceChange, Relay, Topology};
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Everything a request handler, socket task or dispatcher needs.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The parts of a [`Node`], given to [`Node::new`].
+pub struct Inner {
+    pub config: Config,
+    pub topology: Topology,
+    pub registry: Registry,
+    pub presence: Arc<dyn Presence>,
+    pub relay: Arc<dyn Relay>,
+    /// Where presence events of the whole cluster arrive for local subscribers
+    /// (the SSE stream). A lagging subscriber skips ahead and is told so.
+    pub events: broadcast::Sender<PresenceChange>,
+    pub stats: Arc<Stats>,
+    pub shutdown: Shutdown,
+    /// One permit per open socket: the node's connection cap.
+    pub connection_slots: Arc<Semaphore>,
+    /// The cap itself, for logs and stats.
+    pub max_connections: usize,
+}
+
+impl Node {
+    pub fn new(inner: Inner) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}

@@ -1,0 +1,136 @@
+//! Wires a node together and runs it until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tracing::{info, warn};
+
+use crate::cluster::Topology;
+use crate::cluster::embedded::{EmbeddedPresence, EmbeddedRelay};
+use crate::config::{Config, WS_PATH};
+use crate::node::{Inner, Node};
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Connections ramp up faster than tokio's default backlog of 128 drains; an
+/// overflowing backlog adds a one-second SYN retry to a connect.
+const LISTEN_BACKLOG: u32 = 4096;
+/// Messages waiting for this node's dispatcher before publishers wait.
+const INBOX_BOUND: usize = 4096;
+/// Presence events a slow SSE subscriber may fall behind before it skips.
+const EVENTS_BOUND: usize = 4096;
+/// File descriptors kept back from the connection cap for Redis, plugins, logs.
+const RESERVED_FDS: u64 = 100;
+
+/// Binds `addr` with a listen backlog fit for connection bursts.
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How many sockets the open-file limit lets this process hold.
+pub fn connection_capacity() -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX)
+}
+
+/// Runs a node on `listener` until `shutdown` resolves, then closes every
+/// socket with 1001, publishes their offline events and returns.
+///
+/// # Errors
+/// The configuration asks for something this node cannot do, or serving fails.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if config.redis.is_some() {
+        bail!(
+            "`redis`: cluster mode is not available in this build yet; run without it (embedded)"
+        );
+    }
+    let local = listener.local_addr().context("listener has no address")?;
+    let max_connections = config
+        .limits
+        .max_connections
+        .unwrap_or_else(connection_capacity);
+    let stats = Arc::new(Stats::default());
+    let stop = Shutdown::new();
+    let (inbox_tx, inbox) = mpsc::channel(INBOX_BOUND);
+    let (events, _) = broadcast::channel(EVENTS_BOUND);
+    let node = Node::new(Inner {
+        topology: Topology {
+            me: config.server.clone(),
+            servers: config.servers.clone(),
+        },
+        registry: Registry::new(config.limits.outbound_queue, stats.clone()),
+        presence: Arc::new(EmbeddedPresence::new()),
+        relay: Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
+        events,
+        stats,
+        shutdown: stop.clone(),
+        connection_slots: Arc::new(Semaphore::new(max_connections)),
+        max_connections,
+        config,
+    });
+
+    let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
+    let app = crate::http::router(node.clone());
+    let serving = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.stopping().clone().cancelled_owned());
+    let mut server = tokio::spawn(serving.into_future());
+
+    info!(
+        listen = %local,
+        ws = WS_PATH,
+        mode = "embedded",
+        server = %node.config.server,
+        max_connections,
+        demo = node.config.demo,
+        "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), embedded mode, up to {max_connections} connections"
+    );
+    if node.config.api_key_generated {
+        warn!(api_key = %node.config.api_key, "no api_key configured; generated one for this run");
+    }
+
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        result = &mut server => {
+            stop.drain(node.config.limits.shutdown_grace).await;
+            return result.context("HTTP server task failed")?.context("HTTP server failed");
+        }
+    }
+    let grace = node.config.limits.shutdown_grace;
+    if !stop.drain(grace).await {
+        warn!(
+            ?grace,
+            "sockets still open after the grace period; exiting anyway"
+        );
+    }
+    match tokio::time::timeout(grace, server).await {
+        Ok(joined) => joined
+            .context("HTTP server task failed")?
+            .context("HTTP server failed")?,
+        Err(_) => warn!("HTTP connections still open after the grace period"),
+    }
+    let _ = dispatcher.await;
+    info!("stopped");
+    Ok(())
+}

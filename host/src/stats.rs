@@ -1,0 +1,69 @@
+//! Counters a node keeps about itself, readable at `GET /api/v1/stats`.
+//!
+//! Plain relaxed atomics: each is an independent tally, read for monitoring and
+//! tests, never used to make decisions that need ordering with other memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Monotonic counters, except `connections` which is a gauge.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        /// A point-in-time copy of [`Stats`], as served by the API.
+        #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Sockets open now.
+    connections,
+    /// Sockets accepted since start.
+    connections_opened,
+    /// Connect attempts refused (unknown, expired or replayed token).
+    connects_refused,
+    /// Connect attempts refused because the node was full.
+    connects_over_capacity,
+    /// Text frames queued to sockets (one per socket per message).
+    frames_queued,
+    /// Sockets closed because their outbound queue was full.
+    slow_consumers_closed,
+    /// Sockets closed because they stopped answering pings.
+    heartbeat_timeouts,
+    /// Sockets closed because a terminal sent a message over the size limit.
+    oversize_closed,
+    /// Sockets closed by force-offline.
+    forced_offline,
+    /// Terminal frames received and ignored (no inbound handler).
+    inbound_ignored,
+    /// Node commands that could not be acted on (bad payload, store error).
+    dispatch_errors,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn decr(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
