@@ -1,1 +1,8 @@
+//! Black-box tests of imhost: real servers, real WebSocket and HTTP clients.
+//! One test binary (wasmtime's `tests/all` layout) so everything links once.
 
+mod api;
+mod connect;
+mod delivery;
+mod lifecycle;
+mod limits;

@@ -1,1 +1,41 @@
+//! Test support for imhost's black-box tests: real servers (in process or as
+//! real `imhost` processes), real WebSocket clients, a real HTTP client, and
+//! bounded waits instead of sleeps.
+//!
+//! # Layout
+//! - [`host`] — start an imhost node in this process on a free loopback port.
+//! - [`process`] — run the real `imhost` binary as a child process.
+//! - [`terminal`] — a WebSocket terminal with deadline-bounded reads.
+//! - [`sse`] — a reader of the `/api/v1/events` stream.
+//! - [`eventually`] — poll a condition until it holds or a deadline passes.
 
+pub mod host;
+pub mod process;
+pub mod sse;
+pub mod terminal;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How long any single expectation may take before the test fails. Generous:
+/// CI machines are small, and nothing waits this long when things work.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,156 @@
+//! Events and shutdown: the SSE stream, graceful shutdown in process and of
+//! the real binary on SIGTERM, configuration errors at start-up.
+
+use std::time::Duration;
+
+use imhost_client::api::PresenceEvent;
+use imhost_tests::host::{API_KEY, TestHost};
+use imhost_tests::process::{ImhostProcess, free_addr};
+use imhost_tests::sse::EventStream;
+use imhost_tests::terminal::{Terminal, code};
+
+fn event(data: &str) -> PresenceEvent {
+    serde_json::from_str(data).expect("event data")
+}
+
+#[tokio::test]
+async fn events_stream_online_and_offline() {
+    let host = TestHost::default().await;
+    let mut events = EventStream::open(&host.http, &host.url("/api/v1/events"), API_KEY).await;
+    let url = host.connect_url(7, Some("device=web")).await.url;
+    let terminal = Terminal::connect(&url).await.expect("connect");
+
+    let online = events.expect().await;
+    assert_eq!(online.event, "online");
+    assert_eq!(
+        event(&online.data),
+        PresenceEvent {
+            client_id: 7,
+            metadata: Some("device=web".into()),
+            server: host.addr.to_string(),
+        }
+    );
+    drop(terminal);
+    let offline = events.expect().await;
+    assert_eq!(offline.event, "offline");
+    assert_eq!(event(&offline.data).client_id, 7);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_with_1001_and_publishes_offline() {
+    let host = TestHost::default().await;
+    let mut events = EventStream::open(&host.http, &host.url("/api/v1/events"), API_KEY).await;
+    let mut a = host.terminal(1).await;
+    let mut b = host.terminal(2).await;
+    for _ in 0..2 {
+        assert_eq!(events.expect().await.event, "online");
+    }
+    let stopping = tokio::spawn(host.stop());
+    for t in [&mut a, &mut b] {
+        let (frame, _) = t.closed().await;
+        assert_eq!(code(&frame), Some(1001));
+    }
+    let mut offline = Vec::new();
+    for _ in 0..2 {
+        let e = events.expect().await;
+        assert_eq!(e.event, "offline");
+        offline.push(event(&e.data).client_id);
+    }
+    offline.sort_unstable();
+    assert_eq!(offline, vec![1, 2]);
+    assert_eq!(
+        events.next().await,
+        None,
+        "the stream ends after the sockets"
+    );
+    stopping.await.expect("join").expect("run returned Ok");
+}
+
+#[tokio::test]
+async fn the_binary_exits_0_on_sigterm_after_closing_sockets() {
+    let addr = free_addr();
+    let listen = addr.to_string();
+    let process = ImhostProcess::spawn(addr, &["--listen", &listen, "--api-key", API_KEY], &[]);
+    let http = reqwest::Client::new();
+    imhost_tests::eventually("imhost serves", || async {
+        let r = http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let answer: serde_json::Value = http
+        .post(format!("http://{addr}/api/v1/connect-url"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({"client_id": 1}))
+        .send()
+        .await
+        .expect("connect-url")
+        .json()
+        .await
+        .expect("json");
+    let mut terminal = Terminal::connect(answer["url"].as_str().expect("url"))
+        .await
+        .expect("connect");
+
+    process.signal("TERM");
+    let (frame, _) = terminal.closed().await;
+    assert_eq!(code(&frame), Some(1001));
+    let (status, output) = process.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}: {output}");
+    assert!(output.contains("embedded mode"), "start-up line: {output}");
+    assert!(output.contains("stopped"), "{output}");
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("imhost.toml");
+    std::fs::write(
+        &file,
+        "heartbeat_interval = \"30s\"\nheartbeat_timeout = \"10s\"\n",
+    )
+    .expect("write config");
+    let addr = free_addr();
+    let process = ImhostProcess::spawn(
+        addr,
+        &[
+            "--config",
+            file.to_str().expect("path"),
+            "--listen",
+            &addr.to_string(),
+        ],
+        &[],
+    );
+    let (status, output) = process.wait(Duration::from_secs(15)).await;
+    assert!(!status.success());
+    assert!(output.contains("heartbeat_timeout"), "{output}");
+
+    // A variable beats the file: the same file with the timeout fixed by env
+    // gets past validation, and a bad variable value is named too.
+    let process = ImhostProcess::spawn(
+        addr,
+        &[
+            "--config",
+            file.to_str().expect("path"),
+            "--listen",
+            &addr.to_string(),
+        ],
+        &[("IMHOST_MAX_FRAME_BYTES", "lots")],
+    );
+    let (status, output) = process.wait(Duration::from_secs(15)).await;
+    assert!(!status.success());
+    assert!(
+        output.contains("max-frame-bytes") || output.contains("MAX_FRAME_BYTES"),
+        "{output}"
+    );
+
+    // Unknown keys in the file are refused by name.
+    std::fs::write(&file, "listen = \"127.0.0.1:1\"\nmax_frame_bytez = 5\n").expect("write");
+    let process = ImhostProcess::spawn(addr, &["--config", file.to_str().expect("path")], &[]);
+    let (status, output) = process.wait(Duration::from_secs(15)).await;
+    assert!(!status.success());
+    assert!(output.contains("max_frame_bytez"), "{output}");
+}

@@ -1,0 +1,129 @@
+//! Limits that keep a node bounded whatever a terminal does: huge frames, slow
+//! consumers, silent sockets.
+
+use std::time::Duration;
+
+use imhost::config::Options;
+use imhost_tests::host::TestHost;
+use imhost_tests::terminal::{Terminal, code};
+use serde_json::json;
+
+#[tokio::test]
+async fn an_oversize_frame_closes_only_that_socket_with_1009() {
+    let host = TestHost::start(Options {
+        max_frame_bytes: Some(1024),
+        ..Options::default()
+    })
+    .await;
+    let mut big = host.terminal(1).await;
+    let mut bystander = host.terminal(2).await;
+    // Exactly the limit is fine.
+    big.send_text("a".repeat(1024)).await.expect("send");
+    big.send_text("b".repeat(1025)).await.expect("send");
+    let (frame, _) = big.closed().await;
+    assert_eq!(code(&frame), Some(1009));
+    let stats = host.stats().await;
+    assert_eq!(stats.oversize_closed, 1);
+    assert_eq!(stats.inbound_ignored, 1, "the frame at the limit was read");
+    host.send(0, &[2], json!("fine"), false).await;
+    assert_eq!(bystander.next_text().await, r#""fine""#);
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_cut_off_while_others_keep_receiving() {
+    let host = TestHost::start(Options {
+        outbound_queue: Some(8),
+        ..Options::default()
+    })
+    .await;
+    // The stalled terminal never reads, and its tiny receive window backs the
+    // stream up into the node quickly.
+    let url = host.connect_url(1, None).await.url;
+    let mut stalled = Terminal::connect_small_window(&url).await.expect("connect");
+    imhost_tests::eventually("stalled counted", || async {
+        host.client(1).await.online.then_some(())
+    })
+    .await;
+    let mut reader = host.terminal(2).await;
+    let reading = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let text = reader.next_text().await;
+            if text == r#""end""# {
+                return seen;
+            }
+            seen.push(text);
+        }
+    });
+
+    let payload = "x".repeat(16 * 1024);
+    let mut sent = 0;
+    for n in 0..2000 {
+        host.send(0, &[1, 2], json!({"n": n, "p": payload}), false)
+            .await;
+        sent += 1;
+        if n % 10 == 9 && host.stats().await.slow_consumers_closed >= 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        host.stats().await.slow_consumers_closed,
+        1,
+        "cut off within {sent} messages"
+    );
+    host.send(0, &[2], json!("end"), false).await;
+
+    let seen = tokio::time::timeout(imhost_tests::DEADLINE, reading)
+        .await
+        .expect("reader finished")
+        .expect("reader task");
+    assert_eq!(seen.len(), sent, "the reading client got every message");
+    for (n, text) in seen.iter().enumerate() {
+        let value: serde_json::Value = serde_json::from_str(text).expect("json");
+        assert_eq!(value["n"], n, "in order");
+    }
+    imhost_tests::eventually("stalled client offline", || async {
+        (!host.client(1).await.online).then_some(())
+    })
+    .await;
+    // What the stalled terminal finally reads ends in a 1013 close, or in a
+    // cut connection when the close frame could not get through its window.
+    let (frame, _) = stalled.closed().await;
+    if let Some(c) = code(&frame) {
+        assert_eq!(c, 1013);
+    }
+}
+
+#[tokio::test]
+async fn a_silent_socket_is_closed_and_counted_offline() {
+    let host = TestHost::start(Options {
+        heartbeat_interval: Some(Duration::from_millis(100)),
+        heartbeat_timeout: Some(Duration::from_millis(400)),
+        ..Options::default()
+    })
+    .await;
+    // tungstenite answers pings only while it is read: this terminal is never
+    // read until the end, so it never answers.
+    let mut silent = host.terminal(1).await;
+    // This one is read all along, so it answers and stays.
+    let mut lively = host.terminal(2).await;
+    let keep_reading = tokio::spawn(async move {
+        let text = lively.next_text().await;
+        (lively, text)
+    });
+    imhost_tests::eventually("silent socket closed", || async {
+        (!host.client(1).await.online).then_some(())
+    })
+    .await;
+    assert_eq!(host.stats().await.heartbeat_timeouts, 1);
+    assert!(host.client(2).await.online, "the answering socket stays");
+    host.send(0, &[2], json!("alive"), false).await;
+    let (_lively, text) = keep_reading.await.expect("reader");
+    assert_eq!(text, r#""alive""#);
+    // The pongs it owes are written as it finally reads, into a socket the
+    // node has dropped, so the close frame may or may not be seen.
+    let (frame, _) = silent.closed().await;
+    if let Some(c) = code(&frame) {
+        assert_eq!(c, 1008);
+    }
+}

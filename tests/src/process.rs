@@ -1,0 +1,92 @@
+//! The real `imhost` binary as a child process, ended by its PID on drop.
+//!
+//! The binary is the one cargo built next to this test executable
+//! (`target/<profile>/imhost`); `scripts/test` builds it first. `IMHOST_BIN`
+//! overrides the path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// Path of the `imhost` binary under test.
+pub fn imhost_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("IMHOST_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/all-<hash> → target/<profile>/imhost
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let bin = dir.join("imhost");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p imhost` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// A running `imhost` process.
+pub struct ImhostProcess {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ImhostProcess {
+    /// Starts `imhost` with `args`; does not wait for it to serve.
+    pub fn spawn(addr: SocketAddr, args: &[&str], envs: &[(&str, &str)]) -> ImhostProcess {
+        let mut command = Command::new(imhost_bin());
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn imhost");
+        ImhostProcess {
+            addr,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(Child::id).expect("running")
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to the process by its PID.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; returns its status and everything it wrote.
+    pub async fn wait(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let child = self.child.take().expect("running");
+        let output = tokio::time::timeout(within, child.wait_with_output())
+            .await
+            .expect("imhost exited in time")
+            .expect("wait");
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status, text)
+    }
+}
