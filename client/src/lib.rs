@@ -7,10 +7,12 @@
 //! # Layout
 //! - [`wire`] — FreeIM v2 over Redis, byte for byte: key names, the value-tuple JSON,
 //!   the `__FreeIM__(…)` control messages, partitioning of clients over nodes.
+//! - [`helper`] — [`helper::ImHelper`], FreeIM's `ImHelper` over Redis, in async Rust.
 //! - [`api`] — request and response bodies of the business HTTP API (`/api/v1/…`).
 #![warn(clippy::print_stdout)]
 
 pub mod api;
+pub mod helper;
 pub mod wire;
 
 /// A client (a user of the business system) as FreeIM numbers it: a .NET `long`.

@@ -10,6 +10,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
 
+/// A new connect token: 64 random bytes from the OS generator as 128 hex
+/// characters, the length FreeIM uses.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 64];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Cheap shape check before any store is asked about a token.
+pub fn looks_like_token(token: &str) -> bool {
+    token.len() == 128 && token.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The receipt text FreeIM sends back when the receiver got the message.
 pub const RECEIPT_DELIVERED: &str = "发送成功";
 /// The receipt text FreeIM sends back when the receiver is not connected.
@@ -66,6 +80,25 @@ impl Keys {
     /// Hash `channel → member count`.
     pub fn list_chan(&self) -> String {
         format!("{}ListChan", self.prefix)
+    }
+
+    /// imhost extension: string key that exists while node `node` is alive
+    /// (refreshed by the node, with a TTL).
+    pub fn node_alive(&self, node: &str) -> String {
+        format!("{}Node{node}", self.prefix)
+    }
+
+    /// imhost extension: hash `client id → sockets` held on node `node`, what
+    /// that node contributed to [`Keys::online`], so others can undo it if the
+    /// node dies.
+    pub fn node_online(&self, node: &str) -> String {
+        format!("{}NodeOnline{node}", self.prefix)
+    }
+
+    /// imhost extension: hash `client id → token value JSON` of the clients on
+    /// node `node`, for their offline events if the node dies.
+    pub fn node_meta(&self, node: &str) -> String {
+        format!("{}NodeMeta{node}", self.prefix)
     }
 
     /// Pub/sub channel of online events (payload: a [`TokenValue`]).

@@ -71,6 +71,11 @@ pub struct Options {
     /// Largest business API request body, in bytes.
     #[arg(long, env = "IMHOST_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// How long a node's liveness key lives without a refresh (cluster mode): a
+    /// node silent this long is taken for dead and its clients go offline.
+    #[arg(long, env = "IMHOST_NODE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub node_ttl: Option<Duration>,
     /// How long a graceful shutdown waits for sockets to close, e.g. `10s`.
     #[arg(long, env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
@@ -103,6 +108,7 @@ pub struct Limits {
     /// `None`: derive from the open-file limit at start-up.
     pub max_connections: Option<usize>,
     pub max_body_bytes: usize,
+    pub node_ttl: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -116,6 +122,7 @@ impl Default for Limits {
             token_ttl: Duration::from_secs(10),
             max_connections: None,
             max_body_bytes: 1024 * 1024,
+            node_ttl: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -180,6 +187,7 @@ impl Options {
             token_ttl: self.token_ttl.or(lower.token_ttl),
             max_connections: self.max_connections.or(lower.max_connections),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
+            node_ttl: self.node_ttl.or(lower.node_ttl),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
         }
     }
@@ -236,6 +244,7 @@ impl Options {
             token_ttl: self.token_ttl.unwrap_or(defaults.token_ttl),
             max_connections: self.max_connections,
             max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            node_ttl: self.node_ttl.unwrap_or(defaults.node_ttl),
             shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
         };
         limits.check()?;
@@ -275,6 +284,9 @@ impl Limits {
         }
         if self.max_connections == Some(0) {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.node_ttl < Duration::from_millis(300) {
+            return Err(invalid("node_ttl", "must be at least 300ms"));
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));

@@ -100,9 +100,10 @@ async fn deliver_chan(node: &Node, msg: ChanMessage) {
         None => {
             node.registry.deliver_all(&text, msg.sender);
         }
-        Some(chan) => match node.presence.members(chan).await {
+        Some(chan) => match node.presence.delivery_members(chan).await {
             Ok(members) => {
-                node.registry.deliver_many(members, &text, msg.sender);
+                node.registry
+                    .deliver_many(members.iter().copied(), &text, msg.sender);
             }
             Err(err) => {
                 Stats::incr(&node.stats.dispatch_errors);

@@ -4,13 +4,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{info, warn};
 
-use crate::cluster::Topology;
 use crate::cluster::embedded::{EmbeddedPresence, EmbeddedRelay};
+use crate::cluster::{Presence, Relay, Topology};
 use crate::config::{Config, WS_PATH};
 use crate::node::{Inner, Node};
 use crate::registry::Registry;
@@ -61,11 +61,6 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if config.redis.is_some() {
-        bail!(
-            "`redis`: cluster mode is not available in this build yet; run without it (embedded)"
-        );
-    }
     let local = listener.local_addr().context("listener has no address")?;
     let max_connections = config
         .limits
@@ -75,14 +70,38 @@ pub async fn run(
     let stop = Shutdown::new();
     let (inbox_tx, inbox) = mpsc::channel(INBOX_BOUND);
     let (events, _) = broadcast::channel(EVENTS_BOUND);
+    let topology = Topology {
+        me: config.server.clone(),
+        servers: config.servers.clone(),
+    };
+    let (relay, presence): (Arc<dyn Relay>, Arc<dyn Presence>) = match &config.redis {
+        None => (
+            Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
+            Arc::new(EmbeddedPresence::new()),
+        ),
+        Some(url) => {
+            crate::cluster::redis::start(crate::cluster::redis::Setup {
+                url: url.clone(),
+                topology: topology.clone(),
+                inbox: inbox_tx,
+                events: events.clone(),
+                stats: stats.clone(),
+                shutdown: stop.clone(),
+                node_ttl: config.limits.node_ttl,
+            })
+            .await?
+        }
+    };
+    let mode = if config.redis.is_some() {
+        "cluster"
+    } else {
+        "embedded"
+    };
     let node = Node::new(Inner {
-        topology: Topology {
-            me: config.server.clone(),
-            servers: config.servers.clone(),
-        },
+        topology,
         registry: Registry::new(config.limits.outbound_queue, stats.clone()),
-        presence: Arc::new(EmbeddedPresence::new()),
-        relay: Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
+        presence,
+        relay,
         events,
         stats,
         shutdown: stop.clone(),
@@ -100,11 +119,12 @@ pub async fn run(
     info!(
         listen = %local,
         ws = WS_PATH,
-        mode = "embedded",
+        mode,
         server = %node.config.server,
         max_connections,
         demo = node.config.demo,
-        "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), embedded mode, up to {max_connections} connections"
+        "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), {mode} mode as {}, up to {max_connections} connections",
+        node.config.server
     );
     if node.config.api_key_generated {
         warn!(api_key = %node.config.api_key, "no api_key configured; generated one for this run");

@@ -1,25 +1,15 @@
-//! Connect tokens: unguessable, single use, short-lived.
-//!
-//! FreeIM's token is 128 hex characters; we keep the length so a FreeIM backend's
-//! URLs and ours look alike, and draw them from the OS generator via `rand`.
+//! Secrets the node makes: connect tokens (FreeIM's shape, made by
+//! `imhost_client::wire::new_token`) and generated API keys.
 
 use rand::RngCore;
+
+pub use imhost_client::wire::{looks_like_token, new_token as new_connect_token};
 
 /// Hex text of `bytes` random bytes (`2 * bytes` characters).
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
-}
-
-/// A new connect token: 64 random bytes as 128 hex characters.
-pub fn new_connect_token() -> String {
-    random_hex(64)
-}
-
-/// Cheap shape check before any store is asked about a token.
-pub fn looks_like_token(token: &str) -> bool {
-    token.len() == 128 && token.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -32,5 +22,6 @@ mod tests {
         assert!(looks_like_token(&a));
         assert_ne!(a, new_connect_token());
         assert!(!looks_like_token("abc"));
+        assert_eq!(random_hex(32).len(), 64);
     }
 }

@@ -15,7 +15,7 @@ use imhost_client::wire::{ServerMessage, TokenValue};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::{ClusterError, Presence, PresenceChange, Relay};
+use super::{ClusterError, Presence, PresenceChange, Relay, TokenClaim, Topology};
 
 /// Relay of a node that is alone: every node is this node.
 pub struct EmbeddedRelay {
@@ -122,25 +122,39 @@ impl Presence for EmbeddedPresence {
         Ok(token)
     }
 
-    async fn take_token(&self, token: &str) -> Result<Option<TokenValue>, ClusterError> {
+    async fn take_token(
+        &self,
+        token: &str,
+        topology: &Topology,
+    ) -> Result<TokenClaim, ClusterError> {
         let now = Instant::now();
         let mut state = self.lock();
         state.purge_expired_tokens(now);
+        let Some((value, expires)) = state.tokens.get(token) else {
+            return Ok(TokenClaim::Unknown);
+        };
+        if *expires <= now {
+            return Ok(TokenClaim::Unknown);
+        }
+        if !topology.is_mine(value.client_id) {
+            let owner = topology.node_for(value.client_id).to_owned();
+            return Ok(TokenClaim::Misdirected { owner });
+        }
         Ok(state
             .tokens
             .remove(token)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(value, _)| value))
+            .map_or(TokenClaim::Unknown, |(value, _)| TokenClaim::Taken(value)))
     }
 
-    async fn connected(&self, client: ClientId) -> Result<u64, ClusterError> {
+    async fn connected(&self, client: &TokenValue) -> Result<u64, ClusterError> {
         let mut state = self.lock();
-        let count = state.online.entry(client).or_default();
+        let count = state.online.entry(client.client_id).or_default();
         *count += 1;
         Ok(*count)
     }
 
-    async fn disconnected(&self, client: ClientId) -> Result<u64, ClusterError> {
+    async fn disconnected(&self, client: &TokenValue) -> Result<u64, ClusterError> {
+        let client = client.client_id;
         let mut state = self.lock();
         let left = match state.online.get_mut(&client) {
             Some(count) if *count > 1 => {
@@ -238,6 +252,38 @@ mod tests {
         }
     }
 
+    fn single() -> Topology {
+        Topology {
+            me: "a".into(),
+            servers: vec!["a".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_misdirected_token_stays_usable() {
+        let p = EmbeddedPresence::new();
+        let t = p
+            .issue_token(&value(1), Duration::from_secs(10))
+            .await
+            .expect("issue");
+        let b_of_two = Topology {
+            me: "b".into(),
+            servers: vec!["b".into(), "a".into()],
+        };
+        assert_eq!(
+            p.take_token(&t, &b_of_two).await.expect("take"),
+            TokenClaim::Misdirected { owner: "a".into() }
+        );
+        let a_of_two = Topology {
+            me: "a".into(),
+            ..b_of_two
+        };
+        assert_eq!(
+            p.take_token(&t, &a_of_two).await.expect("take"),
+            TokenClaim::Taken(value(1))
+        );
+    }
+
     #[tokio::test]
     async fn tokens_are_single_use() {
         let p = EmbeddedPresence::new();
@@ -245,8 +291,14 @@ mod tests {
             .issue_token(&value(1), Duration::from_secs(10))
             .await
             .expect("issue");
-        assert_eq!(p.take_token(&t).await.expect("take"), Some(value(1)));
-        assert_eq!(p.take_token(&t).await.expect("take"), None);
+        assert_eq!(
+            p.take_token(&t, &single()).await.expect("take"),
+            TokenClaim::Taken(value(1))
+        );
+        assert_eq!(
+            p.take_token(&t, &single()).await.expect("take"),
+            TokenClaim::Unknown
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -257,7 +309,10 @@ mod tests {
             .await
             .expect("issue");
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(p.take_token(&t).await.expect("take"), None);
+        assert_eq!(
+            p.take_token(&t, &single()).await.expect("take"),
+            TokenClaim::Unknown
+        );
         assert!(p.lock().tokens.is_empty(), "expired token purged");
     }
 
@@ -265,11 +320,11 @@ mod tests {
     async fn last_device_leaving_leaves_channels() {
         let p = EmbeddedPresence::new();
         p.join("room", &[1, 2]).await.expect("join");
-        assert_eq!(p.connected(1).await.expect("c"), 1);
-        assert_eq!(p.connected(1).await.expect("c"), 2);
-        assert_eq!(p.disconnected(1).await.expect("d"), 1);
+        assert_eq!(p.connected(&value(1)).await.expect("c"), 1);
+        assert_eq!(p.connected(&value(1)).await.expect("c"), 2);
+        assert_eq!(p.disconnected(&value(1)).await.expect("d"), 1);
         assert_eq!(p.members("room").await.expect("m"), vec![1, 2]);
-        assert_eq!(p.disconnected(1).await.expect("d"), 0);
+        assert_eq!(p.disconnected(&value(1)).await.expect("d"), 0);
         assert_eq!(p.members("room").await.expect("m"), vec![2]);
         assert_eq!(
             p.channels().await.expect("list"),

@@ -11,6 +11,7 @@
 //! so the Redis relay is an encode/decode away from the embedded one.
 
 pub mod embedded;
+pub mod redis;
 
 use std::time::Duration;
 
@@ -59,6 +60,18 @@ impl Topology {
     }
 }
 
+/// What taking a connect token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenClaim {
+    /// The token was valid and is now used up.
+    Taken(TokenValue),
+    /// No such token: never issued, already used, or expired.
+    Unknown,
+    /// The token is valid but its client belongs to another node; the token is
+    /// left unused so the terminal can still connect there.
+    Misdirected { owner: String },
+}
+
 /// Carries node commands and presence events between nodes.
 #[async_trait]
 pub trait Relay: Send + Sync {
@@ -75,13 +88,19 @@ pub trait Relay: Send + Sync {
 pub trait Presence: Send + Sync {
     /// Stores `value` under a new single-use token that lives for `ttl`.
     async fn issue_token(&self, value: &TokenValue, ttl: Duration) -> Result<String, ClusterError>;
-    /// Takes a token atomically: a second take of the same token gets `None`.
-    async fn take_token(&self, token: &str) -> Result<Option<TokenValue>, ClusterError>;
-    /// Counts one more socket for `client`; returns its socket count.
-    async fn connected(&self, client: ClientId) -> Result<u64, ClusterError>;
+    /// Takes a token atomically when its client belongs to this node
+    /// (`topology`): a second take of the same token finds it unknown.
+    async fn take_token(
+        &self,
+        token: &str,
+        topology: &Topology,
+    ) -> Result<TokenClaim, ClusterError>;
+    /// Counts one more socket for `client` on this node; returns its socket
+    /// count in the cluster.
+    async fn connected(&self, client: &TokenValue) -> Result<u64, ClusterError>;
     /// Counts one socket less; at zero the client is offline and leaves every
-    /// channel. Returns the sockets left.
-    async fn disconnected(&self, client: ClientId) -> Result<u64, ClusterError>;
+    /// channel. Returns the sockets left in the cluster.
+    async fn disconnected(&self, client: &TokenValue) -> Result<u64, ClusterError>;
     /// Sockets `client` holds in the cluster.
     async fn connections(&self, client: ClientId) -> Result<u64, ClusterError>;
     /// Every client with at least one socket.
@@ -90,8 +109,16 @@ pub trait Presence: Send + Sync {
     async fn join(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError>;
     /// Removes clients from a channel (idempotent).
     async fn leave(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError>;
-    /// Members of a channel.
+    /// Members of a channel, read from the store.
     async fn members(&self, chan: &str) -> Result<Vec<ClientId>, ClusterError>;
+    /// Members of a channel for delivering a message: may come from a cache
+    /// that is invalidated before any later message is delivered.
+    async fn delivery_members(
+        &self,
+        chan: &str,
+    ) -> Result<std::sync::Arc<[ClientId]>, ClusterError> {
+        Ok(self.members(chan).await?.into())
+    }
     /// Every channel with its member count.
     async fn channels(&self) -> Result<Vec<ChannelInfo>, ClusterError>;
     /// The channels `client` belongs to.

@@ -19,6 +19,9 @@ pub enum AppError {
     NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A terminal connected to a node that does not own its client.
+    #[error("{0}")]
+    Misdirected(String),
     /// The node or the cluster store cannot serve now; retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -31,6 +34,7 @@ impl AppError {
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            AppError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

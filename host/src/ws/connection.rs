@@ -33,7 +33,7 @@ pub async fn serve(socket: WebSocket, node: Node, session: Session, _slot: Owned
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);
-        if let Err(err) = node.presence.connected(client).await {
+        if let Err(err) = node.presence.connected(&session.client).await {
             warn!(cause = %err, "online count not updated");
         }
         announce(&node, &session, PresenceKind::Online).await;
@@ -43,7 +43,7 @@ pub async fn serve(socket: WebSocket, node: Node, session: Session, _slot: Owned
 
         node.registry.unregister(client, conn);
         Stats::decr(&node.stats.connections);
-        if let Err(err) = node.presence.disconnected(client).await {
+        if let Err(err) = node.presence.disconnected(&session.client).await {
             warn!(cause = %err, "online count not updated");
         }
         announce(&node, &session, PresenceKind::Offline).await;

@@ -13,6 +13,7 @@ use imhost_client::wire::TokenValue;
 use serde::Deserialize;
 use tracing::debug;
 
+use crate::cluster::TokenClaim;
 use crate::http::AppError;
 use crate::node::Node;
 use crate::stats::Stats;
@@ -46,17 +47,26 @@ pub async fn upgrade(
         return Err(AppError::Unavailable("server full".into()));
     };
     let token = query.token.unwrap_or_default();
-    let taken = if crate::token::looks_like_token(&token) {
-        node.presence.take_token(&token).await?
+    let claim = if crate::token::looks_like_token(&token) {
+        node.presence.take_token(&token, &node.topology).await?
     } else {
-        None
+        TokenClaim::Unknown
     };
-    let Some(client) = taken else {
-        Stats::incr(&node.stats.connects_refused);
-        debug!("connect refused: unknown, used or expired token");
-        return Err(AppError::Unauthorized(
-            "unknown, used or expired token".into(),
-        ));
+    let client = match claim {
+        TokenClaim::Taken(client) => client,
+        TokenClaim::Unknown => {
+            Stats::incr(&node.stats.connects_refused);
+            debug!("connect refused: unknown, used or expired token");
+            return Err(AppError::Unauthorized(
+                "unknown, used or expired token".into(),
+            ));
+        }
+        TokenClaim::Misdirected { owner } => {
+            Stats::incr(&node.stats.connects_refused);
+            return Err(AppError::Misdirected(format!(
+                "this client belongs to server {owner}; connect there with the same token"
+            )));
+        }
     };
     let limits = &node.config.limits;
     let session = Session { client };

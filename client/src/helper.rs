@@ -1,0 +1,502 @@
+//! [`ImHelper`]: the whole surface of FreeIM's .NET `ImHelper`, in async Rust,
+//! over the same Redis keys and channels. A backend can use it to drive an
+//! imhost (or FreeIM) cluster directly through Redis; imhost nodes use it for
+//! everything they write that a FreeIM backend also writes, so that part of the
+//! wire exists once.
+
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::Serialize;
+
+use crate::ClientId;
+use crate::wire::{
+    ChanMessage, DirectMessage, Keys, ServerMessage, TokenValue, group_by_node, node_for,
+};
+
+/// FreeIM's token lifetime.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(10);
+
+/// `JoinChan` for one client, atomically (FreeIM's Lua).
+/// KEYS: Chan{chan}, Client{id}, ListChan. ARGV: id, chan.
+const JOIN_CHAN: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], 0) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[2], 0)
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+end
+return 0";
+
+/// `LeaveChan` for one client, atomically (FreeIM's Lua). Same KEYS and ARGV.
+const LEAVE_CHAN: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], ARGV[2])
+  end
+end
+return 0";
+
+/// `ClearChanClient`: every member leaves, atomically.
+/// KEYS: Chan{chan}, ListChan. ARGV: prefix..'Client', chan.
+const CLEAR_CHAN: &str = r"
+local ids = redis.call('HKEYS', KEYS[1])
+for _, id in ipairs(ids) do
+  redis.call('HDEL', ARGV[1] .. id, ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return #ids";
+
+/// Online or offline, as FreeIM's event bus tells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Online,
+    Offline,
+}
+
+/// One event of [`ImHelper::event_bus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusEvent {
+    pub kind: EventKind,
+    pub client: TokenValue,
+}
+
+/// A failure talking to the cluster through Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("message is not serialisable to JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the cluster has no servers")]
+    NoServers,
+}
+
+/// Talks to an imhost/FreeIM cluster through its Redis, as FreeIM's `ImHelper`.
+#[derive(Clone)]
+pub struct ImHelper {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    servers: Vec<String>,
+    path: String,
+    token_ttl: Duration,
+}
+
+impl ImHelper {
+    /// Connects to Redis at `redis_url`, for a cluster of `servers` serving
+    /// WebSockets at `path` (FreeIM's default: `/ws`).
+    ///
+    /// # Errors
+    /// The URL is invalid, Redis is unreachable, or `servers` is empty.
+    pub async fn connect(
+        redis_url: &str,
+        servers: Vec<String>,
+        path: &str,
+    ) -> Result<Self, HelperError> {
+        let client = redis::Client::open(redis_url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        Self::with_connection(client, conn, servers, path)
+    }
+
+    /// Builds a helper over connections the caller already has.
+    ///
+    /// # Errors
+    /// `servers` is empty.
+    pub fn with_connection(
+        client: redis::Client,
+        conn: ConnectionManager,
+        servers: Vec<String>,
+        path: &str,
+    ) -> Result<Self, HelperError> {
+        if servers.is_empty() {
+            return Err(HelperError::NoServers);
+        }
+        Ok(Self {
+            client,
+            conn,
+            keys: Keys::for_path(path),
+            servers,
+            path: path.to_owned(),
+            token_ttl: DEFAULT_TOKEN_TTL,
+        })
+    }
+
+    /// Changes how long connect tokens live (FreeIM: 10 s).
+    pub fn with_token_ttl(mut self, ttl: Duration) -> Self {
+        self.token_ttl = ttl;
+        self
+    }
+
+    /// The key names this helper uses.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The cluster's nodes, in partition order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// A multiplexed connection for commands (cheap to clone).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The underlying client, for dedicated (pub/sub) connections.
+    pub fn redis_client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Stores `value` under `token` for `ttl`.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn issue_token(
+        &self,
+        value: &TokenValue,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(), HelperError> {
+        let json = serde_json::to_string(value)?;
+        let ttl = ttl.as_millis().max(1) as u64;
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(self.keys.token(token))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// `PrevConnectServer`: a single-use connect URL for `client_id` on the node
+    /// that owns it.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn prev_connect_server(
+        &self,
+        client_id: ClientId,
+        metadata: Option<String>,
+    ) -> Result<String, HelperError> {
+        let token = crate::wire::new_token();
+        self.issue_token(
+            &TokenValue {
+                client_id,
+                metadata,
+            },
+            &token,
+            self.token_ttl,
+        )
+        .await?;
+        let server = node_for(client_id, &self.servers);
+        Ok(format!("ws://{server}{}?token={token}", self.path))
+    }
+
+    /// Publishes `message` to one node's channel.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn publish(&self, node: &str, message: &ServerMessage) -> Result<(), HelperError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn
+            .publish(self.keys.server(node), message.encode())
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes `message` to every node in one pipeline.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn publish_all(&self, message: &ServerMessage) -> Result<(), HelperError> {
+        let payload = message.encode();
+        let mut pipe = redis::pipe();
+        for node in &self.servers {
+            pipe.publish(self.keys.server(node), &payload).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// `SendMessage`: `message` (any serialisable value) from `sender` to
+    /// `receivers`, one publish per owning node, in one pipeline.
+    ///
+    /// # Errors
+    /// Redis failed or `message` is not serialisable.
+    pub async fn send_message(
+        &self,
+        sender: ClientId,
+        receivers: &[ClientId],
+        message: &impl Serialize,
+        receipt: bool,
+    ) -> Result<(), HelperError> {
+        let content = serde_json::to_string(message)?;
+        self.send_message_text(sender, receivers, content, receipt)
+            .await
+    }
+
+    /// [`ImHelper::send_message`] with the message already as JSON text.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn send_message_text(
+        &self,
+        sender: ClientId,
+        receivers: &[ClientId],
+        content: String,
+        receipt: bool,
+    ) -> Result<(), HelperError> {
+        let mut pipe = redis::pipe();
+        for (node, ids) in group_by_node(receivers, &self.servers) {
+            let message = ServerMessage::Direct(DirectMessage {
+                sender,
+                receivers: ids,
+                content: content.clone(),
+                receipt,
+            });
+            pipe.publish(self.keys.server(node), message.encode())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// `GetClientListByOnline`: every client with a socket.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn get_client_list_by_online(&self) -> Result<Vec<ClientId>, HelperError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hkeys(self.keys.online()).await?)
+    }
+
+    /// `HasOnline` for one client.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn has_online(&self, client_id: ClientId) -> Result<bool, HelperError> {
+        Ok(self.online_count(client_id).await? > 0)
+    }
+
+    /// `HasOnline` for many clients, in one round trip, in the order given.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn has_online_many(&self, client_ids: &[ClientId]) -> Result<Vec<bool>, HelperError> {
+        if client_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(self.keys.online())
+            .arg(client_ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(counts.into_iter().map(|c| c.unwrap_or(0) > 0).collect())
+    }
+
+    /// Sockets `client_id` holds in the cluster (FreeIM's `Online` hash).
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn online_count(&self, client_id: ClientId) -> Result<u64, HelperError> {
+        let mut conn = self.conn.clone();
+        let count: Option<i64> = conn.hget(self.keys.online(), client_id).await?;
+        Ok(count.unwrap_or(0).max(0) as u64)
+    }
+
+    /// `ForceOffline`: closes every socket of `client_id`.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn force_offline(&self, client_id: ClientId) -> Result<(), HelperError> {
+        let node = node_for(client_id, &self.servers).to_owned();
+        self.publish(&node, &ServerMessage::ForceOffline { client_id })
+            .await
+    }
+
+    /// `EventBus`: online and offline events of the whole cluster, on a
+    /// dedicated connection. The stream ends when that connection is lost;
+    /// payloads that are not FreeIM token values are skipped.
+    ///
+    /// # Errors
+    /// The subscription could not be made.
+    pub async fn event_bus(&self) -> Result<impl Stream<Item = BusEvent> + use<>, HelperError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        let online = self.keys.online_event();
+        pubsub.subscribe(&online).await?;
+        pubsub.subscribe(self.keys.offline_event()).await?;
+        Ok(pubsub.into_on_message().filter_map(move |msg| {
+            let kind = if msg.get_channel_name() == online {
+                EventKind::Online
+            } else {
+                EventKind::Offline
+            };
+            let client = serde_json::from_slice(msg.get_payload_bytes()).ok();
+            std::future::ready(client.map(|client| BusEvent { kind, client }))
+        }))
+    }
+
+    /// `JoinChan`: clients join `chan` (idempotent), each atomically.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn join_chan(&self, chan: &str, client_ids: &[ClientId]) -> Result<(), HelperError> {
+        self.per_client_script(JOIN_CHAN, chan, client_ids).await
+    }
+
+    /// `LeaveChan(chan, ids)`: clients leave `chan` (idempotent), each atomically.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn leave_chan(&self, chan: &str, client_ids: &[ClientId]) -> Result<(), HelperError> {
+        self.per_client_script(LEAVE_CHAN, chan, client_ids).await
+    }
+
+    /// `LeaveChan(id, chans)`: one client leaves several channels.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn leave_chans(
+        &self,
+        client_id: ClientId,
+        chans: &[String],
+    ) -> Result<(), HelperError> {
+        for chan in chans {
+            self.per_client_script(LEAVE_CHAN, chan, &[client_id])
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn per_client_script(
+        &self,
+        source: &str,
+        chan: &str,
+        client_ids: &[ClientId],
+    ) -> Result<(), HelperError> {
+        let script = Script::new(source);
+        // Concurrent invocations on one multiplexed connection are pipelined.
+        let calls = client_ids.iter().map(|&id| {
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(self.keys.chan(chan))
+                .key(self.keys.client(id))
+                .key(self.keys.list_chan())
+                .arg(id)
+                .arg(chan);
+            let mut conn = self.conn.clone();
+            async move { invocation.invoke_async::<i64>(&mut conn).await }
+        });
+        futures_util::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    /// `GetChanClientList`: members of `chan`.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn get_chan_client_list(&self, chan: &str) -> Result<Vec<ClientId>, HelperError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hkeys(self.keys.chan(chan)).await?)
+    }
+
+    /// `ClearChanClient`: every member leaves `chan`, atomically.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn clear_chan_client(&self, chan: &str) -> Result<(), HelperError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(CLEAR_CHAN)
+            .key(self.keys.chan(chan))
+            .key(self.keys.list_chan())
+            .arg(format!("{}Client", self.keys.prefix()))
+            .arg(chan)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// `GetChanList`: every channel with its member count.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn get_chan_list(&self) -> Result<Vec<(String, i64)>, HelperError> {
+        let mut conn = self.conn.clone();
+        let mut list: Vec<(String, i64)> = conn.hgetall(self.keys.list_chan()).await?;
+        list.sort();
+        Ok(list)
+    }
+
+    /// `GetChanListByClientId`: the channels of `client_id`.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn get_chan_list_by_client_id(
+        &self,
+        client_id: ClientId,
+    ) -> Result<Vec<String>, HelperError> {
+        let mut conn = self.conn.clone();
+        let mut chans: Vec<String> = conn.hkeys(self.keys.client(client_id)).await?;
+        chans.sort();
+        Ok(chans)
+    }
+
+    /// `GetChanOnline`: member count of `chan`.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn get_chan_online(&self, chan: &str) -> Result<i64, HelperError> {
+        let mut conn = self.conn.clone();
+        let count: Option<i64> = conn.hget(self.keys.list_chan(), chan).await?;
+        Ok(count.unwrap_or(0))
+    }
+
+    /// `SendChanMessage`: `message` to every member of `chan`, on every node.
+    ///
+    /// # Errors
+    /// Redis failed or `message` is not serialisable.
+    pub async fn send_chan_message(
+        &self,
+        sender: ClientId,
+        chan: &str,
+        message: &impl Serialize,
+    ) -> Result<(), HelperError> {
+        let content = serde_json::to_string(message)?;
+        self.publish_all(&ServerMessage::Chan(ChanMessage {
+            sender,
+            chan: Some(chan.to_owned()),
+            content,
+        }))
+        .await
+    }
+
+    /// `SendBroadcastMessage`: `message` to every client of every node.
+    ///
+    /// # Errors
+    /// Redis failed or `message` is not serialisable.
+    pub async fn send_broadcast_message(
+        &self,
+        message: &impl Serialize,
+    ) -> Result<(), HelperError> {
+        let content = serde_json::to_string(message)?;
+        self.publish_all(&ServerMessage::Chan(ChanMessage {
+            sender: 0,
+            chan: None,
+            content,
+        }))
+        .await
+    }
+}

@@ -1,0 +1,180 @@
+//! The node's dedicated pub/sub connection: deliveries addressed to this node,
+//! the cluster's presence events, and keyspace notifications of channel
+//! membership changes, all on one connection so they arrive in publish order.
+//!
+//! Shaped like a supervisor over `listen`: a bad message is logged and skipped;
+//! a lost connection returns `Err`, and the supervisor reconnects with backoff,
+//! resubscribes, clears the channel cache (notifications may have been missed)
+//! and asks for a presence resync (Redis may have restarted empty).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use imhost_client::api::PresenceEvent;
+use imhost_client::wire::{ServerMessage, TokenValue};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{info, warn};
+
+use super::presence::RedisPresence;
+use crate::cluster::{PresenceChange, PresenceKind, Topology};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the subscriber feeds.
+pub struct Subscriber {
+    pub presence: Arc<RedisPresence>,
+    pub topology: Topology,
+    pub inbox: mpsc::Sender<ServerMessage>,
+    pub events: broadcast::Sender<PresenceChange>,
+    pub stats: Arc<Stats>,
+    pub shutdown: Shutdown,
+    /// Redis logical database, for keyspace notification channel names.
+    pub db: i64,
+}
+
+impl Subscriber {
+    /// Runs until the node has drained; reconnects whenever the connection drops.
+    pub async fn run(self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut ever_connected = false;
+        loop {
+            let outcome = tokio::select! {
+                outcome = self.listen(&mut ever_connected, &mut backoff) => outcome,
+                () = self.shutdown.drained().cancelled() => return,
+            };
+            if let Err(err) = outcome {
+                warn!(cause = %err, retry_in = ?backoff, "redis subscription lost");
+            }
+            self.presence.cache.set_enabled(false);
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.shutdown.drained().cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn listen(
+        &self,
+        ever_connected: &mut bool,
+        backoff: &mut Duration,
+    ) -> redis::RedisResult<()> {
+        let keys = self.presence.keys().clone();
+        let client = self.presence.helper.redis_client();
+        let mut pubsub = client.get_async_pubsub().await?;
+        let server_channel = keys.server(&self.topology.me);
+        pubsub.subscribe(&server_channel).await?;
+        pubsub.subscribe(keys.online_event()).await?;
+        pubsub.subscribe(keys.offline_event()).await?;
+        let keyspace_prefix = format!("__keyspace@{}__:{}", self.db, keys.chan(""));
+        let cache_on = enable_keyspace_events(&self.presence).await;
+        if cache_on {
+            pubsub.psubscribe(format!("{keyspace_prefix}*")).await?;
+        }
+        // Subscribed: from here on nothing is missed, so start the cache afresh.
+        self.presence.cache.set_enabled(cache_on);
+        if *ever_connected {
+            info!("redis subscription restored");
+            self.presence.mark_dirty();
+        }
+        *ever_connected = true;
+        *backoff = MIN_BACKOFF;
+
+        let online = keys.online_event();
+        let offline = keys.offline_event();
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let channel = msg.get_channel_name();
+            if channel == server_channel {
+                let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
+                    self.skip("payload is not UTF-8");
+                    continue;
+                };
+                match ServerMessage::decode(payload) {
+                    // Bounded: a burst waits here, and Redis buffers for us.
+                    Ok(message) => {
+                        if self.inbox.send(message).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(err) => self.skip(&err.to_string()),
+                }
+            } else if channel == online || channel == offline {
+                let kind = if channel == online {
+                    PresenceKind::Online
+                } else {
+                    PresenceKind::Offline
+                };
+                match serde_json::from_slice::<TokenValue>(msg.get_payload_bytes()) {
+                    Ok(value) => {
+                        let change = PresenceChange {
+                            kind,
+                            event: PresenceEvent {
+                                client_id: value.client_id,
+                                server: self.topology.node_for(value.client_id).to_owned(),
+                                metadata: value.metadata,
+                            },
+                        };
+                        let _ = self.events.send(change);
+                    }
+                    Err(err) => self.skip(&err.to_string()),
+                }
+            } else if let Some(chan) = channel.strip_prefix(&keyspace_prefix) {
+                self.presence.cache.invalidate(chan);
+            }
+        }
+        Err(redis::RedisError::from(std::io::Error::other(
+            "pub/sub connection closed",
+        )))
+    }
+
+    fn skip(&self, why: &str) {
+        Stats::incr(&self.stats.dispatch_errors);
+        warn!(why, "skipped a malformed message on the node channel");
+    }
+}
+
+/// Turns on keyspace notifications for hash and generic commands, keeping
+/// flags already set. Returns false (cache off) where CONFIG is not allowed.
+async fn enable_keyspace_events(presence: &RedisPresence) -> bool {
+    let mut conn = presence.helper.connection();
+    let current: redis::RedisResult<(String, String)> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(&mut conn)
+        .await;
+    let flags = match current {
+        Ok((_, flags)) => flags,
+        Err(err) => {
+            warn!(cause = %err, "cannot read notify-keyspace-events; channel cache off");
+            return false;
+        }
+    };
+    let has = |c: char| flags.contains(c);
+    if has('K') && (has('A') || (has('h') && has('g'))) {
+        return true;
+    }
+    let mut wanted = flags.clone();
+    for c in ['K', 'h', 'g'] {
+        if !wanted.contains(c) {
+            wanted.push(c);
+        }
+    }
+    let set: redis::RedisResult<()> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(&wanted)
+        .query_async(&mut conn)
+        .await;
+    match set {
+        Ok(()) => true,
+        Err(err) => {
+            warn!(cause = %err, "cannot enable keyspace notifications; channel cache off");
+            false
+        }
+    }
+}
