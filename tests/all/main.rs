@@ -2,6 +2,7 @@
 //! One test binary (wasmtime's `tests/all` layout) so everything links once.
 
 mod api;
+mod cluster;
 mod connect;
 mod delivery;
 mod lifecycle;

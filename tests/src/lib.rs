@@ -3,14 +3,20 @@
 //! bounded waits instead of sleeps.
 //!
 //! # Layout
+//! - [`api`] — the business API of one node, with assertions.
+//! - [`redis`] — a real `redis-server` on a free port.
+//! - [`cluster`] — several real `imhost` processes on one Redis.
 //! - [`host`] — start an imhost node in this process on a free loopback port.
 //! - [`process`] — run the real `imhost` binary as a child process.
 //! - [`terminal`] — a WebSocket terminal with deadline-bounded reads.
 //! - [`sse`] — a reader of the `/api/v1/events` stream.
 //! - [`eventually`] — poll a condition until it holds or a deadline passes.
 
+pub mod api;
+pub mod cluster;
 pub mod host;
 pub mod process;
+pub mod redis;
 pub mod sse;
 pub mod terminal;
 

@@ -89,3 +89,52 @@ impl Terminal {
 pub fn code(frame: &Option<CloseFrame>) -> Option<u16> {
     frame.as_ref().map(|f| u16::from(f.code))
 }
+
+/// A terminal read continuously by a task (so it answers pings while a test
+/// does other things); its text frames arrive on a queue.
+pub struct Reader {
+    frames: tokio::sync::mpsc::Receiver<String>,
+    closed: tokio::sync::oneshot::Receiver<Option<u16>>,
+}
+
+impl Terminal {
+    /// Hands the terminal to a reading task.
+    pub fn into_reader(mut self) -> Reader {
+        let (tx, frames) = tokio::sync::mpsc::channel(1024);
+        let (done, closed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let code = loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        if tx.send(text.to_string()).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break None,
+                }
+            };
+            let _ = done.send(code);
+        });
+        Reader { frames, closed }
+    }
+}
+
+impl Reader {
+    /// The next text frame; panics if the socket closed or the deadline passed.
+    pub async fn next_text(&mut self) -> String {
+        tokio::time::timeout(DEADLINE, self.frames.recv())
+            .await
+            .expect("a text frame before the deadline")
+            .expect("the socket is still open")
+    }
+
+    /// True while the socket has not been closed.
+    pub fn is_open(&mut self) -> bool {
+        matches!(
+            self.closed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        )
+    }
+}

@@ -1,0 +1,101 @@
+//! Several real `imhost` processes on one Redis: a cluster.
+
+use std::time::Duration;
+
+use imhost_client::ClientId;
+
+use crate::api::{API_KEY, Api};
+use crate::process::{ImhostProcess, free_addr};
+use crate::redis::RedisServer;
+
+/// One node of a test cluster.
+pub struct ClusterNode {
+    pub api: Api,
+    pub name: String,
+    pub process: Option<ImhostProcess>,
+}
+
+/// `n` imhost processes sharing `redis`, with short liveness and heartbeat
+/// times so failure tests finish quickly.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    pub servers: Vec<String>,
+    redis_url: String,
+}
+
+impl Cluster {
+    pub async fn start(redis: &RedisServer, n: usize) -> Cluster {
+        let addrs: Vec<_> = (0..n).map(|_| free_addr()).collect();
+        let servers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            servers,
+            redis_url: redis.url(),
+        };
+        for addr in addrs {
+            let api = Api::new(addr);
+            cluster.nodes.push(ClusterNode {
+                api,
+                name: addr.to_string(),
+                process: None,
+            });
+        }
+        for i in 0..n {
+            cluster.launch(i);
+        }
+        for node in &cluster.nodes {
+            node.api.wait_serving().await;
+        }
+        cluster
+    }
+
+    /// Starts (or restarts) node `i`'s process.
+    pub fn launch(&mut self, i: usize) {
+        let servers = self.servers.join(",");
+        let name = self.nodes[i].name.clone();
+        let process = ImhostProcess::spawn(
+            self.nodes[i].api.addr,
+            &[
+                "--listen",
+                &name,
+                "--server",
+                &name,
+                "--servers",
+                &servers,
+                "--redis",
+                &self.redis_url,
+                "--api-key",
+                API_KEY,
+                "--node-ttl",
+                "1500ms",
+                "--heartbeat-interval",
+                "500ms",
+                "--heartbeat-timeout",
+                "3s",
+            ],
+            &[],
+        );
+        self.nodes[i].process = Some(process);
+    }
+
+    pub fn node(&self, i: usize) -> &Api {
+        &self.nodes[i].api
+    }
+
+    /// The index of the node that owns `client`.
+    pub fn owner(&self, client: ClientId) -> usize {
+        client.rem_euclid(self.servers.len() as i64) as usize
+    }
+
+    /// The first client id ≥ `from` that lives on node `i`.
+    pub fn client_on(&self, i: usize, from: ClientId) -> ClientId {
+        (from..).find(|&c| self.owner(c) == i).expect("some id")
+    }
+
+    /// Sends SIGKILL to node `i` and waits for the process to be gone.
+    pub async fn kill(&mut self, i: usize) {
+        let process = self.nodes[i].process.take().expect("running");
+        process.signal("KILL");
+        let _ = process.wait(Duration::from_secs(10)).await;
+    }
+}
