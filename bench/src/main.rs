@@ -11,6 +11,12 @@
 //! - fan-out frames/s: B broadcasts to N sockets, until every terminal has
 //!   every frame (imhost: `POST /api/v1/broadcast`; baseline: an internal loop).
 //! - direct messages/s: `POST /api/v1/messages` to one receiver, 32 callers.
+//!
+//! Then the cluster: a `redis-server` and three imhost nodes, against one
+//! embedded node as the baseline. Messages go into node 0's API, one receiver
+//! each, round-robin over receivers spread evenly over the nodes (so in the
+//! cluster two thirds cross nodes through Redis); 32 callers. Reported:
+//! delivered messages/s and the latency from API call to terminal (p50, p99).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +49,12 @@ struct Args {
     /// The imhost binary to measure.
     #[arg(long, default_value = "target/release/imhost")]
     imhost: PathBuf,
+    /// Receivers for the cluster scenario.
+    #[arg(long, default_value_t = 300)]
+    receivers: usize,
+    /// Skip the cluster scenario (it needs redis-server).
+    #[arg(long)]
+    no_cluster: bool,
     /// Internal: run the baseline server on this address.
     #[arg(long, hide = true)]
     baseline_server: Option<SocketAddr>,
@@ -86,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
         "\n{} connections, {} broadcasts of a 40-byte message, {} direct messages",
         args.connections, args.broadcasts, args.messages
     );
+    if !args.no_cluster {
+        cluster::compare(&args).await?;
+    }
     Ok(())
 }
 
@@ -381,5 +396,141 @@ mod baseline {
             }
         }
         "ok"
+    }
+}
+
+/// Cross-node delivery through Redis against one embedded node.
+mod cluster {
+    use std::net::SocketAddr;
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use futures_util::StreamExt;
+    use tokio::net::TcpStream;
+    use tokio::process::{Child, Command};
+    use tokio::sync::{Mutex, Semaphore};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::{API_KEY, Args, api, connect_url, free_addr, wait_serving};
+
+    struct Run {
+        per_sec: f64,
+        p50_us: u64,
+        p99_us: u64,
+    }
+
+    pub async fn compare(args: &Args) -> anyhow::Result<()> {
+        let embedded = {
+            let addr = free_addr()?;
+            let _node = spawn_node(args, addr, &[])?;
+            run(args, &[addr]).await.context("embedded run")?
+        };
+        let clustered = {
+            let redis_port = free_addr()?.port();
+            let _redis = Command::new("redis-server")
+                .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("start redis-server")?;
+            let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
+            let servers = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let redis_url = format!("redis://127.0.0.1:{redis_port}/");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut nodes = Vec::new();
+            for addr in &addrs {
+                let name = addr.to_string();
+                nodes.push(spawn_node(args, *addr, &["--server", &name, "--servers", &servers, "--redis", &redis_url])?);
+            }
+            run(args, &addrs).await.context("cluster run")?
+        };
+        println!("\n{:<28}{:>14}{:>14}{:>10}", "cross-node delivery", "3 nodes", "1 node", "ratio");
+        println!("{:<28}{:>14.0}{:>14.0}{:>10.2}", "messages/s", clustered.per_sec, embedded.per_sec, clustered.per_sec / embedded.per_sec);
+        println!("{:<28}{:>14}{:>14}{:>10.2}", "latency p50 (µs)", clustered.p50_us, embedded.p50_us, clustered.p50_us as f64 / embedded.p50_us.max(1) as f64);
+        println!("{:<28}{:>14}{:>14}{:>10.2}", "latency p99 (µs)", clustered.p99_us, embedded.p99_us, clustered.p99_us as f64 / embedded.p99_us.max(1) as f64);
+        println!("\n{} messages into node 0's API, 32 callers, {} receivers spread over the nodes", args.messages, args.receivers);
+        Ok(())
+    }
+
+    fn spawn_node(args: &Args, addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Child> {
+        Command::new(&args.imhost)
+            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", args.imhost.display()))
+    }
+
+    async fn run(args: &Args, nodes: &[SocketAddr]) -> anyhow::Result<Run> {
+        let http = reqwest::Client::new();
+        for &node in nodes {
+            wait_serving(&http, node).await?;
+        }
+        let entry = nodes[0];
+        let epoch = Instant::now();
+        let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.messages)));
+        let per_receiver = args.messages.div_ceil(args.receivers);
+        let mut readers = Vec::new();
+        // Client ids 1..=R: partitioning spreads them evenly over the nodes.
+        for id in 1..=args.receivers as i64 {
+            let url = connect_url(&http, entry, id).await?;
+            let host = url.trim_start_matches("ws://").split('/').next().context("host")?.to_owned();
+            let tcp = TcpStream::connect(host).await?;
+            let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+            let want = (0..args.messages).filter(|n| n % args.receivers == (id - 1) as usize).count();
+            let latencies = latencies.clone();
+            readers.push(tokio::spawn(async move {
+                let mut got = Vec::with_capacity(per_receiver);
+                while got.len() < want {
+                    match tokio::time::timeout(Duration::from_secs(60), ws.next()).await? {
+                        Some(Ok(Message::Text(text))) => {
+                            let sent: u64 = serde_json::from_str::<serde_json::Value>(&text)?["t"].as_u64().context("t")?;
+                            got.push(epoch.elapsed().as_micros() as u64 - sent);
+                        }
+                        Some(Ok(_)) => {}
+                        other => anyhow::bail!("socket ended: {other:?}"),
+                    }
+                }
+                latencies.lock().await.extend(got);
+                anyhow::Ok(())
+            }));
+        }
+        // Every receiver is online in the cluster before traffic starts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let online = http.get(format!("http://{entry}/api/v1/online")).bearer_auth(API_KEY).send().await?.json::<Vec<i64>>().await?;
+            if online.len() == args.receivers {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "receivers not online");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        let gate = Arc::new(Semaphore::new(32));
+        let mut calls = Vec::with_capacity(args.messages);
+        for n in 0..args.messages {
+            let (gate, http) = (gate.clone(), http.clone());
+            let receiver = (n % args.receivers) as i64 + 1;
+            calls.push(tokio::spawn(async move {
+                let _permit = gate.acquire().await?;
+                let t = epoch.elapsed().as_micros() as u64;
+                api(&http, entry, "/messages", serde_json::json!({"sender": 0, "receivers": [receiver], "message": {"n": n, "t": t}})).await
+            }));
+        }
+        for call in calls {
+            call.await??;
+        }
+        for reader in readers {
+            reader.await??;
+        }
+        let per_sec = args.messages as f64 / started.elapsed().as_secs_f64();
+        let mut all = latencies.lock().await.clone();
+        all.sort_unstable();
+        let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        Ok(Run { per_sec, p50_us: at(0.50), p99_us: at(0.99) })
     }
 }
