@@ -430,27 +430,75 @@ mod cluster {
         let clustered = {
             let redis_port = free_addr()?.port();
             let _redis = Command::new("redis-server")
-                .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args([
+                    "--port",
+                    &redis_port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
                 .context("start redis-server")?;
             let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
-            let servers = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let servers = addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             let redis_url = format!("redis://127.0.0.1:{redis_port}/");
             tokio::time::sleep(Duration::from_millis(300)).await;
             let mut nodes = Vec::new();
             for addr in &addrs {
                 let name = addr.to_string();
-                nodes.push(spawn_node(args, *addr, &["--server", &name, "--servers", &servers, "--redis", &redis_url])?);
+                nodes.push(spawn_node(
+                    args,
+                    *addr,
+                    &[
+                        "--server",
+                        &name,
+                        "--servers",
+                        &servers,
+                        "--redis",
+                        &redis_url,
+                    ],
+                )?);
             }
             run(args, &addrs).await.context("cluster run")?
         };
-        println!("\n{:<28}{:>14}{:>14}{:>10}", "cross-node delivery", "3 nodes", "1 node", "ratio");
-        println!("{:<28}{:>14.0}{:>14.0}{:>10.2}", "messages/s", clustered.per_sec, embedded.per_sec, clustered.per_sec / embedded.per_sec);
-        println!("{:<28}{:>14}{:>14}{:>10.2}", "latency p50 (µs)", clustered.p50_us, embedded.p50_us, clustered.p50_us as f64 / embedded.p50_us.max(1) as f64);
-        println!("{:<28}{:>14}{:>14}{:>10.2}", "latency p99 (µs)", clustered.p99_us, embedded.p99_us, clustered.p99_us as f64 / embedded.p99_us.max(1) as f64);
-        println!("\n{} messages into node 0's API, 32 callers, {} receivers spread over the nodes", args.messages, args.receivers);
+        println!(
+            "\n{:<28}{:>14}{:>14}{:>10}",
+            "cross-node delivery", "3 nodes", "1 node", "ratio"
+        );
+        println!(
+            "{:<28}{:>14.0}{:>14.0}{:>10.2}",
+            "messages/s",
+            clustered.per_sec,
+            embedded.per_sec,
+            clustered.per_sec / embedded.per_sec
+        );
+        println!(
+            "{:<28}{:>14}{:>14}{:>10.2}",
+            "latency p50 (µs)",
+            clustered.p50_us,
+            embedded.p50_us,
+            clustered.p50_us as f64 / embedded.p50_us.max(1) as f64
+        );
+        println!(
+            "{:<28}{:>14}{:>14}{:>10.2}",
+            "latency p99 (µs)",
+            clustered.p99_us,
+            embedded.p99_us,
+            clustered.p99_us as f64 / embedded.p99_us.max(1) as f64
+        );
+        println!(
+            "\n{} messages into node 0's API, 32 callers, {} receivers spread over the nodes",
+            args.messages, args.receivers
+        );
         Ok(())
     }
 
@@ -478,17 +526,26 @@ mod cluster {
         // Client ids 1..=R: partitioning spreads them evenly over the nodes.
         for id in 1..=args.receivers as i64 {
             let url = connect_url(&http, entry, id).await?;
-            let host = url.trim_start_matches("ws://").split('/').next().context("host")?.to_owned();
+            let host = url
+                .trim_start_matches("ws://")
+                .split('/')
+                .next()
+                .context("host")?
+                .to_owned();
             let tcp = TcpStream::connect(host).await?;
             let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
-            let want = (0..args.messages).filter(|n| n % args.receivers == (id - 1) as usize).count();
+            let want = (0..args.messages)
+                .filter(|n| n % args.receivers == (id - 1) as usize)
+                .count();
             let latencies = latencies.clone();
             readers.push(tokio::spawn(async move {
                 let mut got = Vec::with_capacity(per_receiver);
                 while got.len() < want {
                     match tokio::time::timeout(Duration::from_secs(60), ws.next()).await? {
                         Some(Ok(Message::Text(text))) => {
-                            let sent: u64 = serde_json::from_str::<serde_json::Value>(&text)?["t"].as_u64().context("t")?;
+                            let sent: u64 = serde_json::from_str::<serde_json::Value>(&text)?["t"]
+                                .as_u64()
+                                .context("t")?;
                             got.push(epoch.elapsed().as_micros() as u64 - sent);
                         }
                         Some(Ok(_)) => {}
@@ -502,7 +559,13 @@ mod cluster {
         // Every receiver is online in the cluster before traffic starts.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let online = http.get(format!("http://{entry}/api/v1/online")).bearer_auth(API_KEY).send().await?.json::<Vec<i64>>().await?;
+            let online = http
+                .get(format!("http://{entry}/api/v1/online"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await?
+                .json::<Vec<i64>>()
+                .await?;
             if online.len() == args.receivers {
                 break;
             }
@@ -531,6 +594,10 @@ mod cluster {
         let mut all = latencies.lock().await.clone();
         all.sort_unstable();
         let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-        Ok(Run { per_sec, p50_us: at(0.50), p99_us: at(0.99) })
+        Ok(Run {
+            per_sec,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+        })
     }
 }

@@ -468,6 +468,25 @@ async fn a_redis_restart_keeps_every_socket_and_the_cluster_recovers() {
         assert_eq!(r.next_text().await, r#""before""#);
     }
 
+    // Traffic keeps coming while Redis goes away and comes back.
+    let traffic = {
+        let api = cluster.node(1).clone();
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            let mut answers = std::collections::BTreeMap::<u16, u32>::new();
+            for n in 0..400 {
+                let (status, _) = api
+                    .post_raw(
+                        "/messages",
+                        json!({"sender": 0, "receivers": ids, "message": {"during": n}}),
+                    )
+                    .await;
+                *answers.entry(status).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            answers
+        })
+    };
     redis.kill();
     // The API says so, clearly, and nothing is dropped.
     let (status, body) = cluster
@@ -510,4 +529,76 @@ async fn a_redis_restart_keeps_every_socket_and_the_cluster_recovers() {
     for &id in &ids {
         assert_eq!(cluster.node(0).client(id).await.connections, 1);
     }
+    let answers = traffic.await.expect("traffic task");
+    assert!(
+        answers.keys().all(|s| *s == 200 || *s == 503),
+        "only 200 or 503 while Redis restarts: {answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn channel_messages_cost_no_redis_read_per_message() {
+    let redis = RedisServer::start().await;
+    let cluster = Cluster::start(&redis, 3).await;
+    let member = cluster.client_on(1, 1);
+    let mut reader = cluster.node(0).terminal(member).await.into_reader();
+    cluster
+        .node(0)
+        .ok("/channels/hot/join", json!({"client_ids": [member]}))
+        .await;
+    let mut conn = redis.connection().await;
+    let hkeys_calls = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_hkeys:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // The first message fills each node's cache.
+    cluster
+        .node(2)
+        .ok("/channels/hot/messages", json!({"message": 0}))
+        .await;
+    assert_eq!(reader.next_text().await, "0");
+    let before = hkeys_calls(
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("info"),
+    );
+    for n in 1..=20 {
+        cluster
+            .node(2)
+            .ok("/channels/hot/messages", json!({"message": n}))
+            .await;
+    }
+    for n in 1..=20 {
+        assert_eq!(reader.next_text().await, n.to_string());
+    }
+    let after = hkeys_calls(
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("info"),
+    );
+    assert_eq!(
+        after, before,
+        "20 channel messages on 3 nodes read no members from Redis"
+    );
+
+    // A membership change is seen by the very next message.
+    let newcomer = cluster.client_on(2, 1);
+    let mut second = cluster.node(0).terminal(newcomer).await.into_reader();
+    cluster
+        .node(1)
+        .ok("/channels/hot/join", json!({"client_ids": [newcomer]}))
+        .await;
+    cluster
+        .node(0)
+        .ok("/channels/hot/messages", json!({"message": "both"}))
+        .await;
+    assert_eq!(second.next_text().await, r#""both""#);
+    assert_eq!(reader.next_text().await, r#""both""#);
 }
