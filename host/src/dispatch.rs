@@ -15,6 +15,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::node::Node;
+use crate::plugins::FilterOutcome;
+use crate::plugins::bindings::exports::imhost::plugin::filter;
+use crate::plugins::bindings::imhost::plugin::types::Target;
+use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Delivery};
 use crate::stats::Stats;
 
@@ -46,7 +50,44 @@ pub async fn handle(node: &Node, message: ServerMessage) {
     }
 }
 
-async fn deliver_direct(node: &Node, msg: DirectMessage) {
+/// Runs the filter chain once for a message on this node; `None`: dropped.
+async fn filtered(
+    node: &Node,
+    sender: ClientId,
+    target: Target,
+    content: String,
+) -> Option<String> {
+    if !node.plugins.current().has(Hook::Filter) {
+        return Some(content);
+    }
+    let message = filter::Message {
+        sender,
+        target,
+        content,
+        node: node.topology.me.clone(),
+    };
+    match node.plugins.filter(message).await {
+        FilterOutcome::Deliver { content, replaced } => {
+            if replaced {
+                Stats::incr(&node.stats.filtered_replaced);
+            }
+            Some(content)
+        }
+        FilterOutcome::Drop { plugin, reason } => {
+            Stats::incr(&node.stats.filtered_dropped);
+            debug!(%plugin, %reason, "message dropped by a filter");
+            None
+        }
+    }
+}
+
+async fn deliver_direct(node: &Node, mut msg: DirectMessage) {
+    let target = Target::Direct(msg.receivers.clone());
+    let Some(content) = filtered(node, msg.sender, target, std::mem::take(&mut msg.content)).await
+    else {
+        return;
+    };
+    msg.content = content;
     let wants_receipt =
         |receiver: ClientId| msg.receipt && msg.sender != 0 && receiver != msg.sender;
     // One copy of the text for every socket of every receiver.
@@ -94,7 +135,16 @@ async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content
     }
 }
 
-async fn deliver_chan(node: &Node, msg: ChanMessage) {
+async fn deliver_chan(node: &Node, mut msg: ChanMessage) {
+    let target = match &msg.chan {
+        Some(chan) => Target::Channel(chan.clone()),
+        None => Target::Broadcast,
+    };
+    let Some(content) = filtered(node, msg.sender, target, std::mem::take(&mut msg.content)).await
+    else {
+        return;
+    };
+    msg.content = content;
     let text = Utf8Bytes::from(msg.content.as_str());
     match &msg.chan {
         None => {

@@ -14,6 +14,7 @@
 //! - [`business`] — the operations a backend asks for (FreeIM's `ImHelper`).
 //! - [`http`] — the business API, the event stream and the demo page.
 //! - [`cluster`] — the relay and presence traits and their implementations.
+//! - [`plugins`] — WebAssembly plugins: runtime, hooks, hot reload.
 //! - [`shutdown`] — how tasks learn the node is stopping.
 //! - [`stats`] — counters.
 //! - [`token`] — connect tokens.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod dispatch;
 pub mod http;
 pub mod node;
+pub mod plugins;
 pub mod registry;
 pub mod server;
 pub mod shutdown;

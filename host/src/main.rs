@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use imhost::config::Options;
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +14,8 @@ use tracing_subscriber::EnvFilter;
     about = "Clustered WebSocket IM server with WebAssembly plugins"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML file with any of the settings below (flags and variables win over it).
     #[arg(long, env = "IMHOST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -21,9 +23,32 @@ struct Cli {
     options: Options,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// Work with plugins offline.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Loads FILE.wasm (and FILE.toml beside it) as the server would and prints
+    /// its hooks, ABI version and hash as JSON; exits 1 with the reason if the
+    /// server would refuse it. For CI pipelines.
+    Check { file: PathBuf },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Plugin {
+        action: PluginCommand::Check { file },
+    }) = &cli.command
+    {
+        return check_plugin(file);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("imhost=info")),
@@ -74,5 +99,19 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+fn check_plugin(file: &std::path::Path) -> anyhow::Result<()> {
+    match imhost::plugins::check_file(file) {
+        Ok(info) => {
+            let json = serde_json::to_string_pretty(&info)?;
+            println!("{json}");
+            Ok(())
+        }
+        Err(err) => {
+            eprintln!("{}: refused: {err}", file.display());
+            std::process::exit(1);
+        }
     }
 }

@@ -28,6 +28,8 @@ pub struct Inner {
     /// (the SSE stream). A lagging subscriber skips ahead and is told so.
     pub events: broadcast::Sender<PresenceChange>,
     pub stats: Arc<Stats>,
+    /// The WebAssembly plugins (auth, filter, events, inbound hooks).
+    pub plugins: Arc<crate::plugins::PluginHost>,
     pub shutdown: Shutdown,
     /// One permit per open socket: the node's connection cap.
     pub connection_slots: Arc<Semaphore>,
@@ -40,6 +42,22 @@ impl Node {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// A handle that does not keep the node alive (for plugins, which the
+    /// node itself owns).
+    pub fn downgrade(&self) -> WeakNode {
+        WeakNode(Arc::downgrade(&self.inner))
+    }
+}
+
+/// See [`Node::downgrade`].
+#[derive(Clone)]
+pub struct WeakNode(std::sync::Weak<Inner>);
+
+impl WeakNode {
+    pub fn upgrade(&self) -> Option<Node> {
+        self.0.upgrade().map(|inner| Node { inner })
     }
 }
 

@@ -9,10 +9,13 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{info, warn};
 
+use crate::cluster::Backends;
+use crate::cluster::Topology;
 use crate::cluster::embedded::{EmbeddedPresence, EmbeddedRelay};
-use crate::cluster::{Presence, Relay, Topology};
+use crate::cluster::kv::EmbeddedKv;
 use crate::config::{Config, WS_PATH};
 use crate::node::{Inner, Node};
+use crate::plugins::PluginHost;
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -74,11 +77,12 @@ pub async fn run(
         me: config.server.clone(),
         servers: config.servers.clone(),
     };
-    let (relay, presence): (Arc<dyn Relay>, Arc<dyn Presence>) = match &config.redis {
-        None => (
-            Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
-            Arc::new(EmbeddedPresence::new()),
-        ),
+    let backends = match &config.redis {
+        None => Backends {
+            relay: Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
+            presence: Arc::new(EmbeddedPresence::new()),
+            kv: Arc::new(EmbeddedKv::default()),
+        },
         Some(url) => {
             crate::cluster::redis::start(crate::cluster::redis::Setup {
                 url: url.clone(),
@@ -97,23 +101,38 @@ pub async fn run(
     } else {
         "embedded"
     };
+    let plugins = Arc::new(PluginHost::new(config.plugins.clone(), backends.kv.clone()));
+    for (name, error) in plugins.reload().await {
+        warn!(plugin = %name, %error, "plugin not loaded at start-up");
+    }
     let node = Node::new(Inner {
         topology,
         registry: Registry::new(config.limits.outbound_queue, stats.clone()),
-        presence,
-        relay,
+        presence: backends.presence,
+        relay: backends.relay,
         events,
         stats,
+        plugins: plugins.clone(),
         shutdown: stop.clone(),
         connection_slots: Arc::new(Semaphore::new(max_connections)),
         max_connections,
         config,
     });
 
+    plugins.attach(node.downgrade());
+    tokio::spawn(plugins.clone().run_events(stop.drained().clone()));
+    tokio::spawn(crate::plugins::watcher::run(
+        plugins.clone(),
+        stop.drained().clone(),
+    ));
+    spawn_reload_on_sighup(plugins.clone(), stop.drained().clone());
     let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
     let app = crate::http::router(node.clone());
-    let serving = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.stopping().clone().cancelled_owned());
+    let serving = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.stopping().clone().cancelled_owned());
     let mut server = tokio::spawn(serving.into_future());
 
     info!(
@@ -153,4 +172,25 @@ pub async fn run(
     let _ = dispatcher.await;
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the plugins, as `POST /api/v1/plugins/reload` does.
+fn spawn_reload_on_sighup(plugins: Arc<PluginHost>, stop: tokio_util::sync::CancellationToken) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            warn!("cannot listen for SIGHUP");
+            return;
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => if got.is_none() { return },
+                () = stop.cancelled() => return,
+            }
+            info!("SIGHUP: reloading plugins");
+            plugins.reload().await;
+        }
+    });
 }

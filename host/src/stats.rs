@@ -52,6 +52,14 @@ counters! {
     inbound_ignored,
     /// Node commands that could not be acted on (bad payload, store error).
     dispatch_errors,
+    /// Messages a filter plugin dropped.
+    filtered_dropped,
+    /// Messages a filter plugin replaced.
+    filtered_replaced,
+    /// Connects an auth plugin refused.
+    auth_denied,
+    /// Terminal frames an inbound plugin acted on.
+    inbound_handled,
 }
 
 impl Stats {

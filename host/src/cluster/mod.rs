@@ -11,6 +11,7 @@
 //! so the Redis relay is an encode/decode away from the embedded one.
 
 pub mod embedded;
+pub mod kv;
 pub mod redis;
 
 use std::time::Duration;
@@ -58,6 +59,13 @@ impl Topology {
     pub fn is_mine(&self, client: ClientId) -> bool {
         self.node_for(client) == self.me
     }
+}
+
+/// The shared-state implementations a node runs with.
+pub struct Backends {
+    pub relay: std::sync::Arc<dyn Relay>,
+    pub presence: std::sync::Arc<dyn Presence>,
+    pub kv: std::sync::Arc<dyn kv::PluginKv>,
 }
 
 /// What taking a connect token found.

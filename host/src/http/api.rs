@@ -102,3 +102,16 @@ pub async fn force_offline(State(node): State<Node>, Path(id): Path<ClientId>) -
 pub async fn stats(State(node): State<Node>) -> Answer<StatsSnapshot> {
     Ok(Json(node.stats.snapshot()))
 }
+
+/// Every plugin: running versions with their counters, and failed files.
+pub async fn plugins(State(node): State<Node>) -> Answer<Vec<crate::plugins::PluginInfo>> {
+    Ok(Json(node.plugins.list()))
+}
+
+/// Rescans the plugin directory now; answers with what failed to load.
+pub async fn reload_plugins(State(node): State<Node>) -> Answer<Value> {
+    let failed = node.plugins.reload().await;
+    Ok(Json(
+        json!({ "failed": failed, "plugins": node.plugins.list() }),
+    ))
+}

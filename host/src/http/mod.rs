@@ -58,6 +58,8 @@ pub fn router(node: Node) -> Router {
         .route("/online", get(api::online))
         .route("/events", get(events::stream))
         .route("/stats", get(api::stats))
+        .route("/plugins", get(api::plugins))
+        .route("/plugins/reload", post(api::reload_plugins))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,

@@ -16,6 +16,9 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Session;
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
+use crate::plugins::bindings::exports::imhost::plugin::{events, inbound};
+use crate::plugins::bindings::imhost::plugin::types::Target;
+use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Closer, Registration};
 use crate::stats::Stats;
 
@@ -33,27 +36,45 @@ pub async fn serve(socket: WebSocket, node: Node, session: Session, _slot: Owned
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);
-        if let Err(err) = node.presence.connected(&session.client).await {
-            warn!(cause = %err, "online count not updated");
-        }
-        announce(&node, &session, PresenceKind::Online).await;
+        let devices = match node.presence.connected(&session.client).await {
+            Ok(devices) => devices,
+            Err(err) => {
+                warn!(cause = %err, "online count not updated");
+                node.registry.sockets(client) as u64
+            }
+        };
+        announce(&node, &session, PresenceKind::Online, devices).await;
         debug!(conn, "connected");
 
-        let reason = pump(socket, &node, registration).await;
+        let reason = pump(socket, &node, &session, registration).await;
 
         node.registry.unregister(client, conn);
         Stats::decr(&node.stats.connections);
-        if let Err(err) = node.presence.disconnected(&session.client).await {
-            warn!(cause = %err, "online count not updated");
-        }
-        announce(&node, &session, PresenceKind::Offline).await;
+        let devices = match node.presence.disconnected(&session.client).await {
+            Ok(devices) => devices,
+            Err(err) => {
+                warn!(cause = %err, "online count not updated");
+                node.registry.sockets(client) as u64
+            }
+        };
+        announce(&node, &session, PresenceKind::Offline, devices).await;
         debug!(conn, ?reason, "disconnected");
     }
     .instrument(span)
     .await
 }
 
-async fn announce(node: &Node, session: &Session, kind: PresenceKind) {
+async fn announce(node: &Node, session: &Session, kind: PresenceKind, devices: u64) {
+    node.plugins.presence(events::PresenceEvent {
+        kind: match kind {
+            PresenceKind::Online => events::Presence::Online,
+            PresenceKind::Offline => events::Presence::Offline,
+        },
+        client_id: session.client.client_id,
+        metadata: session.client.metadata.clone(),
+        node: node.topology.me.clone(),
+        devices: u32::try_from(devices).unwrap_or(u32::MAX),
+    });
     let change = PresenceChange {
         kind,
         event: PresenceEvent {
@@ -71,6 +92,7 @@ async fn announce(node: &Node, session: &Session, kind: PresenceKind) {
 async fn pump(
     mut socket: WebSocket,
     node: &Node,
+    session: &Session,
     registration: Registration,
 ) -> Option<CloseReason> {
     let Registration {
@@ -114,6 +136,16 @@ async fn pump(
                 Some(Ok(message)) => {
                     last_heard = Instant::now();
                     match message {
+                        Message::Text(text) if node.plugins.current().has(Hook::Inbound) => {
+                            if let Some(reply) = handle_inbound(node, session, text.as_str()).await {
+                                let sent = until_closed(&closer, socket.send(Message::Text(reply.into()))).await;
+                                match sent {
+                                    Some(Ok(())) => {}
+                                    Some(Err(_)) => break None,
+                                    None => break Some(closer.reason()),
+                                }
+                            }
+                        }
                         Message::Text(_) | Message::Binary(_) => {
                             Stats::incr(&node.stats.inbound_ignored);
                         }
@@ -149,6 +181,51 @@ async fn pump(
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
     }
     reason
+}
+
+/// Hands a terminal's text frame to the inbound plugins; returns a reply for
+/// this socket, if the plugin gave one. Deliveries go through the normal path
+/// (and so through the filter chain on the delivery nodes).
+async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<String> {
+    let frame = inbound::Frame {
+        client_id: session.client.client_id,
+        metadata: session.client.metadata.clone(),
+        node: node.topology.me.clone(),
+        text: text.to_owned(),
+    };
+    let Some(action) = node.plugins.inbound(&frame).await else {
+        Stats::incr(&node.stats.inbound_ignored);
+        return None;
+    };
+    Stats::incr(&node.stats.inbound_handled);
+    let sender = session.client.client_id;
+    let delivery = match action {
+        inbound::Action::Ignore => return None,
+        inbound::Action::Reply(reply) => return Some(reply),
+        inbound::Action::Deliver(delivery) => delivery,
+    };
+    if serde_json::from_str::<serde::de::IgnoredAny>(&delivery.content).is_err() {
+        warn!("inbound plugin delivered content that is not JSON; dropped");
+        return None;
+    }
+    let result = match delivery.target {
+        Target::Direct(receivers) => {
+            crate::business::send_message(node, sender, &receivers, delivery.content, false).await
+        }
+        Target::Channel(chan) => match crate::business::check_channel(&chan) {
+            Ok(()) => {
+                crate::business::send_chan_message(node, sender, Some(chan), delivery.content).await
+            }
+            Err(err) => Err(err),
+        },
+        Target::Broadcast => {
+            crate::business::send_chan_message(node, sender, None, delivery.content).await
+        }
+    };
+    if let Err(err) = result {
+        warn!(cause = %err, "inbound plugin delivery failed");
+    }
+    None
 }
 
 /// Runs a socket write unless a close is requested first; a write blocked on a

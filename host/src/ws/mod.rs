@@ -6,26 +6,27 @@
 
 mod connection;
 
+use std::net::SocketAddr;
+
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use imhost_client::wire::TokenValue;
-use serde::Deserialize;
 use tracing::debug;
 
 use crate::cluster::TokenClaim;
 use crate::http::AppError;
 use crate::node::Node;
+use crate::plugins::AuthOutcome;
+use crate::plugins::bindings::exports::imhost::plugin::auth::ConnectRequest;
+use crate::plugins::manifest::Hook;
 use crate::stats::Stats;
 
 /// tungstenite reads into a buffer of this size; its 128 KiB default would cost
 /// more per idle connection than everything else the node keeps for it.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
-
-#[derive(Debug, Deserialize)]
-pub struct ConnectQuery {
-    token: Option<String>,
-}
 
 /// Who a socket belongs to, fixed at connect.
 #[derive(Debug, Clone)]
@@ -36,9 +37,12 @@ pub struct Session {
 /// Authenticates and upgrades one terminal connection.
 pub async fn upgrade(
     State(node): State<Node>,
-    Query(query): Query<ConnectQuery>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
+    let Query(query) = query?;
     if node.shutdown.stopping().is_cancelled() {
         return Err(AppError::Unavailable("server shutting down".into()));
     }
@@ -46,28 +50,7 @@ pub async fn upgrade(
         Stats::incr(&node.stats.connects_over_capacity);
         return Err(AppError::Unavailable("server full".into()));
     };
-    let token = query.token.unwrap_or_default();
-    let claim = if crate::token::looks_like_token(&token) {
-        node.presence.take_token(&token, &node.topology).await?
-    } else {
-        TokenClaim::Unknown
-    };
-    let client = match claim {
-        TokenClaim::Taken(client) => client,
-        TokenClaim::Unknown => {
-            Stats::incr(&node.stats.connects_refused);
-            debug!("connect refused: unknown, used or expired token");
-            return Err(AppError::Unauthorized(
-                "unknown, used or expired token".into(),
-            ));
-        }
-        TokenClaim::Misdirected { owner } => {
-            Stats::incr(&node.stats.connects_refused);
-            return Err(AppError::Misdirected(format!(
-                "this client belongs to server {owner}; connect there with the same token"
-            )));
-        }
-    };
+    let client = identify(&node, &query, &headers, remote).await?;
     let limits = &node.config.limits;
     let session = Session { client };
     let tasks = node.shutdown.tasks().clone();
@@ -82,4 +65,69 @@ pub async fn upgrade(
             tasks.track_future(connection::serve(socket, node, session, slot))
         })
         .into_response())
+}
+
+/// Who is connecting: the auth plugins decide first; when they all pass (or
+/// there are none), the built-in single-use token store.
+async fn identify(
+    node: &Node,
+    query: &[(String, String)],
+    headers: &HeaderMap,
+    remote: SocketAddr,
+) -> Result<TokenValue, AppError> {
+    let token = query
+        .iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.clone());
+    if node.plugins.current().has(Hook::Auth) {
+        let request = ConnectRequest {
+            token: token.clone(),
+            query: query.to_vec(),
+            headers: headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect(),
+            remote_addr: remote.to_string(),
+            node: node.topology.me.clone(),
+        };
+        match node.plugins.authenticate(&request).await {
+            AuthOutcome::Allow(client) => {
+                if !node.topology.is_mine(client.client_id) {
+                    let owner = node.topology.node_for(client.client_id);
+                    return Err(AppError::Misdirected(format!(
+                        "this client belongs to server {owner}; connect there"
+                    )));
+                }
+                return Ok(client);
+            }
+            AuthOutcome::Deny(reason) => {
+                Stats::incr(&node.stats.auth_denied);
+                debug!(%reason, "connect refused by an auth plugin");
+                return Err(AppError::Unauthorized("connect refused".into()));
+            }
+            AuthOutcome::Pass => {}
+        }
+    }
+    let token = token.unwrap_or_default();
+    let claim = if crate::token::looks_like_token(&token) {
+        node.presence.take_token(&token, &node.topology).await?
+    } else {
+        TokenClaim::Unknown
+    };
+    match claim {
+        TokenClaim::Taken(client) => Ok(client),
+        TokenClaim::Unknown => {
+            Stats::incr(&node.stats.connects_refused);
+            debug!("connect refused: unknown, used or expired token");
+            Err(AppError::Unauthorized(
+                "unknown, used or expired token".into(),
+            ))
+        }
+        TokenClaim::Misdirected { owner } => {
+            Stats::incr(&node.stats.connects_refused);
+            Err(AppError::Misdirected(format!(
+                "this client belongs to server {owner}; connect there with the same token"
+            )))
+        }
+    }
 }

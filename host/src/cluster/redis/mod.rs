@@ -30,7 +30,7 @@ use tracing::info;
 
 pub use presence::RedisPresence;
 
-use super::{ClusterError, Presence, PresenceChange, PresenceKind, Relay, Topology};
+use super::{ClusterError, PresenceChange, PresenceKind, Relay, Topology};
 use crate::config::WS_PATH;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -83,7 +83,7 @@ pub struct Setup {
 ///
 /// # Errors
 /// Redis is unreachable or the URL is invalid.
-pub async fn start(setup: Setup) -> anyhow::Result<(Arc<dyn Relay>, Arc<dyn Presence>)> {
+pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
     let helper = ImHelper::connect(&setup.url, setup.topology.servers.clone(), WS_PATH)
         .await
         .with_context(|| format!("cannot connect to redis at {}", setup.url))?;
@@ -132,5 +132,13 @@ pub async fn start(setup: Setup) -> anyhow::Result<(Arc<dyn Relay>, Arc<dyn Pres
         }
         .run(),
     );
-    Ok((Arc::new(RedisRelay { helper }), presence))
+    let kv = Arc::new(super::kv::RedisKv::new(
+        helper.connection(),
+        helper.keys().prefix(),
+    ));
+    Ok(super::Backends {
+        relay: Arc::new(RedisRelay { helper }),
+        presence,
+        kv,
+    })
 }

@@ -1,0 +1,152 @@
+//! The `host` interface plugins import: logging into our tracing, their own
+//! settings, the namespaced key-value store and acting on the cluster.
+//!
+//! Host calls await (Redis, the relay); an epoch deadline only interrupts wasm
+//! code, so each awaiting call has its own time limit, the plugin's call
+//! timeout, and reports a timeout to the guest as an error value.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use imhost_client::ClientId;
+
+use super::bindings::imhost::plugin::host::{Host, Level};
+use super::bindings::imhost::plugin::types;
+use super::runtime::PluginState;
+use crate::cluster::kv::PluginKv;
+use crate::node::WeakNode;
+
+/// What one plugin version's host calls need.
+pub struct HostCtx {
+    pub name: String,
+    pub settings_json: String,
+    pub kv: Arc<dyn PluginKv>,
+    /// Set once the node exists (the node owns the plugins, so this is weak).
+    pub node: Arc<OnceLock<WeakNode>>,
+    pub timeout: Duration,
+}
+
+impl HostCtx {
+    fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.name)
+    }
+
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("host call exceeded {:?}", self.timeout)),
+        }
+    }
+
+    fn node(&self) -> Result<crate::node::Node, String> {
+        self.node
+            .get()
+            .and_then(WeakNode::upgrade)
+            .ok_or_else(|| "node is shutting down".to_owned())
+    }
+}
+
+fn check_json(content: &str) -> Result<(), String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(content)
+        .map(|_| ())
+        .map_err(|e| format!("content is not JSON: {e}"))
+}
+
+fn ttl(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+impl types::Host for PluginState {}
+
+impl Host for PluginState {
+    async fn log(&mut self, level: Level, message: String) {
+        let plugin = self.host.name.as_str();
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    async fn config(&mut self) -> String {
+        self.host.settings_json.clone()
+    }
+
+    async fn kv_get(&mut self, key: String) -> Result<Option<String>, String> {
+        let host = self.host.clone();
+        host.bounded(host.kv.get(&host.key(&key))).await
+    }
+
+    async fn kv_set(&mut self, key: String, value: String, ttl_ms: u64) -> Result<(), String> {
+        let host = self.host.clone();
+        host.bounded(host.kv.set(&host.key(&key), &value, ttl(ttl_ms)))
+            .await
+    }
+
+    async fn kv_incr(&mut self, key: String, delta: i64, ttl_ms: u64) -> Result<i64, String> {
+        let host = self.host.clone();
+        host.bounded(host.kv.incr(&host.key(&key), delta, ttl(ttl_ms)))
+            .await
+    }
+
+    async fn kv_delete(&mut self, key: String) -> Result<(), String> {
+        let host = self.host.clone();
+        host.bounded(host.kv.delete(&host.key(&key))).await
+    }
+
+    async fn send_message(
+        &mut self,
+        sender: ClientId,
+        receivers: Vec<ClientId>,
+        content: String,
+        receipt: bool,
+    ) -> Result<(), String> {
+        check_json(&content)?;
+        let host = self.host.clone();
+        let node = host.node()?;
+        host.bounded(crate::business::send_message(
+            &node, sender, &receivers, content, receipt,
+        ))
+        .await
+    }
+
+    async fn send_channel(
+        &mut self,
+        sender: ClientId,
+        channel: String,
+        content: String,
+    ) -> Result<(), String> {
+        check_json(&content)?;
+        crate::business::check_channel(&channel).map_err(|e| e.to_string())?;
+        let host = self.host.clone();
+        let node = host.node()?;
+        host.bounded(crate::business::send_chan_message(
+            &node,
+            sender,
+            Some(channel),
+            content,
+        ))
+        .await
+    }
+
+    async fn broadcast(&mut self, content: String) -> Result<(), String> {
+        check_json(&content)?;
+        let host = self.host.clone();
+        let node = host.node()?;
+        host.bounded(crate::business::send_chan_message(&node, 0, None, content))
+            .await
+    }
+
+    async fn force_offline(&mut self, client: ClientId) -> Result<(), String> {
+        let host = self.host.clone();
+        let node = host.node()?;
+        host.bounded(crate::business::force_offline(&node, client))
+            .await
+    }
+}

@@ -1,0 +1,157 @@
+//! `NAME.toml` beside `NAME.wasm`: a plugin's place in the chain, its hooks,
+//! limits, grants and settings. Every key is optional; unknown keys are errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The hooks a plugin may export.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Auth,
+    Filter,
+    Events,
+    Inbound,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [Hook::Auth, Hook::Filter, Hook::Events, Hook::Inbound];
+
+    /// The WIT interface name, without version.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Hook::Auth => "auth",
+            Hook::Filter => "filter",
+            Hook::Events => "events",
+            Hook::Inbound => "inbound",
+        }
+    }
+}
+
+/// What a failing filter does to the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail open: deliver as if the filter said `deliver`.
+    #[default]
+    Deliver,
+    /// Fail closed: drop the message.
+    Drop,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Environment variables the plugin may read (their host values).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Host directories the plugin may read, mounted at the same path.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// Outbound network access (TCP/UDP, name lookup).
+    #[serde(default)]
+    pub network: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Position in each chain: lower runs first; ties go by name.
+    #[serde(default = "defaults::order")]
+    pub order: i32,
+    /// False: the file is ignored.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Hooks to wire; default: every hook the component exports.
+    #[serde(default)]
+    pub hooks: Option<Vec<Hook>>,
+    /// Deadline of one call, in milliseconds.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Linear memory an instance may grow to, in MiB.
+    #[serde(default = "defaults::memory_mb")]
+    pub memory_mb: u64,
+    /// Warm instances kept for reuse.
+    #[serde(default = "defaults::pool")]
+    pub pool: usize,
+    /// Filter only: what a failed call does to the message.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Consecutive failures that switch the plugin off for `cooldown_ms`.
+    #[serde(default = "defaults::failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "defaults::cooldown_ms")]
+    pub cooldown_ms: u64,
+    #[serde(default)]
+    pub grants: Grants,
+    /// Free-form; the plugin reads it as JSON through `host.config()`.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+mod defaults {
+    pub fn order() -> i32 {
+        100
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn timeout_ms() -> u64 {
+        100
+    }
+    pub fn memory_mb() -> u64 {
+        64
+    }
+    pub fn pool() -> usize {
+        4
+    }
+    pub fn failure_threshold() -> u32 {
+        5
+    }
+    pub fn cooldown_ms() -> u64 {
+        30_000
+    }
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("empty manifest parses"))
+    }
+}
+
+impl Manifest {
+    /// Parses `NAME.toml`.
+    ///
+    /// # Errors
+    /// The text is not TOML, has unknown keys or out-of-range values.
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !(1..=60_000).contains(&manifest.timeout_ms) {
+            return Err("`timeout_ms` must be between 1 and 60000".into());
+        }
+        if !(1..=4096).contains(&manifest.memory_mb) {
+            return Err("`memory_mb` must be between 1 and 4096".into());
+        }
+        if manifest.pool > 256 {
+            return Err("`pool` must be at most 256".into());
+        }
+        Ok(manifest)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mb * 1024 * 1024).unwrap_or(usize::MAX)
+    }
+
+    /// The settings as JSON text.
+    pub fn settings_json(&self) -> String {
+        serde_json::to_string(&self.settings).unwrap_or_else(|_| "{}".into())
+    }
+}

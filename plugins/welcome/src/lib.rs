@@ -1,0 +1,60 @@
+//! `welcome`: greets a client when its first device comes online, and can
+//! tell a channel about it.
+//!
+//! ```toml
+//! [settings]
+//! text = "Welcome, {client}!"   # {client} and {metadata} are replaced
+//! channel = "lobby"             # optional: members get {"type":"joined",…}
+//! ```
+//!
+//! The greeting is the JSON `{"type":"welcome","text":"…"}` from the system
+//! sender (0).
+
+use imhost_sdk::events::{Events, Presence, PresenceEvent};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default = "default_text")]
+    text: String,
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+fn default_text() -> String {
+    "Welcome, {client}!".into()
+}
+
+struct Welcome;
+
+impl Events for Welcome {
+    fn on_presence(event: PresenceEvent) {
+        if event.kind != Presence::Online || event.devices != 1 {
+            return;
+        }
+        let settings: Settings = match imhost_sdk::host::config() {
+            Ok(s) => s,
+            Err(err) => return imhost_sdk::host::warn(&err),
+        };
+        let text = settings
+            .text
+            .replace("{client}", &event.client_id.to_string())
+            .replace("{metadata}", event.metadata.as_deref().unwrap_or(""));
+        let greeting = json!({"type": "welcome", "text": text}).to_string();
+        if let Err(err) = imhost_sdk::host::send_message(0, &[event.client_id], &greeting, false) {
+            imhost_sdk::host::warn(&format!("greeting not sent: {err}"));
+        }
+        if let Some(channel) = settings.channel {
+            let note =
+                json!({"type": "joined", "client": event.client_id, "metadata": event.metadata})
+                    .to_string();
+            if let Err(err) = imhost_sdk::host::send_channel(0, &channel, &note) {
+                imhost_sdk::host::warn(&format!("channel not told: {err}"));
+            }
+        }
+    }
+}
+
+imhost_sdk::export_events!(Welcome);
