@@ -7,3 +7,4 @@ mod connect;
 mod delivery;
 mod lifecycle;
 mod limits;
+mod plugins;

@@ -6,6 +6,7 @@
 //! - [`api`] — the business API of one node, with assertions.
 //! - [`redis`] — a real `redis-server` on a free port.
 //! - [`cluster`] — several real `imhost` processes on one Redis.
+//! - [`plugins`] — the guest plugins, built by build.rs, and a plugin directory.
 //! - [`host`] — start an imhost node in this process on a free loopback port.
 //! - [`process`] — run the real `imhost` binary as a child process.
 //! - [`terminal`] — a WebSocket terminal with deadline-bounded reads.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod cluster;
 pub mod host;
+pub mod plugins;
 pub mod process;
 pub mod redis;
 pub mod sse;

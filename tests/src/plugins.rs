@@ -1,0 +1,99 @@
+//! The guest plugins (really compiled to wasm32-wasip2 by `build.rs`) and a
+//! plugin directory to install them into, as an operator would.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::api::Api;
+
+/// Paths of the built guests: `WORD_FILTER`, `JWT_AUTH`, `RATE_LIMIT`,
+/// `WELCOME`, and the test-only `MISBEHAVING`, `TAGGER`, `ECHO_INBOUND`,
+/// `FUTURE_MAJOR`.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// A plugin directory in a temp dir.
+pub struct PluginDir {
+    dir: TempDir,
+}
+
+impl Default for PluginDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PluginDir {
+    pub fn new() -> PluginDir {
+        PluginDir {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn file(&self, name: &str, ext: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.{ext}"))
+    }
+
+    /// Installs `wasm` as `name` with `manifest` the way deploys do: write
+    /// aside, then rename into place (manifest first).
+    pub fn install(&self, name: &str, wasm: &str, manifest: &str) {
+        self.install_bytes(name, &std::fs::read(wasm).expect("read guest"), manifest);
+    }
+
+    pub fn install_bytes(&self, name: &str, wasm: &[u8], manifest: &str) {
+        self.rename_into_place(&self.file(name, "toml"), manifest.as_bytes());
+        self.rename_into_place(&self.file(name, "wasm"), wasm);
+    }
+
+    /// Rewrites only the manifest (rename into place).
+    pub fn set_manifest(&self, name: &str, manifest: &str) {
+        self.rename_into_place(&self.file(name, "toml"), manifest.as_bytes());
+    }
+
+    /// Overwrites the wasm file in place, as an editor or `cp` does.
+    pub fn write_in_place(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.file(name, "wasm"), bytes).expect("write in place");
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.file(name, "wasm")).expect("remove");
+    }
+
+    fn rename_into_place(&self, dest: &Path, bytes: &[u8]) {
+        let tmp = dest.with_extension("partial");
+        std::fs::write(&tmp, bytes).expect("write");
+        std::fs::rename(&tmp, dest).expect("rename");
+    }
+}
+
+impl Api {
+    /// `GET /api/v1/plugins`.
+    pub async fn plugins(&self) -> Vec<Value> {
+        let (status, body) = self.get("/plugins").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).expect("plugin list")
+    }
+
+    /// The row of plugin `name`, once `check` accepts it.
+    pub async fn plugin_where(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        crate::eventually(&format!("plugin {name}: {what}"), || async {
+            self.plugins()
+                .await
+                .into_iter()
+                .find(|p| p["name"] == name && check(p))
+        })
+        .await
+    }
+}
