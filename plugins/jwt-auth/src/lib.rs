@@ -97,7 +97,9 @@ fn verify(token: &str, secret: &[u8]) -> Result<serde_json::Map<String, Value>, 
         .decode(signature)
         .map_err(|_| "bad signature encoding")?;
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "bad secret")?;
-    mac.update(token[..token.len() - token.rsplit('.').next().map_or(0, str::len) - 1].as_bytes());
+    // The signature covers `header.payload`: everything before the last dot.
+    let signing_input = token.rfind('.').map_or(token, |dot| &token[..dot]);
+    mac.update(signing_input.as_bytes());
     mac.verify_slice(&signature).map_err(|_| "bad signature")?;
     let claims: Value = serde_json::from_slice(
         &URL_SAFE_NO_PAD
