@@ -55,6 +55,15 @@ struct Args {
     /// Skip the cluster scenario (it needs redis-server).
     #[arg(long)]
     no_cluster: bool,
+    /// Skip the plugin scenarios.
+    #[arg(long)]
+    no_plugins: bool,
+    /// Only the plugin scenarios.
+    #[arg(long)]
+    only_plugins: bool,
+    /// Where the built guest plugins are (scripts/bench builds them).
+    #[arg(long, default_value = "target/plugins/wasm32-wasip2/release")]
+    guests: PathBuf,
     /// Internal: run the baseline server on this address.
     #[arg(long, hide = true)]
     baseline_server: Option<SocketAddr>,
@@ -65,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.baseline_server {
         return baseline::serve(addr).await;
+    }
+    if args.only_plugins {
+        return plugins::compare(&args).await;
     }
     let imhost = measure(&args, Target::Imhost).await.context("imhost run")?;
     let bare = measure(&args, Target::Baseline)
@@ -100,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
     );
     if !args.no_cluster {
         cluster::compare(&args).await?;
+    }
+    if !args.no_plugins {
+        plugins::compare(&args).await?;
     }
     Ok(())
 }
@@ -599,5 +614,226 @@ mod cluster {
             p50_us: at(0.50),
             p99_us: at(0.99),
         })
+    }
+}
+
+/// The plugin platform: call cost, the filter chain's throughput cost, jwt-auth
+/// connects against the built-in token store, and hot-swap latency.
+mod plugins {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use futures_util::StreamExt;
+    use hmac::{Hmac, Mac};
+    use imhost::plugins::PluginHost;
+    use imhost::plugins::bindings::exports::imhost::plugin::filter;
+    use imhost::plugins::bindings::imhost::plugin::types::Target;
+    use tokio::net::TcpStream;
+    use tokio::process::{Child, Command};
+    use tokio::sync::Semaphore;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::{API_KEY, Args, api, connect_url, direct_messages, free_addr, wait_serving};
+
+    const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
+
+    pub async fn compare(args: &Args) -> anyhow::Result<()> {
+        println!("\n{:<40}{:>12}{:>12}{:>10}", "plugins", "with", "without", "ratio");
+        call_cost(args).await?;
+        chain_throughput(args).await?;
+        jwt_connects(args).await?;
+        hot_swap(args).await?;
+        Ok(())
+    }
+
+    fn install(dir: &Path, guests: &Path, name: &str, file: &str, manifest: &str) -> anyhow::Result<()> {
+        std::fs::copy(guests.join(format!("{file}.wasm")), dir.join(format!("{name}.wasm")))
+            .with_context(|| format!("copy {file}.wasm (run scripts/bench, which builds the guests)"))?;
+        std::fs::write(dir.join(format!("{name}.toml")), manifest)?;
+        Ok(())
+    }
+
+    /// In process: one filter call on a warm instance, word-filter with 3
+    /// words against tagger (a one-line filter).
+    async fn call_cost(args: &Args) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        install(dir.path(), &args.guests, "words", "word_filter", "pool = 1\n[settings]\nwords = [\"darn\", \"笨蛋\", \"école\"]\n")?;
+        let words = PluginHost::new(Some(dir.path().to_owned()), Arc::new(imhost::cluster::kv::EmbeddedKv::default()));
+        anyhow::ensure!(words.reload().await.is_empty(), "word-filter did not load");
+        let dir2 = tempfile::tempdir()?;
+        install(dir2.path(), &args.guests, "tagger", "tagger", "pool = 1\n[settings]\nversion = 1\n")?;
+        let tagger = PluginHost::new(Some(dir2.path().to_owned()), Arc::new(imhost::cluster::kv::EmbeddedKv::default()));
+        anyhow::ensure!(tagger.reload().await.is_empty(), "tagger did not load");
+        let message = || filter::Message {
+            sender: 1,
+            target: Target::Direct(vec![2]),
+            content: r#"{"text":"hello there, how are you today?","n":1}"#.into(),
+            node: "bench".into(),
+        };
+        let per_call = |host: &PluginHost| {
+            let host = host;
+            async move {
+                for _ in 0..200 {
+                    host.filter(message()).await;
+                }
+                let n = 20_000;
+                let started = Instant::now();
+                for _ in 0..n {
+                    host.filter(message()).await;
+                }
+                started.elapsed().as_secs_f64() * 1e6 / n as f64
+            }
+        };
+        let words_us = per_call(&words).await;
+        let tagger_us = per_call(&tagger).await;
+        println!("{:<40}{:>12.2}{:>12.2}{:>10.2}", "filter call µs (word-filter vs tagger)", words_us, tagger_us, words_us / tagger_us);
+        Ok(())
+    }
+
+    fn spawn(args: &Args, addr: SocketAddr, plugins: Option<&Path>) -> anyhow::Result<Child> {
+        let mut command = Command::new(&args.imhost);
+        command
+            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(dir) = plugins {
+            command.arg("--plugins").arg(dir);
+        }
+        Ok(command.spawn()?)
+    }
+
+    /// Direct messages/s through the API with rate-limit + word-filter on
+    /// against no plugins.
+    async fn chain_throughput(args: &Args) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        install(dir.path(), &args.guests, "rate-limit", "rate_limit", "order = 10\n[settings]\nlimit = 100000000\nwindow_ms = 60000\n")?;
+        install(dir.path(), &args.guests, "word-filter", "word_filter", "order = 20\n[settings]\nwords = [\"darn\", \"笨蛋\"]\n")?;
+        let http = reqwest::Client::new();
+        let mut rates = Vec::new();
+        for plugins in [Some(dir.path()), None] {
+            let addr = free_addr()?;
+            let _node = spawn(args, addr, plugins)?;
+            wait_serving(&http, addr).await?;
+            if plugins.is_some() {
+                wait_plugins(&http, addr, 2).await?;
+            }
+            rates.push(direct_messages(&http, addr, args.messages).await?);
+        }
+        println!("{:<40}{:>12.0}{:>12.0}{:>10.2}", "messages/s, rate-limit + word-filter", rates[0], rates[1], rates[0] / rates[1]);
+        Ok(())
+    }
+
+    async fn wait_plugins(http: &reqwest::Client, addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list: Vec<serde_json::Value> = http
+                .get(format!("http://{addr}/api/v1/plugins"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if list.iter().filter(|p| p["state"] == "active").count() >= n {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "plugins did not load: {list:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn jwt(sub: i64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::json!({"sub": sub, "aud": "imhost"}).to_string());
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).expect("key");
+        mac.update(format!("{header}.{payload}").as_bytes());
+        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// WebSocket connects/s: a JWT checked by jwt-auth against a connect URL
+    /// taken from the built-in store (URLs issued beforehand, not timed).
+    async fn jwt_connects(args: &Args) -> anyhow::Result<()> {
+        let n = args.connections.min(3000);
+        let dir = tempfile::tempdir()?;
+        install(dir.path(), &args.guests, "jwt-auth", "jwt_auth", &format!("[settings]\nsecret = \"{JWT_SECRET}\"\naudience = \"imhost\"\n"))?;
+        let http = reqwest::Client::new();
+        let mut rates = Vec::new();
+        for with_jwt in [true, false] {
+            let addr = free_addr()?;
+            let _node = spawn(args, addr, with_jwt.then(|| dir.path()))?;
+            wait_serving(&http, addr).await?;
+            let mut urls = Vec::with_capacity(n);
+            for id in 1..=n as i64 {
+                urls.push(if with_jwt {
+                    wait_plugins(&http, addr, 1).await?;
+                    format!("ws://{addr}/ws?token={}", jwt(id))
+                } else {
+                    connect_url(&http, addr, id).await?
+                });
+            }
+            let gate = Arc::new(Semaphore::new(64));
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for url in urls {
+                let gate = gate.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _permit = gate.acquire().await?;
+                    let tcp = TcpStream::connect(addr).await?;
+                    let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+                    anyhow::Ok(ws)
+                }));
+            }
+            let mut sockets = Vec::new();
+            for task in tasks {
+                sockets.push(task.await??);
+            }
+            rates.push(n as f64 / started.elapsed().as_secs_f64());
+        }
+        println!("{:<40}{:>12.0}{:>12.0}{:>10.2}", "connects/s, jwt-auth vs token store", rates[0], rates[1], rates[0] / rates[1]);
+        Ok(())
+    }
+
+    /// From renaming a new manifest into place to the first message handled
+    /// by the new version, with a message sent every millisecond.
+    async fn hot_swap(args: &Args) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        install(dir.path(), &args.guests, "tagger", "tagger", "[settings]\nversion = 0\n")?;
+        let http = reqwest::Client::new();
+        let addr = free_addr()?;
+        let _node = spawn(args, addr, Some(dir.path()))?;
+        wait_serving(&http, addr).await?;
+        wait_plugins(&http, addr, 1).await?;
+        let url = connect_url(&http, addr, 1).await?;
+        let (mut ws, _) = tokio_tungstenite::client_async(url, TcpStream::connect(addr).await?).await?;
+        let mut samples = Vec::new();
+        for version in 1..=5 {
+            let tmp = dir.path().join("tagger.toml.partial");
+            std::fs::write(&tmp, format!("[settings]\nversion = {version}\n"))?;
+            let started = Instant::now();
+            std::fs::rename(&tmp, dir.path().join("tagger.toml"))?;
+            loop {
+                api(&http, addr, "/messages", serde_json::json!({"sender": 0, "receivers": [1], "message": 0})).await?;
+                let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await?.context("socket ended")??;
+                if let Message::Text(text) = frame {
+                    let v: serde_json::Value = serde_json::from_str(&text)?;
+                    if v["v"] == version {
+                        break;
+                    }
+                }
+                anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "new version never served");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        samples.sort_by(f64::total_cmp);
+        println!("{:<40}{:>12.0}{:>12}{:>10}", "ms from file write to new version (med)", samples[samples.len() / 2], "-", "-");
+        println!("  (includes the watcher's {} ms debounce)", imhost::plugins::watcher::DEBOUNCE.as_millis());
+        Ok(())
     }
 }

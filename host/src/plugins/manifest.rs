@@ -133,8 +133,9 @@ impl Manifest {
         if !(1..=60_000).contains(&manifest.timeout_ms) {
             return Err("`timeout_ms` must be between 1 and 60000".into());
         }
-        if !(1..=4096).contains(&manifest.memory_mb) {
-            return Err("`memory_mb` must be between 1 and 4096".into());
+        // The pooling allocator's slots are 1 GiB: nothing can grow past that.
+        if !(1..=1024).contains(&manifest.memory_mb) {
+            return Err("`memory_mb` must be between 1 and 1024".into());
         }
         if manifest.pool > 256 {
             return Err("`pool` must be at most 256".into());
