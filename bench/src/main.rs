@@ -644,7 +644,10 @@ mod plugins {
     const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
     pub async fn compare(args: &Args) -> anyhow::Result<()> {
-        println!("\n{:<40}{:>12}{:>12}{:>10}", "plugins", "with", "without", "ratio");
+        println!(
+            "\n{:<40}{:>12}{:>12}{:>10}",
+            "plugins", "with", "without", "ratio"
+        );
         call_cost(args).await?;
         chain_throughput(args).await?;
         jwt_connects(args).await?;
@@ -652,9 +655,20 @@ mod plugins {
         Ok(())
     }
 
-    fn install(dir: &Path, guests: &Path, name: &str, file: &str, manifest: &str) -> anyhow::Result<()> {
-        std::fs::copy(guests.join(format!("{file}.wasm")), dir.join(format!("{name}.wasm")))
-            .with_context(|| format!("copy {file}.wasm (run scripts/bench, which builds the guests)"))?;
+    fn install(
+        dir: &Path,
+        guests: &Path,
+        name: &str,
+        file: &str,
+        manifest: &str,
+    ) -> anyhow::Result<()> {
+        std::fs::copy(
+            guests.join(format!("{file}.wasm")),
+            dir.join(format!("{name}.wasm")),
+        )
+        .with_context(|| {
+            format!("copy {file}.wasm (run scripts/bench, which builds the guests)")
+        })?;
         std::fs::write(dir.join(format!("{name}.toml")), manifest)?;
         Ok(())
     }
@@ -663,37 +677,63 @@ mod plugins {
     /// words against tagger (a one-line filter).
     async fn call_cost(args: &Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        install(dir.path(), &args.guests, "words", "word_filter", "pool = 1\n[settings]\nwords = [\"darn\", \"笨蛋\", \"école\"]\n")?;
-        let words = PluginHost::new(Some(dir.path().to_owned()), Arc::new(imhost::cluster::kv::EmbeddedKv::default()));
+        install(
+            dir.path(),
+            &args.guests,
+            "words",
+            "word_filter",
+            "pool = 1\n[settings]\nwords = [\"darn\", \"笨蛋\", \"école\"]\n",
+        )?;
+        let words = PluginHost::new(
+            Some(dir.path().to_owned()),
+            Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+        );
         anyhow::ensure!(words.reload().await.is_empty(), "word-filter did not load");
         let dir2 = tempfile::tempdir()?;
-        install(dir2.path(), &args.guests, "tagger", "tagger", "pool = 1\n[settings]\nversion = 1\n")?;
-        let tagger = PluginHost::new(Some(dir2.path().to_owned()), Arc::new(imhost::cluster::kv::EmbeddedKv::default()));
+        install(
+            dir2.path(),
+            &args.guests,
+            "tagger",
+            "tagger",
+            "pool = 1\n[settings]\nversion = 1\n",
+        )?;
+        let tagger = PluginHost::new(
+            Some(dir2.path().to_owned()),
+            Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+        );
         anyhow::ensure!(tagger.reload().await.is_empty(), "tagger did not load");
-        let message = || filter::Message {
+        let words_us = per_call(&words).await;
+        let tagger_us = per_call(&tagger).await;
+        println!(
+            "{:<40}{:>12.2}{:>12.2}{:>10.2}",
+            "filter call µs (word-filter vs tagger)",
+            words_us,
+            tagger_us,
+            words_us / tagger_us
+        );
+        Ok(())
+    }
+
+    fn message() -> filter::Message {
+        filter::Message {
             sender: 1,
             target: Target::Direct(vec![2]),
             content: r#"{"text":"hello there, how are you today?","n":1}"#.into(),
             node: "bench".into(),
-        };
-        let per_call = |host: &PluginHost| {
-            let host = host;
-            async move {
-                for _ in 0..200 {
-                    host.filter(message()).await;
-                }
-                let n = 20_000;
-                let started = Instant::now();
-                for _ in 0..n {
-                    host.filter(message()).await;
-                }
-                started.elapsed().as_secs_f64() * 1e6 / n as f64
-            }
-        };
-        let words_us = per_call(&words).await;
-        let tagger_us = per_call(&tagger).await;
-        println!("{:<40}{:>12.2}{:>12.2}{:>10.2}", "filter call µs (word-filter vs tagger)", words_us, tagger_us, words_us / tagger_us);
-        Ok(())
+        }
+    }
+
+    /// Mean µs of one filter chain run, after a warm-up.
+    async fn per_call(host: &PluginHost) -> f64 {
+        for _ in 0..200 {
+            host.filter(message()).await;
+        }
+        let n = 20_000;
+        let started = Instant::now();
+        for _ in 0..n {
+            host.filter(message()).await;
+        }
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
     }
 
     fn spawn(args: &Args, addr: SocketAddr, plugins: Option<&Path>) -> anyhow::Result<Child> {
@@ -713,8 +753,20 @@ mod plugins {
     /// against no plugins.
     async fn chain_throughput(args: &Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        install(dir.path(), &args.guests, "rate-limit", "rate_limit", "order = 10\n[settings]\nlimit = 100000000\nwindow_ms = 60000\n")?;
-        install(dir.path(), &args.guests, "word-filter", "word_filter", "order = 20\n[settings]\nwords = [\"darn\", \"笨蛋\"]\n")?;
+        install(
+            dir.path(),
+            &args.guests,
+            "rate-limit",
+            "rate_limit",
+            "order = 10\n[settings]\nlimit = 100000000\nwindow_ms = 60000\n",
+        )?;
+        install(
+            dir.path(),
+            &args.guests,
+            "word-filter",
+            "word_filter",
+            "order = 20\n[settings]\nwords = [\"darn\", \"笨蛋\"]\n",
+        )?;
         let http = reqwest::Client::new();
         let mut rates = Vec::new();
         for plugins in [Some(dir.path()), None] {
@@ -726,11 +778,21 @@ mod plugins {
             }
             rates.push(direct_messages(&http, addr, args.messages).await?);
         }
-        println!("{:<40}{:>12.0}{:>12.0}{:>10.2}", "messages/s, rate-limit + word-filter", rates[0], rates[1], rates[0] / rates[1]);
+        println!(
+            "{:<40}{:>12.0}{:>12.0}{:>10.2}",
+            "messages/s, rate-limit + word-filter",
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
         Ok(())
     }
 
-    async fn wait_plugins(http: &reqwest::Client, addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    async fn wait_plugins(
+        http: &reqwest::Client,
+        addr: SocketAddr,
+        n: usize,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let list: Vec<serde_json::Value> = http
@@ -750,10 +812,14 @@ mod plugins {
 
     fn jwt(sub: i64) -> String {
         let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::json!({"sub": sub, "aud": "imhost"}).to_string());
+        let payload =
+            URL_SAFE_NO_PAD.encode(serde_json::json!({"sub": sub, "aud": "imhost"}).to_string());
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).expect("key");
         mac.update(format!("{header}.{payload}").as_bytes());
-        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        format!(
+            "{header}.{payload}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
     }
 
     /// WebSocket connects/s: a JWT checked by jwt-auth against a connect URL
@@ -761,7 +827,13 @@ mod plugins {
     async fn jwt_connects(args: &Args) -> anyhow::Result<()> {
         let n = args.connections.min(3000);
         let dir = tempfile::tempdir()?;
-        install(dir.path(), &args.guests, "jwt-auth", "jwt_auth", &format!("[settings]\nsecret = \"{JWT_SECRET}\"\naudience = \"imhost\"\n"))?;
+        install(
+            dir.path(),
+            &args.guests,
+            "jwt-auth",
+            "jwt_auth",
+            &format!("[settings]\nsecret = \"{JWT_SECRET}\"\naudience = \"imhost\"\n"),
+        )?;
         let http = reqwest::Client::new();
         let mut rates = Vec::new();
         for with_jwt in [true, false] {
@@ -795,7 +867,13 @@ mod plugins {
             }
             rates.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        println!("{:<40}{:>12.0}{:>12.0}{:>10.2}", "connects/s, jwt-auth vs token store", rates[0], rates[1], rates[0] / rates[1]);
+        println!(
+            "{:<40}{:>12.0}{:>12.0}{:>10.2}",
+            "connects/s, jwt-auth vs token store",
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
         Ok(())
     }
 
@@ -803,14 +881,21 @@ mod plugins {
     /// by the new version, with a message sent every millisecond.
     async fn hot_swap(args: &Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        install(dir.path(), &args.guests, "tagger", "tagger", "[settings]\nversion = 0\n")?;
+        install(
+            dir.path(),
+            &args.guests,
+            "tagger",
+            "tagger",
+            "[settings]\nversion = 0\n",
+        )?;
         let http = reqwest::Client::new();
         let addr = free_addr()?;
         let _node = spawn(args, addr, Some(dir.path()))?;
         wait_serving(&http, addr).await?;
         wait_plugins(&http, addr, 1).await?;
         let url = connect_url(&http, addr, 1).await?;
-        let (mut ws, _) = tokio_tungstenite::client_async(url, TcpStream::connect(addr).await?).await?;
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(url, TcpStream::connect(addr).await?).await?;
         let mut samples = Vec::new();
         for version in 1..=5 {
             let tmp = dir.path().join("tagger.toml.partial");
@@ -818,22 +903,42 @@ mod plugins {
             let started = Instant::now();
             std::fs::rename(&tmp, dir.path().join("tagger.toml"))?;
             loop {
-                api(&http, addr, "/messages", serde_json::json!({"sender": 0, "receivers": [1], "message": 0})).await?;
-                let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await?.context("socket ended")??;
+                api(
+                    &http,
+                    addr,
+                    "/messages",
+                    serde_json::json!({"sender": 0, "receivers": [1], "message": 0}),
+                )
+                .await?;
+                let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                    .await?
+                    .context("socket ended")??;
                 if let Message::Text(text) = frame {
                     let v: serde_json::Value = serde_json::from_str(&text)?;
                     if v["v"] == version {
                         break;
                     }
                 }
-                anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "new version never served");
+                anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "new version never served"
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             samples.push(started.elapsed().as_secs_f64() * 1000.0);
         }
         samples.sort_by(f64::total_cmp);
-        println!("{:<40}{:>12.0}{:>12}{:>10}", "ms from file write to new version (med)", samples[samples.len() / 2], "-", "-");
-        println!("  (includes the watcher's {} ms debounce)", imhost::plugins::watcher::DEBOUNCE.as_millis());
+        println!(
+            "{:<40}{:>12.0}{:>12}{:>10}",
+            "ms from file write to new version (med)",
+            samples[samples.len() / 2],
+            "-",
+            "-"
+        );
+        println!(
+            "  (includes the watcher's {} ms debounce)",
+            imhost::plugins::watcher::DEBOUNCE.as_millis()
+        );
         Ok(())
     }
 }

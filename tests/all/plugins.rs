@@ -479,3 +479,63 @@ async fn hot_swap_under_a_stream_loses_and_duplicates_nothing() {
     assert_eq!(switch_points.len(), 1, "{switch_points:?}");
     assert!(switch_points[0].is_some(), "the swap happened mid-stream");
 }
+
+#[tokio::test]
+async fn rate_limit_counts_are_shared_across_the_cluster() {
+    let redis = imhost_tests::redis::RedisServer::start().await;
+    let dir = PluginDir::new();
+    dir.install(
+        "rate-limit",
+        guests::RATE_LIMIT,
+        "[settings]\nlimit = 3\nwindow_ms = 60000\n",
+    );
+    let path = dir.path().to_str().expect("path").to_owned();
+    let cluster =
+        imhost_tests::cluster::Cluster::start_with(&redis, 2, &["--plugins", &path]).await;
+    let (a, b) = (cluster.client_on(0, 1), cluster.client_on(1, 1));
+    let mut ta = cluster.node(0).terminal(a).await;
+    let mut tb = cluster.node(0).terminal(b).await;
+    // Sender 5 sends two messages to a client on node 0 and two to one on
+    // node 1: each node counts in Redis, so the fourth is over the limit of 3.
+    for (n, to) in [(0, a), (1, b), (2, a), (3, b)] {
+        cluster.node(0).send(5, &[to], json!(n), false).await;
+    }
+    cluster.node(0).send(0, &[a, b], json!("end"), false).await;
+    let mut got = Vec::new();
+    for t in [&mut ta, &mut tb] {
+        loop {
+            let text = t.next_text().await;
+            if text == r#""end""# {
+                break;
+            }
+            got.push(text);
+        }
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["0", "1", "2"],
+        "the fourth message was over the shared limit"
+    );
+}
+
+#[tokio::test]
+async fn plugin_check_prints_hooks_or_the_reason() {
+    let bin = imhost_tests::process::imhost_bin();
+    let ok = std::process::Command::new(&bin)
+        .args(["plugin", "check", guests::WELCOME])
+        .output()
+        .expect("run check");
+    assert!(ok.status.success());
+    let info: Value = serde_json::from_slice(&ok.stdout).expect("json");
+    assert_eq!(info["hooks"], json!(["events"]));
+    assert_eq!(info["abi"], "1.0.0");
+    assert_eq!(info["hash"].as_str().map(str::len), Some(64));
+
+    let refused = std::process::Command::new(&bin)
+        .args(["plugin", "check", guests::FUTURE_MAJOR])
+        .output()
+        .expect("run check");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("imhost:plugin@2.0.0"));
+}

@@ -21,16 +21,23 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     pub servers: Vec<String>,
     redis_url: String,
+    extra: Vec<String>,
 }
 
 impl Cluster {
     pub async fn start(redis: &RedisServer, n: usize) -> Cluster {
+        Self::start_with(redis, n, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with more arguments for every node.
+    pub async fn start_with(redis: &RedisServer, n: usize, extra: &[&str]) -> Cluster {
         let addrs: Vec<_> = (0..n).map(|_| free_addr()).collect();
         let servers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let mut cluster = Cluster {
             nodes: Vec::new(),
             servers,
             redis_url: redis.url(),
+            extra: extra.iter().map(ToString::to_string).collect(),
         };
         for addr in addrs {
             let api = Api::new(addr);
@@ -53,28 +60,26 @@ impl Cluster {
     pub fn launch(&mut self, i: usize) {
         let servers = self.servers.join(",");
         let name = self.nodes[i].name.clone();
-        let process = ImhostProcess::spawn(
-            self.nodes[i].api.addr,
-            &[
-                "--listen",
-                &name,
-                "--server",
-                &name,
-                "--servers",
-                &servers,
-                "--redis",
-                &self.redis_url,
-                "--api-key",
-                API_KEY,
-                "--node-ttl",
-                "1500ms",
-                "--heartbeat-interval",
-                "500ms",
-                "--heartbeat-timeout",
-                "3s",
-            ],
-            &[],
-        );
+        let mut args = vec![
+            "--listen",
+            &name,
+            "--server",
+            &name,
+            "--servers",
+            &servers,
+            "--redis",
+            &self.redis_url,
+            "--api-key",
+            API_KEY,
+            "--node-ttl",
+            "1500ms",
+            "--heartbeat-interval",
+            "500ms",
+            "--heartbeat-timeout",
+            "3s",
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let process = ImhostProcess::spawn(self.nodes[i].api.addr, &args, &[]);
         self.nodes[i].process = Some(process);
     }
 
