@@ -41,60 +41,52 @@ impl Api {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `method /api/v1{path}` with the API key; `Err` when the node cannot
+    /// be reached (it may be down in failure tests).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Result<(StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method, self.url(&format!("/api/v1{path}")))
+            .bearer_auth(API_KEY);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// `POST /api/v1{path}` with the API key; returns status and JSON body.
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
+        self.call(reqwest::Method::POST, path, Some(body))
             .await
-            .expect("request");
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+            .expect("request")
     }
 
     /// `GET /api/v1{path}` with the API key; returns status and JSON body.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .get(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(API_KEY)
-            .send()
+        self.call(reqwest::Method::GET, path, None)
             .await
-            .expect("request");
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+            .expect("request")
     }
 
-    /// `POST` that tolerates a refused connection (the node may be down).
+    /// `POST` that tolerates a refused connection (status 0).
     pub async fn post_raw(&self, path: &str, body: Value) -> (u16, Value) {
-        match self
-            .http
-            .post(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
+        self.call(reqwest::Method::POST, path, Some(body))
             .await
-        {
-            Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
-            Err(_) => (0, Value::Null),
-        }
+            .map_or((0, Value::Null), |(s, v)| (s.as_u16(), v))
     }
 
-    /// `GET` that tolerates a refused connection.
+    /// `GET` that tolerates a refused connection (status 0).
     pub async fn get_raw(&self, path: &str) -> (u16, Value) {
-        match self
-            .http
-            .get(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(API_KEY)
-            .send()
+        self.call(reqwest::Method::GET, path, None)
             .await
-        {
-            Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
-            Err(_) => (0, Value::Null),
-        }
+            .map_or((0, Value::Null), |(s, v)| (s.as_u16(), v))
     }
 
     /// POSTs and asserts 200 `{}`.

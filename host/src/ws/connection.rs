@@ -36,32 +36,32 @@ pub async fn serve(socket: WebSocket, node: Node, session: Session, _slot: Owned
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);
-        let devices = match node.presence.connected(&session.client).await {
-            Ok(devices) => devices,
-            Err(err) => {
-                warn!(cause = %err, "online count not updated");
-                node.registry.sockets(client) as u64
-            }
-        };
-        announce(&node, &session, PresenceKind::Online, devices).await;
+        presence_changed(&node, &session, PresenceKind::Online).await;
         debug!(conn, "connected");
 
         let reason = pump(socket, &node, &session, registration).await;
 
         node.registry.unregister(client, conn);
         Stats::decr(&node.stats.connections);
-        let devices = match node.presence.disconnected(&session.client).await {
-            Ok(devices) => devices,
-            Err(err) => {
-                warn!(cause = %err, "online count not updated");
-                node.registry.sockets(client) as u64
-            }
-        };
-        announce(&node, &session, PresenceKind::Offline, devices).await;
+        presence_changed(&node, &session, PresenceKind::Offline).await;
         debug!(conn, ?reason, "disconnected");
     }
     .instrument(span)
     .await
+}
+
+/// Records a socket coming or going in the presence store, then tells the
+/// events plugins and the cluster's event subscribers.
+async fn presence_changed(node: &Node, session: &Session, kind: PresenceKind) {
+    let counted = match kind {
+        PresenceKind::Online => node.presence.connected(&session.client).await,
+        PresenceKind::Offline => node.presence.disconnected(&session.client).await,
+    };
+    let devices = counted.unwrap_or_else(|err| {
+        warn!(cause = %err, "online count not updated");
+        node.registry.sockets(session.client.client_id) as u64
+    });
+    announce(node, session, kind, devices).await;
 }
 
 async fn announce(node: &Node, session: &Session, kind: PresenceKind, devices: u64) {
