@@ -539,3 +539,36 @@ async fn plugin_check_prints_hooks_or_the_reason() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("imhost:plugin@2.0.0"));
 }
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_on_disk_and_reused() {
+    let dir = PluginDir::new();
+    dir.install(
+        "word-filter",
+        guests::WORD_FILTER,
+        "[settings]\nwords = [\"x\"]\n",
+    );
+    let first = host_with(&dir).await;
+    first
+        .plugin_where("word-filter", "loaded", |p| p["state"] == "active")
+        .await;
+    let cache = dir.path().join(imhost::plugins::CACHE_DIR);
+    let artifacts: Vec<_> = std::fs::read_dir(&cache)
+        .expect("cache dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one compiled artifact");
+    first.stop().await.expect("stopped");
+
+    // A new node (no in-memory cache) loads the artifact and it works.
+    let second = host_with(&dir).await;
+    second
+        .plugin_where("word-filter", "loaded from cache", |p| {
+            p["state"] == "active"
+        })
+        .await;
+    let mut t = second.terminal(1).await;
+    second.send(0, &[1], json!("x marks"), false).await;
+    assert_eq!(t.next_text().await, r#""* marks""#);
+}

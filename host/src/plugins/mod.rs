@@ -38,6 +38,9 @@ use self::runtime::{Compiled, LoadError, Prepared};
 use crate::cluster::kv::PluginKv;
 use crate::node::WeakNode;
 
+/// Compiled artifacts are kept in `DIR/.cache`, by content and engine hash.
+pub const CACHE_DIR: &str = ".cache";
+
 /// Presence events waiting for events plugins; beyond it they are counted
 /// and dropped, never waited for.
 const EVENTS_QUEUE: usize = 4096;
@@ -305,9 +308,13 @@ impl PluginHost {
         let compiled = match cached {
             Some(compiled) => compiled,
             None => {
-                let compiled = tokio::task::spawn_blocking(move || runtime::compile(&wasm))
-                    .await
-                    .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
+                let cache_dir = dir.join(CACHE_DIR);
+                let key = hash.clone();
+                let compiled = tokio::task::spawn_blocking(move || {
+                    runtime::compile_cached(&wasm, &key, Some(&cache_dir))
+                })
+                .await
+                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
                 self.compiled
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
