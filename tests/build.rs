@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "jwt-auth",
     "rate-limit",
     "welcome",
+    "template",
     "misbehaving",
     "tagger",
     "echo-inbound",

@@ -532,6 +532,15 @@ async fn plugin_check_prints_hooks_or_the_reason() {
     assert_eq!(info["abi"], "1.0.0");
     assert_eq!(info["hash"].as_str().map(str::len), Some(64));
 
+    // Two export macros in one crate make one component with both hooks.
+    let both = std::process::Command::new(&bin)
+        .args(["plugin", "check", guests::TEMPLATE])
+        .output()
+        .expect("run check");
+    assert!(both.status.success());
+    let info: Value = serde_json::from_slice(&both.stdout).expect("json");
+    assert_eq!(info["hooks"], json!(["filter", "events"]));
+
     let refused = std::process::Command::new(&bin)
         .args(["plugin", "check", guests::FUTURE_MAJOR])
         .output()

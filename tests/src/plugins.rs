@@ -9,7 +9,7 @@ use tempfile::TempDir;
 use crate::api::Api;
 
 /// Paths of the built guests: `WORD_FILTER`, `JWT_AUTH`, `RATE_LIMIT`,
-/// `WELCOME`, and the test-only `MISBEHAVING`, `TAGGER`, `ECHO_INBOUND`,
+/// `WELCOME`, `TEMPLATE`, and the test-only `MISBEHAVING`, `TAGGER`, `ECHO_INBOUND`,
 /// `FUTURE_MAJOR`.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));

@@ -137,7 +137,10 @@ async fn pump(
                     last_heard = Instant::now();
                     match message {
                         Message::Text(text) if node.plugins.current().has(Hook::Inbound) => {
-                            if let Some(reply) = handle_inbound(node, session, text.as_str()).await {
+                            // Boxed: the plugin call's future is large, and inlined it
+                            // would grow every socket task, plugins or not.
+                            let reply = Box::pin(handle_inbound(node, session, text.as_str())).await;
+                            if let Some(reply) = reply {
                                 let sent = until_closed(&closer, socket.send(Message::Text(reply.into()))).await;
                                 match sent {
                                     Some(Ok(())) => {}
