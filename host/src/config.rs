@@ -44,6 +44,10 @@ pub struct Options {
     /// Directory of WebAssembly plugins.
     #[arg(long, env = "IMHOST_PLUGINS", value_name = "DIR")]
     pub plugins: Option<PathBuf>,
+    /// Watch the plugin directory and reload on changes (default true); without
+    /// it, reload with SIGHUP or `POST /api/v1/plugins/reload`.
+    #[arg(long, env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub watch_plugins: Option<bool>,
     /// Serve the demo chat page at `/` with its toy business backend.
     #[arg(long, env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub demo: Option<bool>,
@@ -93,6 +97,7 @@ pub struct Config {
     /// True when the key was generated because none was configured (it is logged).
     pub api_key_generated: bool,
     pub plugins: Option<PathBuf>,
+    pub watch_plugins: bool,
     pub demo: bool,
     pub limits: Limits,
 }
@@ -179,6 +184,7 @@ impl Options {
             redis: self.redis.or(lower.redis),
             api_key: self.api_key.or(lower.api_key),
             plugins: self.plugins.or(lower.plugins),
+            watch_plugins: self.watch_plugins.or(lower.watch_plugins),
             demo: self.demo.or(lower.demo),
             max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
             outbound_queue: self.outbound_queue.or(lower.outbound_queue),
@@ -256,6 +262,7 @@ impl Options {
             api_key,
             api_key_generated,
             plugins: self.plugins,
+            watch_plugins: self.watch_plugins.unwrap_or(true),
             demo: self.demo.unwrap_or(false),
             limits,
         })

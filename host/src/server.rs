@@ -121,10 +121,12 @@ pub async fn run(
 
     plugins.attach(node.downgrade());
     tokio::spawn(plugins.clone().run_events(stop.drained().clone()));
-    tokio::spawn(crate::plugins::watcher::run(
-        plugins.clone(),
-        stop.drained().clone(),
-    ));
+    if node.config.watch_plugins {
+        tokio::spawn(crate::plugins::watcher::run(
+            plugins.clone(),
+            stop.drained().clone(),
+        ));
+    }
     spawn_reload_on_sighup(plugins.clone(), stop.drained().clone());
     let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
     let app = crate::http::router(node.clone());

@@ -581,3 +581,42 @@ async fn compiled_plugins_are_cached_on_disk_and_reused() {
     second.send(0, &[1], json!("x marks"), false).await;
     assert_eq!(t.next_text().await, r#""* marks""#);
 }
+
+#[tokio::test]
+async fn sighup_and_the_reload_call_rescan_when_not_watching() {
+    let dir = PluginDir::new();
+    let addr = imhost_tests::process::free_addr();
+    let listen = addr.to_string();
+    let plugins = dir.path().to_str().expect("path").to_owned();
+    let process = imhost_tests::process::ImhostProcess::spawn(
+        addr,
+        &[
+            "--listen",
+            &listen,
+            "--api-key",
+            imhost_tests::api::API_KEY,
+            "--plugins",
+            &plugins,
+            "--watch-plugins",
+            "false",
+        ],
+        &[],
+    );
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+    assert!(api.plugins().await.is_empty());
+
+    dir.install("welcome", guests::WELCOME, "");
+    process.signal("HUP");
+    api.plugin_where("welcome", "loaded on SIGHUP", |p| p["state"] == "active")
+        .await;
+
+    dir.install("rate-limit", guests::RATE_LIMIT, "");
+    let (status, answer) = api.post("/plugins/reload", json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["failed"], json!({}));
+    assert_eq!(answer["plugins"].as_array().map(Vec::len), Some(2));
+    process.signal("TERM");
+    let (status, _) = process.wait(Duration::from_secs(15)).await;
+    assert!(status.success());
+}
