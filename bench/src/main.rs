@@ -687,6 +687,7 @@ mod plugins {
         let words = PluginHost::new(
             Some(dir.path().to_owned()),
             Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+            Arc::default(),
         );
         anyhow::ensure!(words.reload().await.is_empty(), "word-filter did not load");
         let dir2 = tempfile::tempdir()?;
@@ -700,6 +701,7 @@ mod plugins {
         let tagger = PluginHost::new(
             Some(dir2.path().to_owned()),
             Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+            Arc::default(),
         );
         anyhow::ensure!(tagger.reload().await.is_empty(), "tagger did not load");
         let words_us = per_call(&words).await;

@@ -101,7 +101,11 @@ pub async fn run(
     } else {
         "embedded"
     };
-    let plugins = Arc::new(PluginHost::new(config.plugins.clone(), backends.kv.clone()));
+    let plugins = Arc::new(PluginHost::new(
+        config.plugins.clone(),
+        backends.kv.clone(),
+        stats.clone(),
+    ));
     for (name, error) in plugins.reload().await {
         warn!(plugin = %name, %error, "plugin not loaded at start-up");
     }

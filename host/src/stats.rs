@@ -60,6 +60,8 @@ counters! {
     auth_denied,
     /// Terminal frames an inbound plugin acted on.
     inbound_handled,
+    /// Presence events the events plugins' queue had no room for.
+    plugin_events_dropped,
 }
 
 impl Stats {

@@ -340,7 +340,7 @@ async fn misbehaving_plugins_are_contained_and_the_host_keeps_serving() {
     dir.install(
         "misbehaving",
         guests::MISBEHAVING,
-        "timeout_ms = 50\nmemory_mb = 16\nfailure_threshold = 100\n",
+        "hooks = [\"filter\"]\ntimeout_ms = 50\nmemory_mb = 16\nfailure_threshold = 100\n",
     );
     let host = host_with(&dir).await;
     host.plugin_where("misbehaving", "loaded", |p| p["state"] == "active")
@@ -362,7 +362,7 @@ async fn misbehaving_plugins_are_contained_and_the_host_keeps_serving() {
     // Fail closed when configured; and the circuit breaker switches it off.
     dir.set_manifest(
         "misbehaving",
-        "timeout_ms = 50\non_error = \"drop\"\nfailure_threshold = 2\ncooldown_ms = 60000\n",
+        "hooks = [\"filter\"]\ntimeout_ms = 50\non_error = \"drop\"\nfailure_threshold = 2\ncooldown_ms = 60000\n",
     );
     host.plugin_where("misbehaving", "reloaded", |p| p["calls"] == 0)
         .await;
@@ -619,4 +619,35 @@ async fn sighup_and_the_reload_call_rescan_when_not_watching() {
     process.signal("TERM");
     let (status, _) = process.wait(Duration::from_secs(15)).await;
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_failing_auth_plugin_fails_closed() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"auth\"]\ntimeout_ms = 50\nmemory_mb = 16\nfailure_threshold = 100\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["hooks"] == json!(["auth"]))
+        .await;
+    for token in ["loop", "hog", "trap"] {
+        let url = format!("ws://{}/ws?token={token}", host.addr);
+        assert_eq!(status_of(Terminal::connect(&url).await), 401, "{token}");
+    }
+    assert_eq!(host.stats().await.auth_denied, 3);
+    let row = host
+        .plugin_where("misbehaving", "failures counted", |p| p["errors"] == 3)
+        .await;
+    assert_eq!(
+        (
+            row["timeouts"].clone(),
+            row["memory_limits"].clone(),
+            row["traps"].clone()
+        ),
+        (json!(1), json!(1), json!(1))
+    );
+    // A plugin that passes leaves the built-in tokens working.
+    host.terminal(1).await;
 }

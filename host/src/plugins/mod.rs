@@ -22,7 +22,6 @@ pub mod watcher;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -37,6 +36,7 @@ use self::manifest::{Hook, Manifest, OnError};
 use self::runtime::{Compiled, LoadError, Prepared};
 use crate::cluster::kv::PluginKv;
 use crate::node::WeakNode;
+use crate::stats::Stats;
 
 /// Compiled artifacts are kept in `DIR/.cache`, by content and engine hash.
 pub const CACHE_DIR: &str = ".cache";
@@ -157,7 +157,7 @@ pub struct PluginHost {
     node: Arc<OnceLock<WeakNode>>,
     events: mpsc::Sender<events::PresenceEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<events::PresenceEvent>>>,
-    pub events_dropped: AtomicU64,
+    stats: Arc<Stats>,
 }
 
 /// A plugin name is its file stem: letters, digits, `-` and `_`, so it can
@@ -171,7 +171,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl PluginHost {
-    pub fn new(dir: Option<PathBuf>, kv: Arc<dyn PluginKv>) -> PluginHost {
+    pub fn new(dir: Option<PathBuf>, kv: Arc<dyn PluginKv>, stats: Arc<Stats>) -> PluginHost {
         let (events, events_rx) = mpsc::channel(EVENTS_QUEUE);
         PluginHost {
             dir,
@@ -183,7 +183,7 @@ impl PluginHost {
             node: Arc::default(),
             events,
             events_rx: Mutex::new(Some(events_rx)),
-            events_dropped: AtomicU64::new(0),
+            stats,
         }
     }
 
@@ -437,7 +437,7 @@ impl PluginHost {
             return;
         }
         if self.events.try_send(event).is_err() {
-            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+            Stats::incr(&self.stats.plugin_events_dropped);
         }
     }
 
