@@ -49,6 +49,7 @@ fn main() {
         .args([
             "build",
             "--release",
+            "--locked",
             "--target",
             "wasm32-wasip2",
             "--manifest-path",

@@ -240,6 +240,14 @@ impl Options {
             Some(key) => (key, false),
             None => (crate::token::random_hex(32), true),
         };
+        if let Some(dir) = &self.plugins
+            && !dir.is_dir()
+        {
+            return Err(invalid(
+                "plugins",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
         let limits = Limits {
             max_frame_bytes: self.max_frame_bytes.unwrap_or(defaults.max_frame_bytes),
             outbound_queue: self.outbound_queue.unwrap_or(defaults.outbound_queue),
@@ -362,6 +370,14 @@ mod tests {
         .resolve()
         .expect_err("timeout shorter than interval");
         assert!(err.to_string().contains("`heartbeat_timeout`"), "{err}");
+
+        let err = Options {
+            plugins: Some("/no/such/dir".into()),
+            ..Options::default()
+        }
+        .resolve()
+        .expect_err("missing plugin dir");
+        assert!(err.to_string().contains("`plugins`"), "{err}");
 
         let err = Options {
             server: Some("a".into()),
