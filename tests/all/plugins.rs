@@ -651,3 +651,40 @@ async fn a_failing_auth_plugin_fails_closed() {
     // A plugin that passes leaves the built-in tokens working.
     host.terminal(1).await;
 }
+
+#[tokio::test]
+async fn a_call_in_flight_finishes_on_the_old_version_while_new_calls_use_the_new() {
+    let dir = PluginDir::new();
+    dir.install(
+        "tagger",
+        guests::TAGGER,
+        "timeout_ms = 10000\n[settings]\nversion = 1\ndelay_ms = 1500\nnotify = 2\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("tagger", "loaded", |p| {
+        p["hooks"] == json!(["filter", "inbound"])
+    })
+    .await;
+    let mut t = host.terminal(1).await;
+    let mut watcher = host.terminal(2).await;
+
+    // Start a slow inbound call on version 1 in client 1's socket task; its
+    // first act tells client 2 that it runs.
+    t.send_text("slow").await.expect("send");
+    let started = watcher.next_json().await;
+    assert_eq!(started["m"], json!({"v": 1, "started": true}), "{started}");
+
+    // Swap to version 2 while that call is still running.
+    dir.set_manifest("tagger", "timeout_ms = 10000\n[settings]\nversion = 2\n");
+    let (status, _) = host.post("/plugins/reload", json!({})).await;
+    assert_eq!(status, 200);
+    // New calls use version 2 at once; the slow call is unaffected.
+    host.send(0, &[1], json!("new"), false).await;
+    let mut seen = vec![t.next_json().await, t.next_json().await];
+    seen.sort_by_key(|v| v.to_string());
+    assert_eq!(
+        seen,
+        vec![json!({"v": 1, "done": true}), json!({"v": 2, "m": "new"})],
+        "the in-flight call finished on version 1, the new message met version 2"
+    );
+}
