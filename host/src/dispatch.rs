@@ -51,10 +51,11 @@ pub async fn handle(node: &Node, message: ServerMessage) {
 }
 
 /// Runs the filter chain once for a message on this node; `None`: dropped.
+/// The target is only built when a filter is loaded.
 async fn filtered(
     node: &Node,
     sender: ClientId,
-    target: Target,
+    target: impl FnOnce() -> Target,
     content: String,
 ) -> Option<String> {
     if !node.plugins.current().has(Hook::Filter) {
@@ -62,7 +63,7 @@ async fn filtered(
     }
     let message = filter::Message {
         sender,
-        target,
+        target: target(),
         content,
         node: node.topology.me.clone(),
     };
@@ -81,32 +82,28 @@ async fn filtered(
     }
 }
 
-async fn deliver_direct(node: &Node, mut msg: DirectMessage) {
-    let target = Target::Direct(msg.receivers.clone());
-    let Some(content) = filtered(node, msg.sender, target, std::mem::take(&mut msg.content)).await
-    else {
+async fn deliver_direct(node: &Node, msg: DirectMessage) {
+    let DirectMessage {
+        sender,
+        receivers,
+        content,
+        receipt: receipt_asked,
+    } = msg;
+    let target = || Target::Direct(receivers.clone());
+    let Some(content) = filtered(node, sender, target, content).await else {
         return;
     };
-    msg.content = content;
-    let wants_receipt =
-        |receiver: ClientId| msg.receipt && msg.sender != 0 && receiver != msg.sender;
-    // One copy of the text for every socket of every receiver.
-    let text = Utf8Bytes::from(msg.content.as_str());
-    for &receiver in &msg.receivers {
-        let outcome = node.registry.deliver(receiver, &text, msg.sender);
-        let receipt_text = match outcome {
+    let wants_receipt = |receiver: ClientId| receipt_asked && sender != 0 && receiver != sender;
+    // One buffer for every socket of every receiver (the String moves in).
+    let text = Utf8Bytes::from(content);
+    for &receiver in &receivers {
+        let receipt_text = match node.registry.deliver(receiver, &text, sender) {
             Delivery::NotConnected => RECEIPT_OFFLINE,
             Delivery::EchoSkipped => continue,
             Delivery::Queued(_) => RECEIPT_DELIVERED,
         };
         if wants_receipt(receiver) {
-            send_receipt(
-                node,
-                receiver,
-                msg.sender,
-                receipt(&msg.content, receipt_text),
-            )
-            .await;
+            send_receipt(node, receiver, sender, receipt(text.as_str(), receipt_text)).await;
         }
     }
 }
@@ -135,25 +132,28 @@ async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content
     }
 }
 
-async fn deliver_chan(node: &Node, mut msg: ChanMessage) {
-    let target = match &msg.chan {
+async fn deliver_chan(node: &Node, msg: ChanMessage) {
+    let ChanMessage {
+        sender,
+        chan,
+        content,
+    } = msg;
+    let target = || match &chan {
         Some(chan) => Target::Channel(chan.clone()),
         None => Target::Broadcast,
     };
-    let Some(content) = filtered(node, msg.sender, target, std::mem::take(&mut msg.content)).await
-    else {
+    let Some(content) = filtered(node, sender, target, content).await else {
         return;
     };
-    msg.content = content;
-    let text = Utf8Bytes::from(msg.content.as_str());
-    match &msg.chan {
+    let text = Utf8Bytes::from(content);
+    match &chan {
         None => {
-            node.registry.deliver_all(&text, msg.sender);
+            node.registry.deliver_all(&text, sender);
         }
         Some(chan) => match node.presence.delivery_members(chan).await {
             Ok(members) => {
                 node.registry
-                    .deliver_many(members.iter().copied(), &text, msg.sender);
+                    .deliver_many(members.iter().copied(), &text, sender);
             }
             Err(err) => {
                 Stats::incr(&node.stats.dispatch_errors);
