@@ -1,5 +1,7 @@
 //! One socket: its task owns the WebSocket and runs one `select!` over the
 //! terminal's frames, the outbound queue, the heartbeat and the close request.
+//! Text frames go to the inbound plugins when one is loaded, in this task, so
+//! one terminal's frames are handled in order.
 //!
 //! One task per socket (not a reader and a writer) keeps the per-connection cost
 //! to one task, one queue and tungstenite's buffers.

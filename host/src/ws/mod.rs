@@ -1,8 +1,9 @@
 //! The terminal side: `GET /ws?token=…` and the life of one socket.
 //!
 //! Everything that can refuse a terminal happens here, before the upgrade, so a
-//! refusal is a plain HTTP answer (401, 503) and costs no WebSocket state:
-//! a free connection slot is taken first, then the single-use token.
+//! refusal is a plain HTTP answer (401, 421, 503) and costs no WebSocket state:
+//! a free connection slot is taken first, then the auth plugins decide, and
+//! when they all pass, the built-in single-use token.
 
 mod connection;
 
