@@ -332,6 +332,13 @@ async fn refusals_say_what_is_wrong_and_nothing_else_is_affected() {
     failed("badconf", "no_such_key").await;
     host.plugin_where("good", "loaded", |p| p["state"] == "active")
         .await;
+
+    // Removing a refused file clears its report.
+    dir.remove("garbage");
+    imhost_tests::eventually("garbage forgotten", || async {
+        (!host.plugins().await.iter().any(|p| p["name"] == "garbage")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -219,6 +219,11 @@ impl PluginHost {
             }
         };
         let old = self.current();
+        // Failures of files that are gone are no longer news.
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| names.contains(name));
         let mut next = Vec::new();
         for name in names {
             match self.load_one(&dir, &name, &old).await {
