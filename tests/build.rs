@@ -18,6 +18,7 @@ const GUESTS: &[&str] = &[
     "tagger",
     "echo-inbound",
     "future-major",
+    "sandbox-probe",
 ];
 
 fn main() {

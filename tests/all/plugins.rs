@@ -695,3 +695,55 @@ async fn a_call_in_flight_finishes_on_the_old_version_while_new_calls_use_the_ne
         "the in-flight call finished on version 1, the new message met version 2"
     );
 }
+
+#[tokio::test]
+async fn the_sandbox_opens_only_what_the_manifest_grants() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let secret = data.path().join("secret.txt");
+    std::fs::write(&secret, "granted contents").expect("write");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Accept whatever connects; the probe only checks that it can.
+        while listener.accept().await.is_ok() {}
+    });
+    let settings = format!(
+        "[settings]\nenv = \"PATH\"\nfile = {:?}\naddr = \"{addr}\"\n",
+        secret.display().to_string()
+    );
+    let dir = PluginDir::new();
+    dir.install(
+        "probe",
+        guests::SANDBOX_PROBE,
+        &format!("timeout_ms = 2000\n{settings}"),
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("probe", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = host.terminal(1).await;
+    host.send(0, &[1], json!("probe"), false).await;
+    let denied = t.next_json().await;
+    assert_eq!(denied["env"], json!(null), "{denied}");
+    assert_eq!(denied["file"], json!(null), "{denied}");
+    assert!(
+        denied["net"].as_str().is_some_and(|e| e.contains("denied")),
+        "no network without a grant: {denied}"
+    );
+
+    let grants = format!(
+        "timeout_ms = 2000\n[grants]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n{settings}",
+        data.path().display().to_string()
+    );
+    dir.set_manifest("probe", &grants);
+    host.plugin_where("probe", "reloaded with grants", |p| p["calls"] == 0)
+        .await;
+    host.send(0, &[1], json!("probe"), false).await;
+    let path = std::env::var("PATH").expect("PATH is set");
+    assert_eq!(
+        t.next_json().await,
+        json!({"env": path, "file": "granted contents", "net": true}),
+        "each grant opens exactly its door"
+    );
+}

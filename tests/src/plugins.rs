@@ -10,7 +10,7 @@ use crate::api::Api;
 
 /// Paths of the built guests: `WORD_FILTER`, `JWT_AUTH`, `RATE_LIMIT`,
 /// `WELCOME`, `TEMPLATE`, and the test-only `MISBEHAVING`, `TAGGER`, `ECHO_INBOUND`,
-/// `FUTURE_MAJOR`.
+/// `FUTURE_MAJOR`, `SANDBOX_PROBE`.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }

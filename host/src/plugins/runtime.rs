@@ -424,9 +424,17 @@ impl Prepared {
                 tracing::warn!(plugin = %self.name, dir = %guest, cause = %err, "granted directory not mounted");
             }
         }
+        // Sockets are denied twice by default (no address passes the check,
+        // and TCP/UDP are off); a grant lifts both.
         if grants.network {
             wasi.inherit_network();
+            wasi.allow_tcp(true);
+            wasi.allow_udp(true);
             wasi.allow_ip_name_lookup(true);
+        } else {
+            wasi.allow_tcp(false);
+            wasi.allow_udp(false);
+            wasi.allow_ip_name_lookup(false);
         }
         PluginState {
             wasi: wasi.build(),
