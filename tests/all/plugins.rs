@@ -747,3 +747,39 @@ async fn the_sandbox_opens_only_what_the_manifest_grants() {
         "each grant opens exactly its door"
     );
 }
+
+#[tokio::test]
+async fn the_circuit_breaker_half_opens_after_its_cooldown() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"filter\"]\non_error = \"drop\"\nfailure_threshold = 1\ncooldown_ms = 300\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = host.terminal(1).await;
+    host.send(0, &[1], json!("trap"), false).await;
+    host.plugin_where("misbehaving", "switched off", |p| {
+        p["state"] == "switched_off"
+    })
+    .await;
+    // After the cooldown the next call is let through, and succeeds.
+    host.plugin_where("misbehaving", "cooled down", |p| p["state"] == "active")
+        .await;
+    host.send(0, &[1], json!("fine"), false).await;
+    assert_eq!(
+        t.next_text().await,
+        r#""fine""#,
+        "the trap was dropped, this passes"
+    );
+    // One more failure in the half-open state switches it off again at once.
+    host.send(0, &[1], json!("trap"), false).await;
+    let row = host
+        .plugin_where("misbehaving", "switched off again", |p| {
+            p["state"] == "switched_off"
+        })
+        .await;
+    assert_eq!(row["errors"], 2, "{row}");
+}
