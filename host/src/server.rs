@@ -141,12 +141,8 @@ pub async fn run(
     .with_graceful_shutdown(stop.stopping().clone().cancelled_owned());
     let mut server = tokio::spawn(serving.into_future());
 
+    // One line a person reads; the same facts as fields would only repeat it.
     info!(
-        listen = %local,
-        ws = WS_PATH,
-        mode,
-        server = %node.config.server,
-        max_connections,
         demo = node.config.demo,
         "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), {mode} mode as {}, up to {max_connections} connections",
         node.config.server
