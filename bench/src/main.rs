@@ -132,17 +132,31 @@ struct Figures {
     direct_per_sec: Option<f64>,
 }
 
+/// Starts the imhost under test on `addr` with `extra` arguments; it is
+/// killed when the handle drops.
+fn spawn_imhost(
+    args: &Args,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(&args.imhost)
+        .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", args.imhost.display()))
+}
+
 async fn measure(args: &Args, target: Target) -> anyhow::Result<Figures> {
     let addr = free_addr()?;
     let mut child = match target {
-        Target::Imhost => tokio::process::Command::new(&args.imhost)
-            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
-            .args(["--heartbeat-interval", "60s", "--heartbeat-timeout", "120s"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", args.imhost.display()))?,
+        Target::Imhost => spawn_imhost(
+            args,
+            addr,
+            &["--heartbeat-interval", "60s", "--heartbeat-timeout", "120s"],
+        )?,
         Target::Baseline => tokio::process::Command::new(std::env::current_exe()?)
             .args(["--baseline-server", &addr.to_string()])
             .kill_on_drop(true)
@@ -424,11 +438,11 @@ mod cluster {
     use anyhow::Context;
     use futures_util::StreamExt;
     use tokio::net::TcpStream;
-    use tokio::process::{Child, Command};
+    use tokio::process::Command;
     use tokio::sync::{Mutex, Semaphore};
     use tokio_tungstenite::tungstenite::Message;
 
-    use super::{API_KEY, Args, api, connect_url, free_addr, wait_serving};
+    use super::{API_KEY, Args, api, connect_url, free_addr, spawn_imhost, wait_serving};
 
     struct Run {
         per_sec: f64,
@@ -439,7 +453,7 @@ mod cluster {
     pub async fn compare(args: &Args) -> anyhow::Result<()> {
         let embedded = {
             let addr = free_addr()?;
-            let _node = spawn_node(args, addr, &[])?;
+            let _node = spawn_imhost(args, addr, &[])?;
             run(args, &[addr]).await.context("embedded run")?
         };
         let clustered = {
@@ -470,7 +484,7 @@ mod cluster {
             let mut nodes = Vec::new();
             for addr in &addrs {
                 let name = addr.to_string();
-                nodes.push(spawn_node(
+                nodes.push(spawn_imhost(
                     args,
                     *addr,
                     &[
@@ -515,17 +529,6 @@ mod cluster {
             args.messages, args.receivers
         );
         Ok(())
-    }
-
-    fn spawn_node(args: &Args, addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Child> {
-        Command::new(&args.imhost)
-            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", args.imhost.display()))
     }
 
     async fn run(args: &Args, nodes: &[SocketAddr]) -> anyhow::Result<Run> {
@@ -622,7 +625,6 @@ mod cluster {
 mod plugins {
     use std::net::SocketAddr;
     use std::path::Path;
-    use std::process::Stdio;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -635,11 +637,13 @@ mod plugins {
     use imhost::plugins::bindings::exports::imhost::plugin::filter;
     use imhost::plugins::bindings::imhost::plugin::types::Target;
     use tokio::net::TcpStream;
-    use tokio::process::{Child, Command};
+    use tokio::process::Child;
     use tokio::sync::Semaphore;
     use tokio_tungstenite::tungstenite::Message;
 
-    use super::{API_KEY, Args, api, connect_url, direct_messages, free_addr, wait_serving};
+    use super::{
+        API_KEY, Args, api, connect_url, direct_messages, free_addr, spawn_imhost, wait_serving,
+    };
 
     const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
@@ -739,16 +743,13 @@ mod plugins {
     }
 
     fn spawn(args: &Args, addr: SocketAddr, plugins: Option<&Path>) -> anyhow::Result<Child> {
-        let mut command = Command::new(&args.imhost);
-        command
-            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(dir) = plugins {
-            command.arg("--plugins").arg(dir);
+        match plugins {
+            Some(dir) => {
+                let dir = dir.to_str().context("plugin dir is not UTF-8")?;
+                spawn_imhost(args, addr, &["--plugins", dir])
+            }
+            None => spawn_imhost(args, addr, &[]),
         }
-        Ok(command.spawn()?)
     }
 
     /// Direct messages/s through the API with rate-limit + word-filter on
