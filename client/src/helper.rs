@@ -214,6 +214,42 @@ impl ImHelper {
         Ok(())
     }
 
+    /// [`ImHelper::publish`], returning how many subscribers heard it: 0 means
+    /// node `node` is not listening (down, or resubscribing after a Redis
+    /// restart), and the message reached no one.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn publish_heard(
+        &self,
+        node: &str,
+        message: &ServerMessage,
+    ) -> Result<i64, HelperError> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .publish(self.keys.server(node), message.encode())
+            .await?)
+    }
+
+    /// Publishes `message` to each of `nodes` in one pipeline and returns how
+    /// many subscribers heard it, node by node.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn publish_each_heard(
+        &self,
+        nodes: &[&str],
+        message: &ServerMessage,
+    ) -> Result<Vec<i64>, HelperError> {
+        let payload = message.encode();
+        let mut pipe = redis::pipe();
+        for node in nodes {
+            pipe.publish(self.keys.server(node), &payload);
+        }
+        let mut conn = self.conn.clone();
+        Ok(pipe.query_async(&mut conn).await?)
+    }
+
     /// Publishes `message` to every node in one pipeline.
     ///
     /// # Errors

@@ -84,6 +84,20 @@ pub struct Options {
     #[arg(long, env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub shutdown_grace: Option<Duration>,
+    /// Time a client gets to send a request's headers, counted from connect or
+    /// from the previous response on a kept-alive connection (so it is also the
+    /// keep-alive idle timeout), e.g. `10s`.
+    #[arg(long, env = "IMHOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub header_read_timeout: Option<Duration>,
+    /// Time a business API request body may take to arrive, e.g. `30s`.
+    #[arg(long, env = "IMHOST_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_option")]
+    pub body_read_timeout: Option<Duration>,
+    /// HTTP connections open at once (before any upgrade); defaults to what the
+    /// open-file limit allows.
+    #[arg(long, env = "IMHOST_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    pub max_http_connections: Option<usize>,
 }
 
 /// The resolved configuration a node runs with.
@@ -115,6 +129,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub node_ttl: Duration,
     pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// `None`: derive from the open-file limit at start-up.
+    pub max_http_connections: Option<usize>,
 }
 
 impl Default for Limits {
@@ -129,6 +147,9 @@ impl Default for Limits {
             max_body_bytes: 1024 * 1024,
             node_ttl: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_http_connections: None,
         }
     }
 }
@@ -195,6 +216,9 @@ impl Options {
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             node_ttl: self.node_ttl.or(lower.node_ttl),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+            header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
+            body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
+            max_http_connections: self.max_http_connections.or(lower.max_http_connections),
         }
     }
 
@@ -260,6 +284,11 @@ impl Options {
             max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             node_ttl: self.node_ttl.unwrap_or(defaults.node_ttl),
             shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
+            header_read_timeout: self
+                .header_read_timeout
+                .unwrap_or(defaults.header_read_timeout),
+            body_read_timeout: self.body_read_timeout.unwrap_or(defaults.body_read_timeout),
+            max_http_connections: self.max_http_connections,
         };
         limits.check()?;
         Ok(Config {
@@ -302,6 +331,15 @@ impl Limits {
         }
         if self.node_ttl < Duration::from_millis(300) {
             return Err(invalid("node_ttl", "must be at least 300ms"));
+        }
+        if self.header_read_timeout < Duration::from_millis(100) {
+            return Err(invalid("header_read_timeout", "must be at least 100ms"));
+        }
+        if self.body_read_timeout < Duration::from_millis(100) {
+            return Err(invalid("body_read_timeout", "must be at least 100ms"));
+        }
+        if self.max_http_connections == Some(0) {
+            return Err(invalid("max_http_connections", "must be at least 1"));
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));

@@ -134,12 +134,21 @@ pub async fn run(
     spawn_reload_on_sighup(plugins.clone(), stop.drained().clone());
     let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
     let app = crate::http::router(node.clone());
-    let serving = axum::serve(
+    let limits = crate::http::listener::ListenerLimits {
+        max_open: node
+            .config
+            .limits
+            .max_http_connections
+            .unwrap_or_else(connection_capacity),
+        header_read_timeout: node.config.limits.header_read_timeout,
+    };
+    let mut server = tokio::spawn(crate::http::listener::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.stopping().clone().cancelled_owned());
-    let mut server = tokio::spawn(serving.into_future());
+        app,
+        limits,
+        node.stats.clone(),
+        stop.stopping().clone(),
+    ));
 
     // One line a person reads; the same facts as fields would only repeat it.
     info!(
@@ -153,23 +162,32 @@ pub async fn run(
 
     tokio::select! {
         () = shutdown => info!("shutting down"),
-        result = &mut server => {
+        joined = &mut server => {
             stop.drain(node.config.limits.shutdown_grace).await;
-            return result.context("HTTP server task failed")?.context("HTTP server failed");
+            joined.context("HTTP accept loop failed")?;
+            anyhow::bail!("HTTP accept loop ended on its own");
         }
     }
+    // One deadline for the whole drain: sockets first (their offline events
+    // reach SSE subscribers), then HTTP requests in flight, in what is left.
     let grace = node.config.limits.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
     if !stop.drain(grace).await {
         warn!(
             ?grace,
             "sockets still open after the grace period; exiting anyway"
         );
     }
-    match tokio::time::timeout(grace, server).await {
-        Ok(joined) => joined
-            .context("HTTP server task failed")?
-            .context("HTTP server failed")?,
-        Err(_) => warn!("HTTP connections still open after the grace period"),
+    let drained_http = async {
+        if let Ok(connections) = server.await {
+            connections.wait().await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, drained_http)
+        .await
+        .is_err()
+    {
+        warn!("HTTP connections still open after the grace period; exiting anyway");
     }
     let _ = dispatcher.await;
     info!("stopped");

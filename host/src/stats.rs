@@ -62,6 +62,16 @@ counters! {
     inbound_handled,
     /// Presence events the events plugins' queue had no room for.
     plugin_events_dropped,
+    /// Failed accepts (mostly: out of file descriptors).
+    accept_errors,
+    /// Connections closed on arrival because the HTTP connection cap was reached.
+    connections_refused_at_cap,
+    /// Publishes that found no node listening and were retried.
+    publish_retries,
+    /// API calls answered 503 because a node was not listening.
+    publish_unheard,
+    /// Connects refused with 503 while an auth plugin was still loading.
+    connects_plugins_loading,
 }
 
 impl Stats {
@@ -71,6 +81,10 @@ impl Stats {
 
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
     }
 
     pub fn decr(counter: &AtomicU64) {

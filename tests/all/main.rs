@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod connect;
 mod delivery;
+mod hardening;
 mod lifecycle;
 mod limits;
 mod plugins;

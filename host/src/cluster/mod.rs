@@ -27,6 +27,10 @@ pub enum ClusterError {
     /// The backing store is unreachable or overloaded; retrying later may work.
     #[error("cluster store unavailable: {0}")]
     Unavailable(String),
+    /// These nodes did not hear a message published to them (down, or not yet
+    /// resubscribed after a Redis restart), however often it was retried.
+    #[error("node {} is not listening; the message did not reach it", .0.join(", "))]
+    Unheard(Vec<String>),
 }
 
 /// A socket came or went.

@@ -19,6 +19,9 @@ pub enum AppError {
     NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request body did not arrive within `body_read_timeout`.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// A terminal connected to a node that does not own its client.
     #[error("{0}")]
     Misdirected(String),
@@ -34,6 +37,7 @@ impl AppError {
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            AppError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             AppError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
@@ -65,6 +69,18 @@ impl From<JsonRejection> for AppError {
     }
 }
 
+/// Whether reading a body failed on its size limit.
+pub fn is_length_limit(err: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = cause {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 impl From<PathRejection> for AppError {
     fn from(rejection: PathRejection) -> Self {
         AppError::BadRequest(rejection.body_text())
@@ -79,7 +95,12 @@ impl From<QueryRejection> for AppError {
 
 impl From<ClusterError> for AppError {
     fn from(err: ClusterError) -> Self {
-        tracing::warn!(cause = %err, "cluster store error");
-        AppError::Unavailable("cluster store unavailable, retry later".into())
+        tracing::warn!(cause = %err, "cluster error");
+        match err {
+            ClusterError::Unavailable(_) => {
+                AppError::Unavailable("cluster store unavailable, retry later".into())
+            }
+            ClusterError::Unheard(_) => AppError::Unavailable(format!("{err}; retry later")),
+        }
     }
 }

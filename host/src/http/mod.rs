@@ -11,6 +11,7 @@ mod api;
 mod demo;
 pub mod error;
 mod events;
+pub mod listener;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
@@ -64,7 +65,8 @@ pub fn router(node: Node) -> Router {
             node.clone(),
             require_api_key,
         ))
-        .layer(DefaultBodyLimit::max(node.config.limits.max_body_bytes));
+        .layer(DefaultBodyLimit::max(node.config.limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(node.clone(), read_body));
 
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -76,6 +78,41 @@ pub fn router(node: Node) -> Router {
     router
         .fallback(|| async { AppError::NotFound("no such route".into()) })
         .with_state(node)
+}
+
+/// Reads an API request's whole body under one deadline (`body_read_timeout`)
+/// and size limit (`max_body_bytes`), before any handler runs: a body sent
+/// byte by byte, or declared longer than it is, costs the node at most that
+/// long. Every API body is small JSON that handlers buffer anyway.
+async fn read_body(State(node): State<Node>, request: Request, next: Next) -> Response {
+    let limits = &node.config.limits;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+        return AppError::PayloadTooLarge("request body too large".into()).into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, limits.max_body_bytes);
+    match tokio::time::timeout(limits.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(err)) if error::is_length_limit(&err) => {
+            AppError::PayloadTooLarge("request body too large".into()).into_response()
+        }
+        Ok(Err(_)) => {
+            AppError::BadRequest("the request body could not be read".into()).into_response()
+        }
+        Err(_) => AppError::RequestTimeout(format!(
+            "the request body did not arrive within {:?}",
+            limits.body_read_timeout
+        ))
+        .into_response(),
+    }
 }
 
 /// Rejects API calls without `Authorization: Bearer <api key>`. The compare

@@ -35,19 +35,102 @@ use crate::config::WS_PATH;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
+/// How long a publish that no node heard is retried before the caller is
+/// told: the pauses between attempts, about 1.5 s in all. A node resubscribes
+/// within a few milliseconds of Redis coming back, so this covers a restart,
+/// and a node that stays silent this long is down.
+const UNHEARD_RETRIES: [Duration; 8] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(700),
+];
+
 /// Publishes to other nodes and to the event channels.
+///
+/// Redis pub/sub forgets a message no one is subscribed to, so every publish
+/// counts its receivers: 0 on a node channel means the node is not listening
+/// (down, or not yet resubscribed after a Redis restart). Such a publish is
+/// retried for a short while (re-publishing is safe: no one heard it), and
+/// then the call fails naming the node, so an API call never answers 200 for
+/// a message that reached no node.
 pub struct RedisRelay {
     helper: ImHelper,
+    stats: Arc<Stats>,
+    /// Woken on every publish that went through: a subscriber waiting out
+    /// its reconnect backoff retries at once, because Redis is back.
+    redis_up: Arc<tokio::sync::Notify>,
+}
+
+impl RedisRelay {
+    /// Publishes to `nodes` until each has been heard or the retries run out;
+    /// returns the nodes that never were.
+    async fn publish_until_heard(
+        &self,
+        nodes: &[&str],
+        message: &ServerMessage,
+    ) -> Result<Vec<String>, ClusterError> {
+        let mut pending: Vec<&str> = nodes.to_vec();
+        let mut pauses = UNHEARD_RETRIES.iter();
+        loop {
+            let heard = self.helper.publish_each_heard(&pending, message).await?;
+            self.redis_up.notify_waiters();
+            pending = pending
+                .into_iter()
+                .zip(heard)
+                .filter(|&(_, receivers)| receivers == 0)
+                .map(|(node, _)| node)
+                .collect();
+            if pending.is_empty() {
+                return Ok(Vec::new());
+            }
+            let Some(pause) = pauses.next() else {
+                return Ok(pending.into_iter().map(str::to_owned).collect());
+            };
+            Stats::add(&self.stats.publish_retries, pending.len() as u64);
+            tokio::time::sleep(*pause).await;
+        }
+    }
+
+    fn unheard(&self, nodes: Vec<String>) -> Result<(), ClusterError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        Stats::incr(&self.stats.publish_unheard);
+        Err(ClusterError::Unheard(nodes))
+    }
+
+    async fn node_alive(&self, node: &str) -> Result<bool, ClusterError> {
+        let mut conn = self.helper.connection();
+        let alive: bool =
+            redis::AsyncCommands::exists(&mut conn, self.helper.keys().node_alive(node)).await?;
+        Ok(alive)
+    }
 }
 
 #[async_trait]
 impl Relay for RedisRelay {
     async fn send(&self, node: &str, message: ServerMessage) -> Result<(), ClusterError> {
-        Ok(self.helper.publish(node, &message).await?)
+        let unheard = self.publish_until_heard(&[node], &message).await?;
+        self.unheard(unheard)
     }
 
     async fn send_all(&self, message: ServerMessage) -> Result<(), ClusterError> {
-        Ok(self.helper.publish_all(&message).await?)
+        let nodes: Vec<&str> = self.helper.servers().iter().map(String::as_str).collect();
+        let unheard = self.publish_until_heard(&nodes, &message).await?;
+        // A node whose liveness key is gone is dead: its clients are offline
+        // (or about to be reaped), so a channel message misses no one there.
+        let mut alive = Vec::new();
+        for node in unheard {
+            if self.node_alive(&node).await? {
+                alive.push(node);
+            }
+        }
+        self.unheard(alive)
     }
 
     async fn announce(&self, change: PresenceChange) -> Result<(), ClusterError> {
@@ -111,13 +194,15 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
         .await
         .context("cannot write this node's liveness key")?;
 
+    let redis_up = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(
         subscriber::Subscriber {
+            redis_up: redis_up.clone(),
             presence: presence.clone(),
             topology: setup.topology.clone(),
             inbox: setup.inbox,
             events: setup.events,
-            stats: setup.stats,
+            stats: setup.stats.clone(),
             shutdown: setup.shutdown.clone(),
             db,
         }
@@ -137,7 +222,11 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
         helper.keys().prefix(),
     ));
     Ok(super::Backends {
-        relay: Arc::new(RedisRelay { helper }),
+        relay: Arc::new(RedisRelay {
+            helper,
+            stats: setup.stats,
+            redis_up,
+        }),
         presence,
         kv,
     })

@@ -5,7 +5,9 @@
 //! Shaped like a supervisor over `listen`: a bad message is logged and skipped;
 //! a lost connection returns `Err`, and the supervisor reconnects with backoff,
 //! resubscribes, clears the channel cache (notifications may have been missed)
-//! and asks for a presence resync (Redis may have restarted empty).
+//! and asks for a presence resync (Redis may have restarted empty). The
+//! backoff ends early when a publish goes through (Redis is back): until this
+//! node has resubscribed, messages published to it reach no one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,9 @@ pub struct Subscriber {
     pub shutdown: Shutdown,
     /// Redis logical database, for keyspace notification channel names.
     pub db: i64,
+    /// Notified when a publish went through: Redis is back, so reconnect now
+    /// rather than at the end of the backoff.
+    pub redis_up: Arc<tokio::sync::Notify>,
 }
 
 impl Subscriber {
@@ -52,6 +57,7 @@ impl Subscriber {
             self.presence.cache.set_enabled(false);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
+                () = self.redis_up.notified() => {}
                 () = self.shutdown.drained().cancelled() => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
