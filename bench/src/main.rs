@@ -688,11 +688,7 @@ mod plugins {
             "word_filter",
             "pool = 1\n[settings]\nwords = [\"darn\", \"笨蛋\", \"école\"]\n",
         )?;
-        let words = PluginHost::new(
-            Some(dir.path().to_owned()),
-            Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
-            Arc::default(),
-        );
+        let words = in_process_host(dir.path());
         anyhow::ensure!(words.reload().await.is_empty(), "word-filter did not load");
         let dir2 = tempfile::tempdir()?;
         install(
@@ -702,11 +698,7 @@ mod plugins {
             "tagger",
             "pool = 1\n[settings]\nversion = 1\n",
         )?;
-        let tagger = PluginHost::new(
-            Some(dir2.path().to_owned()),
-            Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
-            Arc::default(),
-        );
+        let tagger = in_process_host(dir2.path());
         anyhow::ensure!(tagger.reload().await.is_empty(), "tagger did not load");
         let words_us = per_call(&words).await;
         let tagger_us = per_call(&tagger).await;
@@ -718,6 +710,20 @@ mod plugins {
             words_us / tagger_us
         );
         Ok(())
+    }
+
+    /// A plugin host in this process, compiling the optimized tier directly.
+    fn in_process_host(dir: &Path) -> Arc<PluginHost> {
+        Arc::new(PluginHost::new(
+            imhost::plugins::LoaderConfig {
+                dir: Some(dir.to_owned()),
+                cache_dir: None,
+                compiler: imhost::plugins::compile::Compiler::InProcess,
+                tiered: false,
+            },
+            Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+            Arc::default(),
+        ))
     }
 
     fn message() -> filter::Message {

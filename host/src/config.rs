@@ -44,6 +44,15 @@ pub struct Options {
     /// Directory of WebAssembly plugins.
     #[arg(long, env = "IMHOST_PLUGINS", value_name = "DIR")]
     pub plugins: Option<PathBuf>,
+    /// Where compiled plugins are cached (owner-only; outside the plugin
+    /// directory); defaults to `$XDG_CACHE_HOME/imhost/plugins` or
+    /// `~/.cache/imhost/plugins`.
+    #[arg(long, env = "IMHOST_PLUGIN_CACHE", value_name = "DIR")]
+    pub plugin_cache: Option<PathBuf>,
+    /// Serve a new plugin from the fast baseline compiler first, then swap in
+    /// the optimized build (default true).
+    #[arg(long, env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub plugin_tiering: Option<bool>,
     /// Watch the plugin directory and reload on changes (default true); without
     /// it, reload with SIGHUP or `POST /api/v1/plugins/reload`.
     #[arg(long, env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -111,6 +120,8 @@ pub struct Config {
     /// True when the key was generated because none was configured (it is logged).
     pub api_key_generated: bool,
     pub plugins: Option<PathBuf>,
+    pub plugin_cache: PathBuf,
+    pub plugin_tiering: bool,
     pub watch_plugins: bool,
     pub demo: bool,
     pub limits: Limits,
@@ -205,6 +216,8 @@ impl Options {
             redis: self.redis.or(lower.redis),
             api_key: self.api_key.or(lower.api_key),
             plugins: self.plugins.or(lower.plugins),
+            plugin_cache: self.plugin_cache.or(lower.plugin_cache),
+            plugin_tiering: self.plugin_tiering.or(lower.plugin_tiering),
             watch_plugins: self.watch_plugins.or(lower.watch_plugins),
             demo: self.demo.or(lower.demo),
             max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
@@ -298,6 +311,8 @@ impl Options {
             redis: self.redis,
             api_key,
             api_key_generated,
+            plugin_cache: self.plugin_cache.unwrap_or_else(default_plugin_cache),
+            plugin_tiering: self.plugin_tiering.unwrap_or(true),
             plugins: self.plugins,
             watch_plugins: self.watch_plugins.unwrap_or(true),
             demo: self.demo.unwrap_or(false),
@@ -345,6 +360,19 @@ impl Limits {
             return Err(invalid("max_body_bytes", "must be at least 1024"));
         }
         Ok(())
+    }
+}
+
+/// `$XDG_CACHE_HOME/imhost/plugins`, `~/.cache/imhost/plugins`, or one in
+/// the temporary directory.
+pub fn default_plugin_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    match base {
+        Some(base) => base.join("imhost").join("plugins"),
+        None => std::env::temp_dir().join("imhost-plugins"),
     }
 }
 

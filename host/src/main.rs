@@ -34,20 +34,38 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Loads FILE.wasm (and FILE.toml beside it) as the server would and prints
-    /// its hooks, ABI version and hash as JSON; exits 1 with the reason if the
-    /// server would refuse it. For CI pipelines.
-    Check { file: PathBuf },
+    /// Loads NAME.wasm (and NAME.toml beside it) with the server's own loader:
+    /// the same name rules and manifest, a compile, and one instantiation (its
+    /// start code) in a sandboxed store. Prints its hooks, ABI version, hash
+    /// and state as JSON; exits 1 with the reason if the server would refuse
+    /// or ignore it. For CI pipelines.
+    Check {
+        file: PathBuf,
+        /// Compiler tier to check with.
+        #[arg(long, default_value = "optimized")]
+        tier: imhost::plugins::engine::Tier,
+        /// Also store the optimized build in this cache, for servers using it.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Compiles FILE.wasm (`-`: standard input) for this exact engine into the
+    /// artifact cache DIR, so a server using that cache loads it without
+    /// compiling. The server runs this itself, in a child process.
+    Compile {
+        file: PathBuf,
+        #[arg(long, default_value = "optimized")]
+        tier: imhost::plugins::engine::Tier,
+        /// The cache directory (default: the server's default cache).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Plugin {
-        action: PluginCommand::Check { file },
-    }) = &cli.command
-    {
-        return check_plugin(file);
+    if let Some(Command::Plugin { action }) = &cli.command {
+        return plugin_command(action).await;
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -102,16 +120,62 @@ async fn shutdown_signal() {
     }
 }
 
-fn check_plugin(file: &std::path::Path) -> anyhow::Result<()> {
-    match imhost::plugins::check_file(file) {
-        Ok(info) => {
-            let json = serde_json::to_string_pretty(&info)?;
-            println!("{json}");
-            Ok(())
+async fn plugin_command(action: &PluginCommand) -> anyhow::Result<()> {
+    use imhost::plugins::compile::{ArtifactCache, compile_into_cache};
+    let open_cache = |dir: &Option<PathBuf>| -> anyhow::Result<ArtifactCache> {
+        let dir = dir
+            .clone()
+            .unwrap_or_else(imhost::config::default_plugin_cache);
+        ArtifactCache::open(&dir)
+            .with_context(|| format!("cannot open the cache {}", dir.display()))
+    };
+    match action {
+        PluginCommand::Check {
+            file,
+            tier,
+            cache_dir,
+        } => {
+            let cache = match cache_dir {
+                Some(_) => Some(open_cache(cache_dir)?),
+                None => None,
+            };
+            match imhost::plugins::check_file(file, *tier, cache.as_ref()).await {
+                Ok(info) => {
+                    println!("{}", serde_json::to_string_pretty(&info)?);
+                    Ok(())
+                }
+                Err(err) => refused(file, &err),
+            }
         }
-        Err(err) => {
-            eprintln!("{}: refused: {err}", file.display());
-            std::process::exit(1);
+        PluginCommand::Compile {
+            file,
+            tier,
+            cache_dir,
+        } => {
+            let cache = open_cache(cache_dir)?;
+            let wasm = if file.as_os_str() == "-" {
+                let mut wasm = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut wasm)?;
+                wasm
+            } else {
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            match compile_into_cache(&cache, &wasm, *tier) {
+                Ok((hash, hooks)) => {
+                    let answer = serde_json::json!({"hash": hash, "tier": tier, "hooks": hooks,
+                        "artifact": cache.path(&hash, *tier)});
+                    println!("{answer}");
+                    Ok(())
+                }
+                Err(err) => refused(file, &err),
+            }
         }
     }
+}
+
+/// Says why a file was refused, last on standard error, and exits 1.
+fn refused(file: &std::path::Path, err: &dyn std::fmt::Display) -> ! {
+    eprintln!("{}: refused", file.display());
+    eprintln!("refused: {err}");
+    std::process::exit(1);
 }

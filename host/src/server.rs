@@ -15,7 +15,8 @@ use crate::cluster::embedded::{EmbeddedPresence, EmbeddedRelay};
 use crate::cluster::kv::EmbeddedKv;
 use crate::config::{Config, WS_PATH};
 use crate::node::{Inner, Node};
-use crate::plugins::PluginHost;
+use crate::plugins::compile::Compiler;
+use crate::plugins::{LoaderConfig, PluginHost};
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -102,13 +103,15 @@ pub async fn run(
         "embedded"
     };
     let plugins = Arc::new(PluginHost::new(
-        config.plugins.clone(),
+        LoaderConfig {
+            dir: config.plugins.clone(),
+            cache_dir: Some(config.plugin_cache.clone()),
+            compiler: Compiler::for_this_process(),
+            tiered: config.plugin_tiering,
+        },
         backends.kv.clone(),
         stats.clone(),
     ));
-    for (name, error) in plugins.reload().await {
-        warn!(plugin = %name, %error, "plugin not loaded at start-up");
-    }
     let node = Node::new(Inner {
         topology,
         registry: Registry::new(config.limits.outbound_queue, stats.clone()),
@@ -124,6 +127,16 @@ pub async fn run(
     });
 
     plugins.attach(node.downgrade());
+    // Plugins load in the background: the node serves at once, `/readyz`
+    // says when they are all active, and connects wait for auth plugins.
+    tokio::spawn({
+        let plugins = plugins.clone();
+        async move {
+            for (name, error) in plugins.reload().await {
+                warn!(plugin = %name, %error, "plugin not loaded at start-up");
+            }
+        }
+    });
     tokio::spawn(plugins.clone().run_events(stop.drained().clone()));
     if node.config.watch_plugins {
         tokio::spawn(crate::plugins::watcher::run(

@@ -21,6 +21,7 @@ impl TestHost {
         let defaults = Options {
             listen: Some(addr),
             api_key: Some(API_KEY.into()),
+            plugin_cache: Some(crate::plugin_cache()),
             ..Options::default()
         };
         let config = options.or(defaults).resolve().expect("test config");
@@ -33,6 +34,7 @@ impl TestHost {
             task: Some(task),
         };
         host.api.wait_serving().await;
+        host.api.wait_plugins_settled().await;
         host
     }
 

@@ -29,6 +29,15 @@ use std::time::Duration;
 /// CI machines are small, and nothing waits this long when things work.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// The compiled-plugin cache every test node shares (in `target/`, so a
+/// plugin compiled once is not compiled again by later tests or runs).
+pub fn plugin_cache() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("plugin-cache")
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where

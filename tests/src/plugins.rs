@@ -81,7 +81,28 @@ impl Api {
         serde_json::from_value(body).expect("plugin list")
     }
 
-    /// The row of plugin `name`, once `check` accepts it.
+    /// Waits until the node has scanned its plugins and none is compiling
+    /// (neither a first version nor the optimized one).
+    pub async fn wait_plugins_settled(&self) {
+        crate::eventually("plugins settled", || async {
+            let ready = self.http.get(self.url("/readyz")).send().await.ok()?;
+            let status = ready.status();
+            let text = ready.text().await.ok()?;
+            if status != 200 && (text.contains("not yet scanned") || text.contains("compiling")) {
+                return None;
+            }
+            let compiling = self
+                .plugins()
+                .await
+                .iter()
+                .any(|p| !p["compiling"].is_null());
+            (!compiling).then_some(())
+        })
+        .await;
+    }
+
+    /// The row of plugin `name`, once `check` accepts it and nothing of it
+    /// is compiling any more.
     pub async fn plugin_where(
         &self,
         name: &str,
@@ -92,7 +113,7 @@ impl Api {
             self.plugins()
                 .await
                 .into_iter()
-                .find(|p| p["name"] == name && check(p))
+                .find(|p| p["name"] == name && p["compiling"].is_null() && check(p))
         })
         .await
     }

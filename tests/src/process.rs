@@ -50,6 +50,7 @@ impl ImhostProcess {
         command
             .args(args)
             .env_remove("RUST_LOG")
+            .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -135,4 +135,8 @@ pub trait Presence: Send + Sync {
     async fn channels(&self) -> Result<Vec<ChannelInfo>, ClusterError>;
     /// The channels `client` belongs to.
     async fn channels_of(&self, client: ClientId) -> Result<Vec<String>, ClusterError>;
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), ClusterError> {
+        Ok(())
+    }
 }

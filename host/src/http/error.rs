@@ -44,6 +44,18 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The error response with `Retry-After: seconds`.
+    pub fn with_retry_after(self, seconds: u32) -> Response {
+        let mut response = self.into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(seconds),
+        );
+        response
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();

@@ -70,6 +70,7 @@ pub fn router(node: Node) -> Router {
 
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .route(WS_PATH, get(crate::ws::upgrade))
         .nest("/api/v1", api);
     if node.config.demo {
@@ -78,6 +79,22 @@ pub fn router(node: Node) -> Router {
     router
         .fallback(|| async { AppError::NotFound("no such route".into()) })
         .with_state(node)
+}
+
+/// `GET /readyz`: 200 when every enabled plugin is active and, clustered,
+/// Redis answers; 503 with the reason otherwise. `/healthz` is liveness.
+async fn ready(State(node): State<Node>) -> Response {
+    if let Err(reason) = node.plugins.ready() {
+        return AppError::Unavailable(reason).into_response();
+    }
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), node.presence.ping()).await;
+    match ping {
+        Ok(Ok(())) => "ready".into_response(),
+        Ok(Err(err)) => AppError::Unavailable(format!("cluster store: {err}")).into_response(),
+        Err(_) => {
+            AppError::Unavailable("cluster store: no answer within 2s".into()).into_response()
+        }
+    }
 }
 
 /// Reads an API request's whole body under one deadline (`body_read_timeout`)

@@ -13,7 +13,7 @@ use imhost_client::ClientId;
 
 use super::bindings::imhost::plugin::host::{Host, Level};
 use super::bindings::imhost::plugin::types;
-use super::runtime::PluginState;
+use super::instance::PluginState;
 use crate::cluster::kv::PluginKv;
 use crate::node::WeakNode;
 

@@ -43,6 +43,18 @@ pub enum OnError {
     Drop,
 }
 
+/// What connects do while an auth plugin has no running version yet (it is
+/// compiling at start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhileLoading {
+    /// `/ws` answers 503 with `Retry-After`: nobody gets in unchecked.
+    #[default]
+    Refuse,
+    /// Connects go on through the rest of the chain and the built-in tokens.
+    Admit,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
@@ -88,6 +100,9 @@ pub struct Manifest {
     pub cooldown_ms: u64,
     #[serde(default)]
     pub grants: Grants,
+    /// Auth only: connects while this plugin is still compiling.
+    #[serde(default)]
+    pub while_loading: WhileLoading,
     /// Free-form; the plugin reads it as JSON through `host.config()`.
     #[serde(default)]
     pub settings: toml::Table,

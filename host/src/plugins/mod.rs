@@ -4,42 +4,57 @@
 //!
 //! # Layout
 //! - [`bindings`] — only `bindgen!`, from `plugin-sdk/wit/`.
-//! - [`runtime`] — engine, linker, compiling, warm instances, deadlines, limits.
+//! - [`engine`] — the wasmtime engines (one per compiler tier), epoch ticker, linkers.
+//! - [`compile`] — compiling (in a child process), ABI checks, the artifact cache.
+//! - [`instance`] — store state, the sandbox, the warm instance pool.
+//! - [`loaded`] — one loaded version: circuit breaker and hook calls.
 //! - [`host_api`] — the `host` interface plugins import.
 //! - [`manifest`] — `NAME.toml`.
 //! - [`watcher`] — hot reload on file changes.
 //!
 //! The loaded set is an immutable snapshot behind an `RwLock<Arc<_>>`: a call
-//! clones the `Arc` and runs on that version to the end, while a reload builds
-//! a new snapshot and swaps it in. A version whose new file fails to load keeps
+//! clones the `Arc` and runs on that version to the end, while a load builds
+//! a new version and swaps it in. A version whose new file fails to load keeps
 //! running, and the failure is reported.
+//!
+//! # Loading never blocks serving
+//! Loads run in the background, several at a time (one per core). A new file
+//! is served first from the baseline tier (Winch, fast to compile), then
+//! swapped for the optimized tier (Cranelift) once that is compiled, in a
+//! child process, into the artifact cache; a file whose optimized artifact is
+//! cached loads from it at once. Until a plugin has a running version it is
+//! `compiling`: `/readyz` answers 503, and while an auth plugin is compiling,
+//! `/ws` answers 503 with `Retry-After` (its manifest can choose otherwise).
 
 pub mod bindings;
+pub mod compile;
+pub mod engine;
 pub mod host_api;
+pub mod instance;
+pub mod loaded;
 pub mod manifest;
-pub mod runtime;
 pub mod watcher;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use imhost_client::wire::TokenValue;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
 use self::bindings::exports::imhost::plugin::{auth, events, filter, inbound};
+use self::compile::{ArtifactCache, Compiler, LoadError};
+use self::engine::Tier;
 use self::host_api::HostCtx;
-use self::manifest::{Hook, Manifest, OnError};
-use self::runtime::{Compiled, LoadError, Prepared};
+use self::loaded::Prepared;
+use self::manifest::{Hook, Manifest, OnError, WhileLoading};
 use crate::cluster::kv::PluginKv;
 use crate::node::WeakNode;
 use crate::stats::Stats;
-
-/// Compiled artifacts are kept in `DIR/.cache`, by content and engine hash.
-pub const CACHE_DIR: &str = ".cache";
 
 /// Presence events waiting for events plugins; beyond it they are counted
 /// and dropped, never waited for.
@@ -91,16 +106,39 @@ pub struct LoadFailure {
     pub at_ms: u64,
 }
 
+/// A plugin whose version is being compiled.
+#[derive(Debug, Clone)]
+struct Loading {
+    since: Instant,
+    tier: Tier,
+    /// Its hooks as the file declares them (read without compiling).
+    hooks: Vec<Hook>,
+    while_loading: WhileLoading,
+}
+
+/// `compiling` details in a row of `GET /api/v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompilingInfo {
+    /// The tier being compiled.
+    pub tier: Tier,
+    pub elapsed_ms: u64,
+}
+
 /// One row of `GET /api/v1/plugins` and of `imhost plugin check`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginInfo {
     pub name: String,
-    /// `active`, `switched_off` (circuit open) or `failed` (no version runs).
+    /// `active`, `switched_off` (circuit open), `compiling` (no version runs
+    /// yet), `failed` (no version runs), or `valid` (`plugin check`).
     pub state: &'static str,
     pub hooks: Vec<Hook>,
     pub exported: Vec<Hook>,
     pub abi: String,
     pub hash: String,
+    /// The compiler tier of the running version.
+    pub tier: Option<Tier>,
+    /// Set while a version (the first, or the optimized one) is compiling.
+    pub compiling: Option<CompilingInfo>,
     pub order: i32,
     pub loaded_at_ms: u64,
     pub calls: u64,
@@ -131,6 +169,8 @@ impl PluginInfo {
             exported: p.compiled.exported.clone(),
             abi: p.compiled.abi.clone(),
             hash: p.hash.clone(),
+            tier: Some(p.tier()),
+            compiling: None,
             order: p.manifest.order,
             loaded_at_ms: unix_ms(p.loaded_at),
             calls: stats.calls,
@@ -142,17 +182,64 @@ impl PluginInfo {
             last_error: failure.map(|f| f.error.clone()),
         }
     }
+
+    fn without_version(name: &str, state: &'static str, hooks: Vec<Hook>) -> PluginInfo {
+        PluginInfo {
+            name: name.to_owned(),
+            state,
+            hooks,
+            exported: Vec::new(),
+            abi: String::new(),
+            hash: String::new(),
+            tier: None,
+            compiling: None,
+            order: 0,
+            loaded_at_ms: 0,
+            calls: 0,
+            errors: 0,
+            timeouts: 0,
+            memory_limits: 0,
+            traps: 0,
+            time_spent_us: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// How a node loads its plugins.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// The plugin directory; none: no plugins.
+    pub dir: Option<PathBuf>,
+    /// Where compiled artifacts are kept; none: nothing is cached.
+    pub cache_dir: Option<PathBuf>,
+    pub compiler: Compiler,
+    /// Serve a baseline build first, then swap in the optimized one.
+    pub tiered: bool,
+}
+
+/// Everything one load of one file needs, owned, so it can move to a task.
+struct Source {
+    name: String,
+    wasm: Arc<[u8]>,
+    hash: String,
+    manifest: Manifest,
+    version: String,
 }
 
 /// A node's plugins.
 pub struct PluginHost {
-    dir: Option<PathBuf>,
+    loader: LoaderConfig,
+    cache: Option<ArtifactCache>,
     set: RwLock<Arc<PluginSet>>,
     failures: Mutex<BTreeMap<String, LoadFailure>>,
-    /// Compiled components by content hash: re-adding a known file is instant.
-    compiled: Mutex<HashMap<String, Compiled>>,
+    loading: Mutex<BTreeMap<String, Loading>>,
+    /// False until the first scan of the directory has listed its files.
+    scanned: AtomicBool,
     /// One reload at a time; the ones that arrive meanwhile wait their turn.
     reloading: tokio::sync::Mutex<()>,
+    /// Compiles at once: one per core.
+    compile_slots: Arc<Semaphore>,
     kv: Arc<dyn PluginKv>,
     node: Arc<OnceLock<WeakNode>>,
     events: mpsc::Sender<events::PresenceEvent>,
@@ -170,15 +257,46 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The plugin name of `path`, if the server would load it: `NAME.wasm`.
+///
+/// # Errors
+/// Why the server would ignore the file.
+pub fn plugin_name(path: &Path) -> Result<String, String> {
+    if path.extension().is_none_or(|e| e != "wasm") {
+        return Err("plugin files are named NAME.wasm".into());
+    }
+    match path.file_stem().and_then(|s| s.to_str()) {
+        Some(stem) if valid_name(stem) => Ok(stem.to_owned()),
+        _ => Err(
+            "plugin names are 1 to 64 letters, digits, - and _ (no dots): the server ignores this file"
+                .into(),
+        ),
+    }
+}
+
 impl PluginHost {
-    pub fn new(dir: Option<PathBuf>, kv: Arc<dyn PluginKv>, stats: Arc<Stats>) -> PluginHost {
+    pub fn new(loader: LoaderConfig, kv: Arc<dyn PluginKv>, stats: Arc<Stats>) -> PluginHost {
         let (events, events_rx) = mpsc::channel(EVENTS_QUEUE);
+        let cache = loader
+            .cache_dir
+            .as_deref()
+            .and_then(|dir| match ArtifactCache::open(dir) {
+                Ok(cache) => Some(cache),
+                Err(err) => {
+                    warn!(dir = %dir.display(), cause = %err, "plugin cache unusable; compiling every load");
+                    None
+                }
+            });
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         PluginHost {
-            dir,
+            scanned: AtomicBool::new(loader.dir.is_none()),
+            loader,
+            cache,
             set: RwLock::default(),
             failures: Mutex::default(),
-            compiled: Mutex::default(),
+            loading: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
+            compile_slots: Arc::new(Semaphore::new(cores)),
             kv,
             node: Arc::default(),
             events,
@@ -188,7 +306,7 @@ impl PluginHost {
     }
 
     pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
+        self.loader.dir.as_deref()
     }
 
     /// Gives host calls their way to the node.
@@ -201,13 +319,66 @@ impl PluginHost {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LoadFailure>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn loading(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Loading>> {
+        self.loading.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether every enabled plugin runs a version: `Err` says which do not.
+    ///
+    /// # Errors
+    /// The plugins still compiling or failed with no running version.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.scanned.load(Ordering::Acquire) {
+            return Err("plugins not yet scanned".into());
+        }
+        let set = self.current();
+        let running = |name: &str| set.plugins.iter().any(|p| p.name == name);
+        let mut waiting: Vec<String> = self
+            .loading()
+            .keys()
+            .filter(|name| !running(name))
+            .map(|name| format!("{name} compiling"))
+            .collect();
+        waiting.extend(
+            self.failures()
+                .iter()
+                .filter(|(name, _)| !running(name))
+                .map(|(name, f)| format!("{name} failed: {}", f.error)),
+        );
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("plugins not active: {}", waiting.join("; ")))
+        }
+    }
+
+    /// Whether connects must wait: an auth plugin has no running version yet
+    /// (and its manifest does not say to admit connects meanwhile), or the
+    /// directory has not been scanned yet.
+    pub fn auth_pending(&self) -> bool {
+        if !self.scanned.load(Ordering::Acquire) {
+            return true;
+        }
+        let set = self.current();
+        self.loading().iter().any(|(name, loading)| {
+            loading.hooks.contains(&Hook::Auth)
+                && loading.while_loading == WhileLoading::Refuse
+                && !set.plugins.iter().any(|p| &p.name == name)
+        })
+    }
+
     /// Rescans the directory: loads new and changed files, unloads deleted or
     /// disabled ones, keeps the running version of any file that fails.
-    /// Returns the failures of this pass.
-    pub async fn reload(&self) -> BTreeMap<String, String> {
+    /// New versions are swapped in one by one as they are ready; returns when
+    /// every file has a first version (or failed), with the failures.
+    pub async fn reload(self: &Arc<Self>) -> BTreeMap<String, String> {
         let _one_at_a_time = self.reloading.lock().await;
         let mut failed = BTreeMap::new();
-        let Some(dir) = self.dir.clone() else {
+        let Some(dir) = self.loader.dir.clone() else {
             return failed;
         };
         let names = match scan(&dir).await {
@@ -215,166 +386,301 @@ impl PluginHost {
             Err(err) => {
                 warn!(dir = %dir.display(), cause = %err, "cannot read the plugin directory");
                 failed.insert(String::new(), err.to_string());
+                self.scanned.store(true, Ordering::Release);
                 return failed;
             }
         };
-        let old = self.current();
         // Failures of files that are gone are no longer news.
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|name, _| names.contains(name));
-        let mut next = Vec::new();
-        for name in names {
-            match self.load_one(&dir, &name, &old).await {
-                Ok(Some(plugin)) => {
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&name);
-                    next.push(plugin);
-                }
-                Ok(None) => {
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&name);
-                }
-                Err(err) => {
-                    warn!(plugin = %name, cause = %err, "plugin not loaded; any running version stays");
-                    if let Some(running) = old.plugins.iter().find(|p| p.name == name) {
-                        next.push(running.clone());
-                    }
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
+        self.failures().retain(|name, _| names.contains(name));
+        let mut sources = Vec::new();
+        let mut keep = Vec::new();
+        for name in &names {
+            match read_source(&dir, name).await {
+                Ok(Some(source)) => {
+                    let running = self
+                        .current()
+                        .plugins
+                        .iter()
+                        .any(|p| p.name == source.name && p.source_version() == source.version);
+                    keep.push(name.clone());
+                    if running {
+                        self.failures().remove(name);
+                    } else {
+                        self.loading().insert(
                             name.clone(),
-                            LoadFailure {
-                                error: err.to_string(),
-                                at_ms: unix_ms(std::time::SystemTime::now()),
+                            Loading {
+                                since: Instant::now(),
+                                tier: self.first_tier(),
+                                hooks: source
+                                    .manifest
+                                    .hooks
+                                    .clone()
+                                    .unwrap_or_else(|| compile::declared_hooks(&source.wasm)),
+                                while_loading: source.manifest.while_loading,
                             },
                         );
-                    failed.insert(name, err.to_string());
+                        sources.push(source);
+                    }
+                }
+                Ok(None) => {
+                    self.failures().remove(name);
+                }
+                Err(err) => {
+                    keep.push(name.clone());
+                    self.fail(name, &err);
+                    failed.insert(name.clone(), err.to_string());
                 }
             }
         }
-        next.sort_by(|a, b| (a.manifest.order, &a.name).cmp(&(b.manifest.order, &b.name)));
-        for plugin in &next {
-            if !old.plugins.iter().any(|p| Arc::ptr_eq(p, plugin)) {
-                info!(plugin = %plugin.name, hash = %&plugin.hash[..12], hooks = ?plugin.hooks, "plugin loaded");
+        self.uninstall_except(&keep);
+        self.scanned.store(true, Ordering::Release);
+        let loads = sources.into_iter().map(|source| {
+            let host = self.clone();
+            async move {
+                let name = source.name.clone();
+                (name, host.load(source).await)
+            }
+        });
+        for (name, result) in futures_util::future::join_all(loads).await {
+            if let Err(err) = result {
+                failed.insert(name, err);
             }
         }
-        for plugin in &old.plugins {
-            if !next.iter().any(|p| p.name == plugin.name) {
-                info!(plugin = %plugin.name, "plugin unloaded");
-            }
-        }
-        *self.set.write().unwrap_or_else(|p| p.into_inner()) =
-            Arc::new(PluginSet { plugins: next });
+        self.prune_cache();
         failed
     }
 
-    /// Loads `name`, reusing the running version when nothing changed.
-    async fn load_one(
-        &self,
-        dir: &Path,
-        name: &str,
-        old: &PluginSet,
-    ) -> Result<Option<Arc<Prepared>>, LoadError> {
-        let wasm = tokio::fs::read(dir.join(format!("{name}.wasm")))
-            .await
-            .map_err(|e| LoadError::Invalid(format!("cannot read: {e}")))?;
-        let manifest_text = match tokio::fs::read_to_string(dir.join(format!("{name}.toml"))).await
-        {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(err) => return Err(LoadError::Manifest(err.to_string())),
-        };
-        let manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
-        if !manifest.enabled {
-            return Ok(None);
+    fn first_tier(&self) -> Tier {
+        if self.loader.tiered {
+            Tier::Baseline
+        } else {
+            Tier::Optimized
         }
-        let hash = runtime::content_hash(&wasm);
-        let version = format!("{hash}:{}", runtime::content_hash(manifest_text.as_bytes()));
-        if let Some(running) = old
-            .plugins
-            .iter()
-            .find(|p| p.name == name && p.source_version() == version)
-        {
-            return Ok(Some(running.clone()));
-        }
-        let cached = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            .cloned();
-        let compiled = match cached {
-            Some(compiled) => compiled,
-            None => {
-                let cache_dir = dir.join(CACHE_DIR);
-                let key = hash.clone();
-                let compiled = tokio::task::spawn_blocking(move || {
-                    runtime::compile_cached(&wasm, &key, Some(&cache_dir))
-                })
-                .await
-                .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
-                self.compiled
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(hash.clone(), compiled.clone());
-                compiled
-            }
-        };
-        let host = Arc::new(HostCtx {
-            name: name.to_owned(),
-            settings_json: manifest.settings_json(),
-            kv: self.kv.clone(),
-            node: self.node.clone(),
-            timeout: manifest.timeout(),
-        });
-        Ok(Some(Arc::new(Prepared::new(
-            name.to_owned(),
-            hash,
-            manifest,
-            compiled,
-            host,
-            version,
-        ))))
     }
 
-    /// Every plugin, running or failed.
+    fn fail(&self, name: &str, err: &LoadError) {
+        warn!(plugin = %name, cause = %err, "plugin not loaded; any running version stays");
+        self.failures().insert(
+            name.to_owned(),
+            LoadFailure {
+                error: err.to_string(),
+                at_ms: unix_ms(std::time::SystemTime::now()),
+            },
+        );
+    }
+
+    /// Loads one file's new version and swaps it in; with tiering, serves a
+    /// baseline build first and schedules the optimized one.
+    async fn load(self: &Arc<Self>, source: Source) -> Result<(), String> {
+        let source = Arc::new(source);
+        // A genuine optimized artifact in the cache beats any compile.
+        let cached = match &self.cache {
+            Some(cache) => {
+                let (cache, source2) = (cache.clone(), source.clone());
+                tokio::task::spawn_blocking(move || cache.load(&source2.hash, Tier::Optimized))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        let (compiled, upgrade) = match cached {
+            Some(compiled) => (compiled, false),
+            None => {
+                let tier = self.first_tier();
+                (self.compile(&source, tier).await, tier == Tier::Baseline)
+            }
+        };
+        let outcome = match compiled {
+            Ok(compiled) => self.install(&source, compiled).await,
+            Err(err) => Err(err),
+        };
+        match outcome {
+            Ok(()) => {
+                self.failures().remove(&source.name);
+                if upgrade {
+                    if let Some(loading) = self.loading().get_mut(&source.name) {
+                        loading.tier = Tier::Optimized;
+                        loading.since = Instant::now();
+                    }
+                    let host = self.clone();
+                    tokio::spawn(async move { host.optimize(source).await });
+                } else {
+                    self.loading().remove(&source.name);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.loading().remove(&source.name);
+                self.fail(&source.name, &err);
+                Err(err.to_string())
+            }
+        }
+    }
+
+    /// Compiles the optimized tier of a version that serves from the
+    /// baseline, and swaps it in if that version still runs.
+    async fn optimize(self: Arc<Self>, source: Arc<Source>) {
+        let compiled = self.compile(&source, Tier::Optimized).await;
+        let still_running = || {
+            self.current()
+                .plugins
+                .iter()
+                .any(|p| p.name == source.name && p.source_version() == source.version)
+        };
+        match compiled {
+            Ok(compiled) if still_running() => {
+                if let Err(err) = self.install(&source, compiled).await {
+                    warn!(plugin = %source.name, cause = %err, "optimized build not swapped in; the baseline build keeps serving");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                warn!(plugin = %source.name, cause = %err, "optimized build failed; the baseline build keeps serving");
+            }
+        }
+        let mut loading = self.loading();
+        if loading
+            .get(&source.name)
+            .is_some_and(|l| l.tier == Tier::Optimized)
+            && still_running()
+        {
+            loading.remove(&source.name);
+        }
+    }
+
+    /// Compiles `source` for `tier` on a blocking thread (or in a child
+    /// process), at most one compile per core at a time.
+    async fn compile(
+        &self,
+        source: &Arc<Source>,
+        tier: Tier,
+    ) -> Result<compile::Compiled, LoadError> {
+        let _slot = self
+            .compile_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| LoadError::Compiler("shutting down".into()))?;
+        let (compiler, cache, source) = (
+            self.loader.compiler.clone(),
+            // The baseline tier is quick to redo and never cached.
+            self.cache.clone().filter(|_| tier == Tier::Optimized),
+            source.clone(),
+        );
+        let started = Instant::now();
+        let compiled = tokio::task::spawn_blocking(move || {
+            compile::compile_cached(&compiler, cache.as_ref(), &source.wasm, &source.hash, tier)
+        })
+        .await
+        .map_err(|e| LoadError::Compiler(format!("compiler task failed: {e}")))?;
+        if compiled.is_ok() {
+            tracing::debug!(tier = tier.as_str(), elapsed = ?started.elapsed(), "plugin compiled");
+        }
+        compiled
+    }
+
+    /// Builds a version from `compiled`, runs its start code once, and swaps
+    /// it in place of the running version of the same name.
+    async fn install(&self, source: &Source, compiled: compile::Compiled) -> Result<(), LoadError> {
+        let host = Arc::new(HostCtx {
+            name: source.name.clone(),
+            settings_json: source.manifest.settings_json(),
+            kv: self.kv.clone(),
+            node: self.node.clone(),
+            timeout: source.manifest.timeout(),
+        });
+        let tier = compiled.tier;
+        let prepared = Arc::new(Prepared::new(
+            source.name.clone(),
+            source.hash.clone(),
+            source.manifest.clone(),
+            compiled,
+            host,
+            source.version.clone(),
+        ));
+        prepared
+            .warm_up()
+            .await
+            .map_err(|e| LoadError::Start(e.to_string()))?;
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        let mut plugins: Vec<Arc<Prepared>> = set
+            .plugins
+            .iter()
+            .filter(|p| p.name != source.name)
+            .cloned()
+            .collect();
+        plugins.push(prepared);
+        plugins.sort_by(|a, b| (a.manifest.order, &a.name).cmp(&(b.manifest.order, &b.name)));
+        *set = Arc::new(PluginSet { plugins });
+        info!(plugin = %source.name, hash = %&source.hash[..12], tier = tier.as_str(), "plugin loaded");
+        Ok(())
+    }
+
+    /// Unloads every plugin whose name is not in `keep`.
+    fn uninstall_except(&self, keep: &[String]) {
+        let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
+        if set.plugins.iter().all(|p| keep.contains(&p.name)) {
+            return;
+        }
+        for plugin in set.plugins.iter().filter(|p| !keep.contains(&p.name)) {
+            info!(plugin = %plugin.name, "plugin unloaded");
+        }
+        let plugins = set
+            .plugins
+            .iter()
+            .filter(|p| keep.contains(&p.name))
+            .cloned()
+            .collect();
+        *set = Arc::new(PluginSet { plugins });
+        self.loading().retain(|name, _| keep.contains(name));
+    }
+
+    /// Keeps on disk what runs, plus a few recent versions.
+    fn prune_cache(&self) {
+        if let Some(cache) = &self.cache {
+            let active: Vec<String> = self
+                .current()
+                .plugins
+                .iter()
+                .map(|p| p.hash.clone())
+                .collect();
+            cache.prune(&active);
+        }
+    }
+
+    /// Every plugin, running, compiling or failed.
     pub fn list(&self) -> Vec<PluginInfo> {
-        let failures = self
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let failures = self.failures().clone();
+        let loading = self.loading().clone();
         let set = self.current();
+        let compiling = |name: &str| {
+            loading.get(name).map(|l| CompilingInfo {
+                tier: l.tier,
+                elapsed_ms: l.since.elapsed().as_millis() as u64,
+            })
+        };
         let mut rows: Vec<PluginInfo> = set
             .plugins
             .iter()
-            .map(|p| PluginInfo::of(p, failures.get(&p.name)))
+            .map(|p| PluginInfo {
+                compiling: compiling(&p.name),
+                ..PluginInfo::of(p, failures.get(&p.name))
+            })
             .collect();
-        for (name, failure) in &failures {
+        for (name, l) in &loading {
             if !set.plugins.iter().any(|p| &p.name == name) {
                 rows.push(PluginInfo {
-                    name: name.clone(),
-                    state: "failed",
-                    hooks: Vec::new(),
-                    exported: Vec::new(),
-                    abi: String::new(),
-                    hash: String::new(),
-                    order: 0,
-                    loaded_at_ms: 0,
-                    calls: 0,
-                    errors: 0,
-                    timeouts: 0,
-                    memory_limits: 0,
-                    traps: 0,
-                    time_spent_us: 0,
+                    compiling: compiling(name),
+                    ..PluginInfo::without_version(name, "compiling", l.hooks.clone())
+                });
+            }
+        }
+        for (name, failure) in &failures {
+            if !set.plugins.iter().any(|p| &p.name == name) && !loading.contains_key(name) {
+                rows.push(PluginInfo {
                     last_error: Some(failure.error.clone()),
+                    ..PluginInfo::without_version(name, "failed", Vec::new())
                 });
             }
         }
@@ -501,31 +807,79 @@ async fn scan(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// `imhost plugin check FILE.wasm`: what the host would make of a file.
+/// Reads `NAME.wasm` and `NAME.toml` as a reload does; `None`: disabled.
+async fn read_source(dir: &Path, name: &str) -> Result<Option<Source>, LoadError> {
+    let wasm = tokio::fs::read(dir.join(format!("{name}.wasm")))
+        .await
+        .map_err(|e| LoadError::Invalid(format!("cannot read: {e}")))?;
+    let manifest_text = match tokio::fs::read_to_string(dir.join(format!("{name}.toml"))).await {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(LoadError::Manifest(err.to_string())),
+    };
+    let manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
+    if !manifest.enabled {
+        return Ok(None);
+    }
+    let hash = compile::content_hash(&wasm);
+    let version = format!("{hash}:{}", compile::content_hash(manifest_text.as_bytes()));
+    Ok(Some(Source {
+        name: name.to_owned(),
+        wasm: wasm.into(),
+        hash,
+        manifest,
+        version,
+    }))
+}
+
+/// `imhost plugin check FILE.wasm`: what the server's loader makes of a file.
+/// The same name rules and manifest, a compile of `tier`, and one
+/// instantiation (the guest's start code) in a sandboxed store, with no node
+/// behind its host calls. With `cache`, the optimized artifact is stored
+/// there for servers using the same cache.
 ///
 /// # Errors
-/// Why the file cannot be a plugin.
-pub fn check_file(path: &Path) -> Result<PluginInfo, LoadError> {
-    let bytes = std::fs::read(path).map_err(|e| LoadError::Invalid(format!("cannot read: {e}")))?;
-    let manifest_path = path.with_extension("toml");
-    let manifest = match std::fs::read_to_string(&manifest_path) {
-        Ok(text) => Manifest::parse(&text).map_err(LoadError::Manifest)?,
-        Err(_) => Manifest::default(),
+/// Why the server would refuse or ignore the file.
+pub async fn check_file(
+    path: &Path,
+    tier: Tier,
+    cache: Option<&ArtifactCache>,
+) -> Result<PluginInfo, LoadError> {
+    let name = plugin_name(path).map_err(LoadError::Invalid)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let Some(source) = read_source(dir, &name).await? else {
+        return Err(LoadError::Manifest(
+            "`enabled = false`: the server would not load it".into(),
+        ));
     };
-    let compiled = runtime::compile(&bytes)?;
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin")
-        .to_owned();
+    let (wasm, hash) = (source.wasm.clone(), source.hash.clone());
+    let cache = cache.cloned().filter(|_| tier == Tier::Optimized);
+    let compiled = tokio::task::spawn_blocking(move || {
+        compile::compile_cached(&Compiler::InProcess, cache.as_ref(), &wasm, &hash, tier)
+    })
+    .await
+    .map_err(|e| LoadError::Compiler(e.to_string()))??;
     let host = Arc::new(HostCtx {
         name: name.clone(),
-        settings_json: manifest.settings_json(),
+        settings_json: source.manifest.settings_json(),
         kv: Arc::new(crate::cluster::kv::EmbeddedKv::default()),
         node: Arc::default(),
-        timeout: Duration::from_millis(manifest.timeout_ms),
+        timeout: Duration::from_millis(source.manifest.timeout_ms),
     });
-    let hash = runtime::content_hash(&bytes);
-    let prepared = Prepared::new(name, hash, manifest, compiled, host, String::new());
-    Ok(PluginInfo::of(&prepared, None))
+    let prepared = Prepared::new(
+        name,
+        source.hash,
+        source.manifest,
+        compiled,
+        host,
+        source.version,
+    );
+    prepared
+        .warm_up()
+        .await
+        .map_err(|e| LoadError::Start(e.to_string()))?;
+    Ok(PluginInfo {
+        state: "valid",
+        ..PluginInfo::of(&prepared, None)
+    })
 }

@@ -47,6 +47,13 @@ pub async fn upgrade(
     if node.shutdown.stopping().is_cancelled() {
         return Err(AppError::Unavailable("server shutting down".into()));
     }
+    if node.plugins.auth_pending() {
+        Stats::incr(&node.stats.connects_plugins_loading);
+        return Ok(
+            AppError::Unavailable("auth plugins are loading; retry shortly".into())
+                .with_retry_after(1),
+        );
+    }
     let Ok(slot) = node.connection_slots.clone().try_acquire_owned() else {
         Stats::incr(&node.stats.connects_over_capacity);
         return Err(AppError::Unavailable("server full".into()));

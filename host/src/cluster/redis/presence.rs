@@ -177,6 +177,12 @@ impl RedisPresence {
 
 #[async_trait]
 impl Presence for RedisPresence {
+    async fn ping(&self) -> Result<(), ClusterError> {
+        let mut conn = self.helper.connection();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
     async fn issue_token(&self, value: &TokenValue, ttl: Duration) -> Result<String, ClusterError> {
         let token = crate::token::new_connect_token();
         self.helper.issue_token(value, &token, ttl).await?;

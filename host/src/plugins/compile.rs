@@ -1,0 +1,506 @@
+//! From a `.wasm` file to code the host can run: compiling (in this process
+//! or in a child process of the same binary), checking the component against
+//! the ABI, and the artifact cache.
+//!
+//! # Compiling in a child process
+//! Cranelift compiling a 12–18 MB component peaks at 300–480 MB of heap, and
+//! the allocator keeps much of it after. Run as `imhost plugin compile`, the
+//! compiler's heap is the child's and goes away with it: the server only maps
+//! the finished artifact. Tests that run a node inside their own process
+//! compile in process (there is no `imhost` binary to call).
+//!
+//! # The artifact cache, and why it is a trust boundary
+//! A compiled artifact is native code that wasmtime runs without checking it
+//! (`Component::deserialize` is `unsafe` for that reason). The cache is
+//! therefore:
+//! - a directory only the server writes, created owner-only (0700), outside
+//!   the plugin directory by default, so that whoever may drop plugins (which
+//!   run sandboxed) cannot drop native code;
+//! - authenticated: each artifact carries an HMAC-SHA256, under a key that
+//!   lives in the cache directory (0600), over the source's content hash, the
+//!   tier, the engine's compatibility hash and the artifact bytes. A file that
+//!   was altered, copied from another source or made by another engine fails
+//!   the check, is deleted, and the plugin is compiled again.
+//!
+//! Whoever can write the cache directory *and* read its key can still run
+//! native code in the server: that is the boundary, stated in `docs/plugins.md`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, InstancePre};
+
+use super::bindings::exports::imhost::plugin::{auth, events, filter, inbound};
+use super::engine::{Tier, engine, linker};
+use super::instance::PluginState;
+use super::manifest::Hook;
+
+/// The ABI major version this host speaks.
+pub const ABI_MAJOR: u64 = 1;
+const PACKAGE: &str = "imhost:plugin/";
+/// First bytes of every artifact file of ours.
+const ARTIFACT_MAGIC: &[u8; 8] = b"IMHOSTA1";
+const MAC_LEN: usize = 32;
+/// Artifacts kept besides the active ones.
+pub const KEEP_RECENT_ARTIFACTS: usize = 8;
+
+/// Why a file did not become a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly file")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build for wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error(
+        "built against imhost:plugin@{found}, but this host speaks imhost:plugin@{ABI_MAJOR}.x"
+    )]
+    UnknownMajor { found: String },
+    #[error("exports none of the hooks (auth, filter, events, inbound) of imhost:plugin@1")]
+    NoHooks,
+    #[error("cannot be linked: {0}")]
+    Link(String),
+    #[error("bad NAME.toml: {0}")]
+    Manifest(String),
+    #[error("instantiation failed: {0}")]
+    Start(String),
+    #[error("compiler process failed: {0}")]
+    Compiler(String),
+    /// Refused by the compiler process, in its words.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A component compiled and checked against the linker; cheap to clone.
+#[derive(Clone)]
+pub struct Compiled {
+    pub component: Component,
+    pub pre: InstancePre<PluginState>,
+    pub exported: Vec<Hook>,
+    /// The `imhost:plugin` version it was built against, e.g. `1.0.0`.
+    pub abi: String,
+    pub tier: Tier,
+}
+
+/// Hex SHA-256 of the bytes: the content hash reported and cached by.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Checks the first bytes: a component, not a core module or anything else.
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    match bytes.get(..8) {
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => Err(LoadError::CoreModule),
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => Ok(()),
+        _ => Err(LoadError::NotWasm),
+    }
+}
+
+/// The hooks a component's top level exports, read from its export section
+/// without compiling anything (milliseconds for a 12 MB component): what the
+/// host needs to know before a plugin is ready, e.g. whether it is an auth
+/// plugin that connects must wait for.
+pub fn declared_hooks(bytes: &[u8]) -> Vec<Hook> {
+    let mut hooks = Vec::new();
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => {
+                if depth == 0 {
+                    break;
+                }
+                depth -= 1;
+            }
+            wasmparser::Payload::ComponentExportSection(exports) if depth == 0 => {
+                for export in exports.into_iter().flatten() {
+                    let name = export.name.name;
+                    for hook in Hook::ALL {
+                        if name.starts_with(&format!("{PACKAGE}{}@", hook.interface())) {
+                            hooks.push(hook);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    hooks
+}
+
+/// Compiles and validates a component in this process. CPU-heavy: call off
+/// the async workers.
+///
+/// # Errors
+/// [`LoadError`] saying what the file is and why it cannot be a plugin.
+pub fn compile(bytes: &[u8], tier: Tier) -> Result<Compiled, LoadError> {
+    check_header(bytes)?;
+    let component =
+        Component::new(engine(tier), bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    inspect(component, tier)
+}
+
+/// Checks a compiled component: ABI version, linkability, hooks exported.
+fn inspect(component: Component, tier: Tier) -> Result<Compiled, LoadError> {
+    let engine = engine(tier);
+    let ty = component.component_type();
+    let mut abi = None;
+    let names = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .chain(ty.exports(engine).map(|(name, _)| name.to_owned()))
+        .collect::<Vec<_>>();
+    for name in &names {
+        if let Some(rest) = name.strip_prefix(PACKAGE)
+            && let Some((_, version)) = rest.split_once('@')
+        {
+            let major = version
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u64>().ok());
+            if major != Some(ABI_MAJOR) {
+                return Err(LoadError::UnknownMajor {
+                    found: version.to_owned(),
+                });
+            }
+            abi.get_or_insert_with(|| version.to_owned());
+        }
+    }
+    let linker = linker(tier).map_err(LoadError::Link)?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| LoadError::Link(link_advice(&format!("{e:#}"))))?;
+    let exported: Vec<Hook> = Hook::ALL
+        .into_iter()
+        .filter(|hook| match hook {
+            Hook::Auth => auth::GuestIndices::new(&pre).is_ok(),
+            Hook::Filter => filter::GuestIndices::new(&pre).is_ok(),
+            Hook::Events => events::GuestIndices::new(&pre).is_ok(),
+            Hook::Inbound => inbound::GuestIndices::new(&pre).is_ok(),
+        })
+        .collect();
+    if exported.is_empty() {
+        return Err(LoadError::NoHooks);
+    }
+    Ok(Compiled {
+        component,
+        pre,
+        exported,
+        abi: abi.unwrap_or_else(|| "1.0.0".into()),
+        tier,
+    })
+}
+
+/// A link error, with the fix for the common toolchain defaults that cause it.
+fn link_advice(error: &str) -> String {
+    if error.contains("wasi:http") {
+        format!(
+            "{error}. Plugins get no wasi:http; componentize-js imports it by default: \
+             build with `--disable http fetch-event`"
+        )
+    } else {
+        error.to_owned()
+    }
+}
+
+/// Compiled artifacts on disk: see the module docs.
+#[derive(Clone)]
+pub struct ArtifactCache {
+    dir: PathBuf,
+    key: [u8; 32],
+}
+
+impl ArtifactCache {
+    /// Opens (creating owner-only) the cache at `dir` and its key.
+    ///
+    /// # Errors
+    /// The directory or key cannot be created or read, or the directory is
+    /// open to other users.
+    pub fn open(dir: &Path) -> std::io::Result<ArtifactCache> {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let key_path = dir.join("key");
+        let key = match std::fs::read(&key_path) {
+            Ok(key) => key,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    options.mode(0o600);
+                }
+                match options.open(&key_path) {
+                    Ok(mut file) => {
+                        file.write_all(&key)?;
+                        file.sync_all()?;
+                        key.to_vec()
+                    }
+                    // Another process made it first: use theirs.
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                        std::fs::read(&key_path)?
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Err(err) => return Err(err),
+        };
+        let key: [u8; 32] = key.try_into().map_err(|_| {
+            std::io::Error::other(format!("{} is not a 32-byte key", key_path.display()))
+        })?;
+        Ok(ArtifactCache {
+            dir: dir.to_owned(),
+            key,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the artifact of `hash` for `tier` lives: named by the source's
+    /// content hash and the engine's compatibility hash.
+    pub fn path(&self, hash: &str, tier: Tier) -> PathBuf {
+        self.dir.join(format!(
+            "{hash}-{}-{}.cwasm",
+            engine_id(tier),
+            tier.as_str()
+        ))
+    }
+
+    fn mac(&self, hash: &str, tier: Tier, artifact: &[u8]) -> Hmac<Sha256> {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        mac.update(hash.as_bytes());
+        mac.update(b"\0");
+        mac.update(tier.as_str().as_bytes());
+        mac.update(b"\0");
+        mac.update(engine_id(tier).as_bytes());
+        mac.update(b"\0");
+        mac.update(artifact);
+        mac
+    }
+
+    /// Writes `artifact` (wasmtime's serialized component) for `hash` and
+    /// `tier`, atomically.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn store(&self, hash: &str, tier: Tier, artifact: &[u8]) -> std::io::Result<()> {
+        let tag = self.mac(hash, tier, artifact).finalize().into_bytes();
+        let path = self.path(hash, tier);
+        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(ARTIFACT_MAGIC)?;
+        file.write_all(&tag)?;
+        file.write_all(artifact)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Loads the artifact of `hash` for `tier`: `None` when there is none or
+    /// it fails its check (then it is deleted and counted as refused).
+    pub fn load(&self, hash: &str, tier: Tier) -> Option<Result<Compiled, LoadError>> {
+        let path = self.path(hash, tier);
+        let bytes = std::fs::read(&path).ok()?;
+        let artifact = bytes
+            .strip_prefix(ARTIFACT_MAGIC)
+            .and_then(|rest| rest.split_at_checked(MAC_LEN));
+        let genuine = artifact.is_some_and(|(tag, artifact)| {
+            self.mac(hash, tier, artifact).verify_slice(tag).is_ok()
+        });
+        let Some((_, artifact)) = artifact.filter(|_| genuine) else {
+            tracing::warn!(file = %path.display(), "refusing a cached artifact that fails its check; compiling again");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        };
+        // SAFETY: `deserialize` trusts its input to be wasmtime's own output
+        // for this engine. The bytes carry a MAC, under a key only this cache
+        // holds, over exactly these bytes, this source hash, tier and engine.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(engine(tier), artifact) };
+        match component {
+            Ok(component) => Some(inspect(component, tier)),
+            Err(err) => {
+                tracing::warn!(file = %path.display(), cause = %err, "ignoring unusable compiled plugin");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Deletes artifacts that are neither of a hash in `active` nor among the
+    /// [`KEEP_RECENT_ARTIFACTS`] most recently written.
+    pub fn prune(&self, active: &[String]) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut others: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let path = entry.path();
+                let name = path.file_name()?.to_str()?.to_owned();
+                if !name.ends_with(".cwasm") || active.iter().any(|h| name.starts_with(h)) {
+                    return None;
+                }
+                Some((entry.metadata().ok()?.modified().ok()?, path))
+            })
+            .collect();
+        others.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        for (_, path) in others.into_iter().skip(KEEP_RECENT_ARTIFACTS) {
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::debug!(file = %path.display(), "pruned a compiled plugin");
+            }
+        }
+    }
+}
+
+/// A short id of the engine's compatibility hash (wasmtime version, compiler,
+/// settings, CPU features): another engine never reads this one's files.
+fn engine_id(tier: Tier) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine(tier)
+        .precompile_compatibility_hash()
+        .hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// How plugins are compiled.
+#[derive(Debug, Clone)]
+pub enum Compiler {
+    /// In this process, on a blocking thread.
+    InProcess,
+    /// By `BIN plugin compile`, a child process of the same binary.
+    Child(PathBuf),
+}
+
+impl Compiler {
+    /// A child of this binary when it is `imhost`, else in process.
+    pub fn for_this_process() -> Compiler {
+        match std::env::current_exe() {
+            Ok(exe) if exe.file_stem().is_some_and(|s| s == "imhost") => Compiler::Child(exe),
+            _ => Compiler::InProcess,
+        }
+    }
+}
+
+/// Compiles `wasm` (content hash `hash`) for `tier`: from the cache when it
+/// holds a genuine artifact, else by `compiler`, storing the optimized tier in
+/// the cache. Blocking: call off the async workers.
+///
+/// # Errors
+/// As [`compile`], or the compiler process failed.
+pub fn compile_cached(
+    compiler: &Compiler,
+    cache: Option<&ArtifactCache>,
+    wasm: &[u8],
+    hash: &str,
+    tier: Tier,
+) -> Result<Compiled, LoadError> {
+    check_header(wasm)?;
+    if let Some(cache) = cache
+        && let Some(loaded) = cache.load(hash, tier)
+    {
+        return loaded;
+    }
+    match (compiler, cache) {
+        (Compiler::Child(bin), Some(cache)) => {
+            compile_in_child(bin, cache, wasm, tier)?;
+            match cache.load(hash, tier) {
+                Some(loaded) => loaded,
+                None => Err(LoadError::Compiler(
+                    "the compiler process wrote no usable artifact".into(),
+                )),
+            }
+        }
+        _ => {
+            let compiled = compile(wasm, tier)?;
+            if let Some(cache) = cache {
+                let stored = compiled
+                    .component
+                    .serialize()
+                    .map_err(std::io::Error::other)
+                    .and_then(|artifact| cache.store(hash, tier, &artifact));
+                if let Err(err) = stored {
+                    tracing::warn!(dir = %cache.dir().display(), cause = %err, "cannot cache the compiled plugin");
+                }
+            }
+            Ok(compiled)
+        }
+    }
+}
+
+/// Runs `BIN plugin compile --tier T --cache-dir DIR -` with `wasm` on its
+/// standard input, so it compiles exactly these bytes.
+fn compile_in_child(
+    bin: &Path,
+    cache: &ArtifactCache,
+    wasm: &[u8],
+    tier: Tier,
+) -> Result<(), LoadError> {
+    let mut child = std::process::Command::new(bin)
+        .args(["plugin", "compile", "--tier", tier.as_str(), "--cache-dir"])
+        .arg(cache.dir())
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LoadError::Compiler(format!("cannot start {}: {e}", bin.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(wasm)
+            .map_err(|e| LoadError::Compiler(format!("cannot hand the file over: {e}")))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| LoadError::Compiler(e.to_string()))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&output.stderr);
+    // The child prints the refusal as the server would word it.
+    let reason = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no reason given");
+    Err(LoadError::Refused(
+        reason.trim_start_matches("refused: ").to_owned(),
+    ))
+}
+
+/// `imhost plugin compile`: compile `wasm` for `tier` into `cache`.
+///
+/// # Errors
+/// As [`compile`]; or the artifact cannot be written.
+pub fn compile_into_cache(
+    cache: &ArtifactCache,
+    wasm: &[u8],
+    tier: Tier,
+) -> Result<(String, Vec<Hook>), LoadError> {
+    let hash = content_hash(wasm);
+    let compiled = compile(wasm, tier)?;
+    let artifact = compiled
+        .component
+        .serialize()
+        .map_err(|e| LoadError::Compiler(e.to_string()))?;
+    cache
+        .store(&hash, tier, &artifact)
+        .map_err(|e| LoadError::Compiler(format!("cannot write the artifact: {e}")))?;
+    Ok((hash, compiled.exported))
+}

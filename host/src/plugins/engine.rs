@@ -1,0 +1,151 @@
+//! The process-wide wasmtime engines, their epoch ticker and linkers.
+//!
+//! Two engines, one per compiler tier, because a compiled component belongs
+//! to the engine (and so the compiler) that made it:
+//!
+//! - [`Tier::Baseline`] (Winch, wasmtime's single-pass compiler) compiles a
+//!   12 MB JavaScript component about five times faster than Cranelift, and
+//!   its code runs slower. A new plugin serves from it first.
+//! - [`Tier::Optimized`] (Cranelift) is compiled in the background and swapped
+//!   in when ready; it is what the artifact cache keeps.
+//!
+//! Both use the pooling allocator (instances reuse pre-reserved slots, so a
+//! warm-up is a few page faults, not an mmap) and epoch interruption: one
+//! ticker thread advances both engines every [`EPOCH_TICK`], and a call's
+//! deadline is counted in ticks.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde::Serialize;
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy};
+
+use super::instance::PluginState;
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Which compiler made a plugin's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Winch: compiles fast, runs slower. Served first, never cached.
+    Baseline,
+    /// Cranelift: compiles slower, runs fast. Cached on disk.
+    Optimized,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Baseline => "baseline",
+            Tier::Optimized => "optimized",
+        }
+    }
+}
+
+impl std::str::FromStr for Tier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "baseline" => Ok(Tier::Baseline),
+            "optimized" => Ok(Tier::Optimized),
+            other => Err(format!("unknown tier {other:?} (baseline or optimized)")),
+        }
+    }
+}
+
+/// The engine of `tier`, built on first use.
+pub fn engine(tier: Tier) -> &'static Engine {
+    cell(tier).get_or_init(|| {
+        start_ticker();
+        let engine = build_engine(tier, true).or_else(|err| {
+            tracing::warn!(cause = %err, "pooling allocator unavailable; using on-demand allocation");
+            build_engine(tier, false)
+        });
+        match engine {
+            Ok(engine) => engine,
+            Err(err) => panic!("cannot configure wasmtime ({}): {err}", tier.as_str()),
+        }
+    })
+}
+
+/// One thread advances the epoch of every engine built so far.
+fn start_ticker() {
+    static TICKER: OnceLock<()> = OnceLock::new();
+    TICKER.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("imhost-epoch".into())
+            .spawn(|| {
+                loop {
+                    // Only engines already built: ticking must not build one.
+                    for tier in [Tier::Baseline, Tier::Optimized] {
+                        if let Some(engine) = cell(tier).get() {
+                            engine.increment_epoch();
+                        }
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .ok();
+    });
+}
+
+/// Where the engine of `tier` lives once built.
+fn cell(tier: Tier) -> &'static OnceLock<Engine> {
+    static BASELINE: OnceLock<Engine> = OnceLock::new();
+    static OPTIMIZED: OnceLock<Engine> = OnceLock::new();
+    match tier {
+        Tier::Baseline => &BASELINE,
+        Tier::Optimized => &OPTIMIZED,
+    }
+}
+
+fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.strategy(match tier {
+        Tier::Baseline => Strategy::Winch,
+        Tier::Optimized => Strategy::Cranelift,
+    });
+    if pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(512);
+        pool.total_core_instances(1024);
+        pool.total_memories(512);
+        pool.total_tables(1024);
+        pool.max_memory_size(1 << 30);
+        pool.max_component_instance_size(1 << 20);
+        pool.max_core_instance_size(1 << 20);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    Engine::new(&config)
+}
+
+/// The linker plugins of `tier` are instantiated with: WASI (denying what is
+/// not granted per store) and the `host` interface. Built once per engine.
+pub fn linker(tier: Tier) -> Result<&'static Linker<PluginState>, String> {
+    static BASELINE: OnceLock<Result<Linker<PluginState>, String>> = OnceLock::new();
+    static OPTIMIZED: OnceLock<Result<Linker<PluginState>, String>> = OnceLock::new();
+    let cell = match tier {
+        Tier::Baseline => &BASELINE,
+        Tier::Optimized => &OPTIMIZED,
+    };
+    cell.get_or_init(|| {
+        let mut linker = Linker::new(engine(tier));
+        // WASI imports are provided explicitly: a trap stub for unknown imports
+        // would shadow newer versions the linker can otherwise match.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| e.to_string())?;
+        super::bindings::imhost::plugin::host::add_to_linker::<
+            _,
+            wasmtime::component::HasSelf<PluginState>,
+        >(&mut linker, |state| state)
+        .map_err(|e| e.to_string())?;
+        Ok(linker)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
