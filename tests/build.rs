@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "echo-inbound",
     "future-major",
     "sandbox-probe",
+    "start-trap",
 ];
 
 fn main() {

@@ -6,6 +6,7 @@ mod cluster;
 mod connect;
 mod delivery;
 mod hardening;
+mod languages;
 mod lifecycle;
 mod limits;
 mod plugins;

@@ -38,13 +38,26 @@ pub fn plugin_cache() -> std::path::PathBuf {
         .join("plugin-cache")
 }
 
+/// How long waiting for plugins to compile may take (see
+/// `Api::wait_plugins_settled`).
+pub const COMPILE_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    eventually_within(what, DEADLINE, check).await
+}
+
+/// [`eventually`] with a deadline of its own.
+pub async fn eventually_within<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(value) = check().await {
             return value;

@@ -15,6 +15,20 @@ pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
+/// Path of a plugin example built by `examples/plugins/build` (JavaScript,
+/// Python, C), e.g. `example("js-moderation")`.
+pub fn example(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins/examples")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} not built: run examples/plugins/build first (scripts/test does)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 /// A plugin directory in a temp dir.
 pub struct PluginDir {
     dir: TempDir,
@@ -83,8 +97,11 @@ impl Api {
 
     /// Waits until the node has scanned its plugins and none is compiling
     /// (neither a first version nor the optimized one).
+    /// Compiling is slow but finite: a cold optimized compile of a 12–18 MB
+    /// JavaScript or Python component takes seconds on a small machine, more
+    /// with other tests compiling beside it, so this waits up to two minutes.
     pub async fn wait_plugins_settled(&self) {
-        crate::eventually("plugins settled", || async {
+        crate::eventually_within("plugins settled", crate::COMPILE_DEADLINE, || async {
             let ready = self.http.get(self.url("/readyz")).send().await.ok()?;
             let status = ready.status();
             let text = ready.text().await.ok()?;
@@ -109,7 +126,8 @@ impl Api {
         what: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
-        crate::eventually(&format!("plugin {name}: {what}"), || async {
+        let what = format!("plugin {name}: {what}");
+        crate::eventually_within(&what, crate::COMPILE_DEADLINE, || async {
             self.plugins()
                 .await
                 .into_iter()

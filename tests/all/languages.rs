@@ -1,0 +1,377 @@
+//! Plugins written in JavaScript, Python and C against `plugin-sdk/wit` alone
+//! (built by `examples/plugins/build`), loaded by the unchanged host and used
+//! by real WebSocket terminals: every hook in a language other than Rust, a
+//! hot swap from a JavaScript filter to a Python one under a message stream,
+//! and connects that wait for an auth plugin still compiling.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use imhost::config::Options;
+use imhost_tests::host::TestHost;
+use imhost_tests::plugins::{PluginDir, example, guests};
+use imhost_tests::terminal::Terminal;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+const SECRET: &str = "languages-test-secret-0123456789";
+
+async fn host_with(dir: &PluginDir) -> TestHost {
+    TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        ..Options::default()
+    })
+    .await
+}
+
+/// `<client>.<expires>.<hex hmac>`, as the JavaScript hmac-auth plugin wants.
+fn hmac_token(client: i64, expires_ms: u128, secret: &str) -> String {
+    let payload = format!("{client}.{expires_ms}");
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(payload.as_bytes());
+    let signature: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{payload}.{signature}")
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+}
+
+fn ws_url(host: &TestHost, token: &str) -> String {
+    format!("ws://{}/ws?token={token}", host.addr)
+}
+
+#[tokio::test]
+async fn javascript_auth_admits_signed_tokens_and_refuses_forged_ones() {
+    let dir = PluginDir::new();
+    dir.install(
+        "hmac-auth",
+        &example("js-hmac-auth"),
+        &format!("[settings]\nsecret = \"{SECRET}\"\n"),
+    );
+    let host = host_with(&dir).await;
+    let row = host
+        .plugin_where("hmac-auth", "loaded", |p| p["state"] == "active")
+        .await;
+    assert_eq!(row["hooks"], json!(["auth"]));
+
+    let later = now_ms() + 60_000;
+    let mut t = Terminal::connect(&ws_url(&host, &hmac_token(42, later, SECRET)))
+        .await
+        .expect("a signed token connects");
+    host.send(0, &[42], json!("hello 42"), false).await;
+    assert_eq!(t.next_text().await, r#""hello 42""#);
+    let client = host.client(42).await;
+    assert!(client.online);
+
+    for (why, token) in [
+        (
+            "wrong secret",
+            hmac_token(43, later, "another-secret-0123456789"),
+        ),
+        ("expired", hmac_token(43, now_ms() - 1, SECRET)),
+        (
+            "tampered client id",
+            hmac_token(43, later, SECRET).replacen("43", "44", 1),
+        ),
+    ] {
+        let refused = Terminal::connect(&ws_url(&host, &token)).await;
+        assert!(refused.is_err(), "{why}: connected");
+    }
+    // Not of its shape: passed on to the built-in connect tokens.
+    let mut built_in = host.terminal(7).await;
+    host.send(0, &[7], json!("built-in"), false).await;
+    assert_eq!(built_in.next_text().await, r#""built-in""#);
+}
+
+async fn moderation_in(language: &str, file: &str) {
+    let dir = PluginDir::new();
+    dir.install(
+        "moderation",
+        &example(file),
+        "[settings]\nbanned = [\"darn\"]\nmax_length = 60\nstamp = true\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("moderation", "loaded", |p| p["hooks"] == json!(["filter"]))
+        .await;
+    let mut t = host.terminal(1).await;
+    host.send(0, &[1], json!({"text": "Darn it, 笨蛋", "n": 1}), false)
+        .await;
+    assert_eq!(
+        t.next_text().await,
+        format!(r#"{{"text":"**** it, 笨蛋","n":1,"moderated_by":"{language}"}}"#)
+    );
+    host.send(0, &[1], json!("no darn way"), false).await;
+    assert_eq!(t.next_text().await, r#""no **** way""#);
+    // Too long: dropped; the next message still arrives.
+    host.send(0, &[1], json!("x".repeat(100)), false).await;
+    host.send(0, &[1], json!("short"), false).await;
+    assert_eq!(t.next_text().await, r#""short""#);
+    assert_eq!(host.stats().await.filtered_dropped, 1);
+}
+
+#[tokio::test]
+async fn javascript_moderation_masks_stamps_and_drops() {
+    moderation_in("javascript", "js-moderation").await;
+}
+
+#[tokio::test]
+async fn python_moderation_masks_stamps_and_drops() {
+    moderation_in("python", "py-moderation").await;
+}
+
+#[tokio::test]
+async fn python_events_tell_the_roster_channel() {
+    let dir = PluginDir::new();
+    dir.install(
+        "presence-notify",
+        &example("py-presence-notify"),
+        "[settings]\nchannel = \"roster\"\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("presence-notify", "loaded", |p| {
+        p["hooks"] == json!(["events"])
+    })
+    .await;
+    let mut watcher = host.terminal(1).await;
+    host.ok("/channels/roster/join", json!({"client_ids": [1]}))
+        .await;
+    let newcomer = host.terminal(2).await;
+    assert_eq!(
+        watcher.next_text().await,
+        r#"{"presence":"online","client_id":2}"#
+    );
+    drop(newcomer);
+    assert_eq!(
+        watcher.next_text().await,
+        r#"{"presence":"offline","client_id":2}"#
+    );
+}
+
+#[tokio::test]
+async fn c_inbound_commands_reply_and_whisper() {
+    let dir = PluginDir::new();
+    dir.install("commands", &example("c-commands"), "");
+    let host = host_with(&dir).await;
+    host.plugin_where("commands", "loaded", |p| p["hooks"] == json!(["inbound"]))
+        .await;
+    let mut one = host.terminal(1).await;
+    let mut two = host.terminal(2).await;
+    one.send_text("ping").await.expect("send");
+    assert_eq!(one.next_text().await, "pong");
+    one.send_text("/whisper 2 hi \"there\" ✓")
+        .await
+        .expect("send");
+    assert_eq!(
+        two.next_text().await,
+        r#"{"from":1,"whisper":"hi \"there\" ✓"}"#
+    );
+    one.send_text("/whisper nobody").await.expect("send");
+    assert_eq!(one.next_text().await, "usage: /whisper ID message");
+    assert_eq!(host.stats().await.inbound_handled, 3);
+}
+
+#[tokio::test]
+async fn a_javascript_filter_is_hot_swapped_for_a_python_one_under_a_stream() {
+    let dir = PluginDir::new();
+    let manifest = "[settings]\nstamp = true\n";
+    dir.install("moderation", &example("js-moderation"), manifest);
+    let host = host_with(&dir).await;
+    let first = host
+        .plugin_where("moderation", "javascript loaded", |p| {
+            p["state"] == "active"
+        })
+        .await;
+    let mut t = host.terminal(1).await;
+    let total = 600;
+    let sender = {
+        let api = host.api.clone();
+        tokio::spawn(async move {
+            for n in 0..total {
+                api.send(0, &[1], json!({"n": n}), false).await;
+                if n % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut swapped = false;
+    while seen.len() < total {
+        let text = t.next_text().await;
+        let value: Value = serde_json::from_str(&text).expect("json");
+        let by = value["moderated_by"].as_str().expect("stamped").to_owned();
+        seen.push((value["n"].as_i64().expect("n"), by));
+        if seen.len() == 100 && !swapped {
+            // Deploy the Python build of the same filter under the same name.
+            dir.install("moderation", &example("py-moderation"), manifest);
+            swapped = true;
+        }
+    }
+    sender.await.expect("sender");
+    let numbers: Vec<i64> = seen.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        numbers,
+        (0..total as i64).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    // Once Python served a message, JavaScript never did again.
+    let first_python = seen
+        .iter()
+        .position(|(_, by)| by == "python")
+        .unwrap_or(seen.len());
+    assert!(
+        seen[first_python..].iter().all(|(_, by)| by == "python"),
+        "the switch is monotonic"
+    );
+    assert!(seen[..100].iter().all(|(_, by)| by == "javascript"));
+    let row = host
+        .plugin_where("moderation", "python build active", |p| {
+            p["hash"] != first["hash"]
+        })
+        .await;
+    assert_eq!(row["state"], "active");
+    // After the stream, the Python build serves.
+    host.send(0, &[1], json!({"n": -1}), false).await;
+    assert_eq!(t.next_text().await, r#"{"n":-1,"moderated_by":"python"}"#);
+    assert_eq!(
+        host.client(1).await.connections,
+        1,
+        "no socket closed by the swap"
+    );
+}
+
+#[tokio::test]
+async fn connects_wait_for_an_auth_plugin_that_is_still_compiling() {
+    let dir = PluginDir::new();
+    dir.install(
+        "hmac-auth",
+        &example("js-hmac-auth"),
+        &format!("[settings]\nsecret = \"{SECRET}\"\n"),
+    );
+    // A cache of its own (nothing precompiled) and no baseline tier: the
+    // optimized compile of 12 MB of JavaScript takes seconds here.
+    let cache = tempfile::tempdir().expect("cache");
+    let listener = imhost::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = Options {
+        listen: Some(addr),
+        api_key: Some(imhost_tests::api::API_KEY.into()),
+        plugins: Some(dir.path().to_owned()),
+        plugin_cache: Some(cache.path().join("c")),
+        plugin_tiering: Some(false),
+        ..Options::default()
+    }
+    .resolve()
+    .expect("config");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let node = tokio::spawn(imhost::server::run(
+        listener,
+        config,
+        stop.clone().cancelled_owned(),
+    ));
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+
+    // Serving at once; the directory is scanned in milliseconds, the plugin
+    // compiles for seconds.
+    let rows = imhost_tests::eventually("hmac-auth listed as compiling", || async {
+        let rows = api.plugins().await;
+        (rows.len() == 1 && rows[0]["state"] == "compiling").then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0]["compiling"]["tier"], "optimized");
+    assert_eq!(
+        rows[0]["hooks"],
+        json!(["auth"]),
+        "read from the file before compiling"
+    );
+    // While it compiles, a WebSocket handshake is
+    // refused with 503, Retry-After and the JSON error body.
+    let refused = Terminal::connect(&format!("ws://{addr}/ws?token=x")).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+        panic!("expected an HTTP refusal, got {:?}", refused.map(|_| ()));
+    };
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value =
+        serde_json::from_slice(response.body().as_deref().unwrap_or_default()).expect("json body");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let ready = api
+        .http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let said = ready.text().await.expect("text");
+    assert!(said.contains("hmac-auth compiling"), "{said}");
+
+    imhost_tests::eventually_within("ready", imhost_tests::COMPILE_DEADLINE, || async {
+        let r = api
+            .http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let url = format!(
+        "ws://{addr}/ws?token={}",
+        hmac_token(5, now_ms() + 60_000, SECRET)
+    );
+    Terminal::connect(&url).await.expect("connects once active");
+    stop.cancel();
+    node.await.expect("node").expect("clean stop");
+}
+
+#[tokio::test]
+async fn plugin_check_refuses_a_plugin_whose_start_code_traps() {
+    let dir = PluginDir::new();
+    dir.install("start-trap", guests::START_TRAP, "");
+    let out = std::process::Command::new(imhost_tests::process::imhost_bin())
+        .args(["plugin", "check"])
+        .arg(dir.path().join("start-trap.wasm"))
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("instantiation failed"), "{said}");
+
+    // The server refuses it the same way, and says so.
+    let host = host_with(&dir).await;
+    let row = host
+        .plugin_where("start-trap", "refused", |p| p["state"] == "failed")
+        .await;
+    assert!(
+        row["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("instantiation failed")),
+        "{row}"
+    );
+
+    // A name the server would ignore is refused by check too.
+    std::fs::copy(guests::TEMPLATE, dir.path().join("my.filter.wasm")).expect("copy");
+    let out = std::process::Command::new(imhost_tests::process::imhost_bin())
+        .args(["plugin", "check"])
+        .arg(dir.path().join("my.filter.wasm"))
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignores this file"));
+}
