@@ -29,6 +29,10 @@ pub const RECEIPT_DELIVERED: &str = "发送成功";
 /// The receipt text FreeIM sends back when the receiver is not connected.
 pub const RECEIPT_OFFLINE: &str = "用户不在线";
 
+/// imhost extension: the receipt text when a filter plugin dropped the
+/// message; the receipt then also carries `"reason"`.
+pub const RECEIPT_FILTERED: &str = "消息被拦截";
+
 const CHAN_MESSAGE_MARKER: &str = "__FreeIM__(ChanMessage)";
 const FORCE_OFFLINE_MARKER: &str = "__FreeIM__(ForceOffline)";
 
@@ -245,6 +249,23 @@ pub fn group_by_node<'a>(
         }
     }
     groups
+}
+
+/// The receipt for a message a filter dropped: FreeIM's shape with the
+/// [`RECEIPT_FILTERED`] text and a `reason` beside it.
+pub fn receipt_filtered(content: &str, reason: &str) -> String {
+    #[derive(Serialize)]
+    struct Receipt<'a> {
+        content: &'a str,
+        receipt: &'a str,
+        reason: &'a str,
+    }
+    serde_json::to_string(&Receipt {
+        content,
+        receipt: RECEIPT_FILTERED,
+        reason,
+    })
+    .unwrap_or_default()
 }
 
 /// The text a sender gets back as a receipt: `{"content":"<content>","receipt":"…"}`,

@@ -2,16 +2,27 @@
 //! delivery rules (SPEC section 2): receipts with FreeIM's exact texts, the
 //! sender-echo rule, channel and broadcast fan-out, force-offline.
 //!
-//! One task drains the inbox in order, so messages published in order by one
-//! caller reach a socket in that order. Handing a message to sockets never waits
-//! (see [`crate::registry`]), so the task only waits on the presence store.
+//! # Order, and filters on every core
+//! Messages reach each socket in the order the inbox received them. Without
+//! a filter plugin, one task applies them one by one (handing a message to
+//! sockets never waits; see [`crate::registry`]). With filters, the chain of
+//! each message runs on a task of its own, so filter calls for different
+//! messages use every core and the plugin's warm instances, while their
+//! results are applied strictly in arrival order (a `FuturesOrdered`): a slow
+//! filter call delays the messages behind it, never reorders them. At most
+//! as many messages are in the filter stage as the chain's smallest instance
+//! pool allows (each call then finds a warm instance).
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use imhost_client::ClientId;
 use imhost_client::wire::{
     ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, receipt,
+    receipt_filtered,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::node::Node;
@@ -22,13 +33,43 @@ use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Delivery};
 use crate::stats::Stats;
 
+/// A message through the filter stage, ready to apply.
+enum Ready {
+    /// Deliver as it is (content possibly replaced by a filter).
+    Deliver(ServerMessage),
+    /// A filter dropped it.
+    Dropped {
+        message: ServerMessage,
+        plugin: String,
+        reason: String,
+    },
+}
+
 /// Drains `inbox` until the node has drained its sockets.
 pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
-    loop {
+    let mut filtering: FuturesOrdered<JoinHandle<Ready>> = FuturesOrdered::new();
+    let mut open = true;
+    while open || !filtering.is_empty() {
+        let room = filtering.len() < filter_concurrency(&node);
         tokio::select! {
-            message = inbox.recv() => match message {
-                Some(message) => handle(&node, message).await,
-                None => break,
+            biased;
+            Some(done) = filtering.next(), if !filtering.is_empty() => match done {
+                Ok(ready) => apply(&node, ready).await,
+                Err(err) => {
+                    Stats::incr(&node.stats.dispatch_errors);
+                    warn!(cause = %err, "a filter task failed; its message is lost");
+                }
+            },
+            message = inbox.recv(), if open && room => match message {
+                Some(message) => {
+                    if filtering.is_empty() && !has_filter(&node) {
+                        apply(&node, Ready::Deliver(message)).await;
+                    } else {
+                        let node = node.clone();
+                        filtering.push_back(tokio::spawn(async move { filter_stage(&node, message).await }));
+                    }
+                }
+                None => open = false,
             },
             () = node.shutdown.drained().cancelled() => break,
         }
@@ -36,49 +77,103 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
     debug!("dispatcher stopped");
 }
 
-/// Acts on one message addressed to this node.
+fn has_filter(node: &Node) -> bool {
+    node.plugins.current().has(Hook::Filter)
+}
+
+/// Messages allowed in the filter stage at once: the smallest warm pool of
+/// the filter chain (at least 1).
+fn filter_concurrency(node: &Node) -> usize {
+    node.plugins.current().filter_pool().max(1)
+}
+
+/// Acts on one message addressed to this node, filters included (for callers
+/// outside the dispatcher, such as benchmarks).
 pub async fn handle(node: &Node, message: ServerMessage) {
-    match message {
-        ServerMessage::Direct(direct) => deliver_direct(node, direct).await,
-        ServerMessage::Chan(chan) => deliver_chan(node, chan).await,
-        ServerMessage::ForceOffline { client_id } => {
+    let ready = if has_filter(node) {
+        filter_stage(node, message).await
+    } else {
+        Ready::Deliver(message)
+    };
+    apply(node, ready).await;
+}
+
+/// Runs the filter chain over a message's content.
+async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
+    let (sender, target, content) = match &message {
+        ServerMessage::Direct(d) => (d.sender, Target::Direct(d.receivers.clone()), &d.content),
+        ServerMessage::Chan(c) => (
+            c.sender,
+            match &c.chan {
+                Some(chan) => Target::Channel(chan.clone()),
+                None => Target::Broadcast,
+            },
+            &c.content,
+        ),
+        ServerMessage::ForceOffline { .. } => return Ready::Deliver(message),
+    };
+    let outcome = node
+        .plugins
+        .filter(filter::Message {
+            sender,
+            target,
+            content: content.clone(),
+            node: node.topology.me.clone(),
+        })
+        .await;
+    match outcome {
+        FilterOutcome::Deliver { content, replaced } => {
+            if !replaced {
+                return Ready::Deliver(message);
+            }
+            Stats::incr(&node.stats.filtered_replaced);
+            Ready::Deliver(match message {
+                ServerMessage::Direct(d) => ServerMessage::Direct(DirectMessage { content, ..d }),
+                ServerMessage::Chan(c) => ServerMessage::Chan(ChanMessage { content, ..c }),
+                other => other,
+            })
+        }
+        FilterOutcome::Drop { plugin, reason } => {
+            Stats::incr(&node.stats.filtered_dropped);
+            debug!(%plugin, %reason, "message dropped by a filter");
+            Ready::Dropped {
+                message,
+                plugin,
+                reason,
+            }
+        }
+    }
+}
+
+/// Applies a message that went through the filter stage.
+async fn apply(node: &Node, ready: Ready) {
+    match ready {
+        Ready::Deliver(ServerMessage::Direct(direct)) => deliver_direct(node, direct).await,
+        Ready::Deliver(ServerMessage::Chan(chan)) => deliver_chan(node, chan).await,
+        Ready::Deliver(ServerMessage::ForceOffline { client_id }) => {
             let closed = node
                 .registry
                 .close_client(client_id, CloseReason::ForcedOffline);
             Stats::add(&node.stats.forced_offline, closed as u64);
         }
-    }
-}
-
-/// Runs the filter chain once for a message on this node; `None`: dropped.
-/// The target is only built when a filter is loaded.
-async fn filtered(
-    node: &Node,
-    sender: ClientId,
-    target: impl FnOnce() -> Target,
-    content: String,
-) -> Option<String> {
-    if !node.plugins.current().has(Hook::Filter) {
-        return Some(content);
-    }
-    let message = filter::Message {
-        sender,
-        target: target(),
-        content,
-        node: node.topology.me.clone(),
-    };
-    match node.plugins.filter(message).await {
-        FilterOutcome::Deliver { content, replaced } => {
-            if replaced {
-                Stats::incr(&node.stats.filtered_replaced);
+        Ready::Dropped {
+            message: ServerMessage::Direct(direct),
+            plugin,
+            reason,
+        } => {
+            // A sender who asked for receipts learns that, and why: a
+            // rate-limited user must not believe the message went through.
+            if direct.receipt && direct.sender != 0 {
+                let why = format!("{plugin}: {reason}");
+                for &receiver in &direct.receivers {
+                    if receiver != direct.sender {
+                        let text = receipt_filtered(&direct.content, &why);
+                        send_receipt(node, receiver, direct.sender, text).await;
+                    }
+                }
             }
-            Some(content)
         }
-        FilterOutcome::Drop { plugin, reason } => {
-            Stats::incr(&node.stats.filtered_dropped);
-            debug!(%plugin, %reason, "message dropped by a filter");
-            None
-        }
+        Ready::Dropped { .. } => {}
     }
 }
 
@@ -89,10 +184,6 @@ async fn deliver_direct(node: &Node, msg: DirectMessage) {
         content,
         receipt: receipt_asked,
     } = msg;
-    let target = || Target::Direct(receivers.clone());
-    let Some(content) = filtered(node, sender, target, content).await else {
-        return;
-    };
     let wants_receipt = |receiver: ClientId| receipt_asked && sender != 0 && receiver != sender;
     // One buffer for every socket of every receiver (the String moves in).
     let text = Utf8Bytes::from(content);
@@ -138,13 +229,6 @@ async fn deliver_chan(node: &Node, msg: ChanMessage) {
         chan,
         content,
     } = msg;
-    let target = || match &chan {
-        Some(chan) => Target::Channel(chan.clone()),
-        None => Target::Broadcast,
-    };
-    let Some(content) = filtered(node, sender, target, content).await else {
-        return;
-    };
     let text = Utf8Bytes::from(content);
     match &chan {
         None => {

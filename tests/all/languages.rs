@@ -111,10 +111,16 @@ async fn moderation_in(language: &str, file: &str) {
     );
     host.send(0, &[1], json!("no darn way"), false).await;
     assert_eq!(t.next_text().await, r#""no **** way""#);
-    // Too long: dropped; the next message still arrives.
-    host.send(0, &[1], json!("x".repeat(100)), false).await;
+    // Too long: dropped; the next message still arrives, and a sender who
+    // asked for a receipt learns that it was dropped, and why.
+    let mut sender = host.terminal(9).await;
+    host.send(9, &[1], json!("x".repeat(100)), true).await;
     host.send(0, &[1], json!("short"), false).await;
     assert_eq!(t.next_text().await, r#""short""#);
+    let receipt: Value = serde_json::from_str(&sender.next_text().await).expect("receipt");
+    assert_eq!(receipt["receipt"], "消息被拦截");
+    assert_eq!(receipt["content"], json!("x".repeat(100)).to_string());
+    assert_eq!(receipt["reason"], "moderation: longer than 60 bytes");
     assert_eq!(host.stats().await.filtered_dropped, 1);
 }
 

@@ -52,6 +52,7 @@ impl Cluster {
         }
         for node in &cluster.nodes {
             node.api.wait_serving().await;
+            node.api.wait_plugins_settled().await;
         }
         cluster
     }

@@ -74,6 +74,14 @@ impl PluginSet {
     pub fn has(&self, hook: Hook) -> bool {
         self.chain(hook).next().is_some()
     }
+
+    /// The smallest warm-instance pool in the filter chain (0: no filter).
+    pub fn filter_pool(&self) -> usize {
+        self.chain(Hook::Filter)
+            .map(|p| p.manifest.pool)
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// What the auth chain decided.

@@ -1,7 +1,9 @@
 //! Test guest: tells which version of a hot-swapped plugin handled what.
 //!
 //! - filter: wraps every message as `{"v":N,"m":<message>}`, N being the
-//!   `version` setting.
+//!   `version` setting, after busy-waiting `filter_delay_us` (a filter of a
+//!   known cost, for benchmarks), or `delay_ms` when the message contains
+//!   `slow`.
 //! - inbound: on the frame `slow`, says `{"v":N,"started":true}` to the
 //!   client `notify` (through the host: another socket, so it is seen while
 //!   this call still runs), busy-waits `delay_ms`, then replies
@@ -18,6 +20,8 @@ struct Settings {
     delay_ms: u64,
     #[serde(default)]
     notify: i64,
+    #[serde(default)]
+    filter_delay_us: u64,
 }
 
 fn settings() -> Settings {
@@ -25,14 +29,28 @@ fn settings() -> Settings {
         version: -1,
         delay_ms: 0,
         notify: 0,
+        filter_delay_us: 0,
     })
+}
+
+fn spin(duration: std::time::Duration) {
+    let until = std::time::Instant::now() + duration;
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
 
 struct Tagger;
 
 impl Filter for Tagger {
     fn check(message: Message) -> Verdict {
-        let version = settings().version;
+        let settings = settings();
+        let version = settings.version;
+        spin(if message.content.contains("slow") {
+            std::time::Duration::from_millis(settings.delay_ms)
+        } else {
+            std::time::Duration::from_micros(settings.filter_delay_us)
+        });
         Verdict::Replace(format!(r#"{{"v":{version},"m":{}}}"#, message.content))
     }
 }
@@ -46,15 +64,13 @@ impl Inbound for Tagger {
             version,
             delay_ms,
             notify,
+            ..
         } = settings();
         let started = format!(r#"{{"v":{version},"started":true}}"#);
         if let Err(err) = imhost_sdk::host::send_message(0, &[notify], &started, false) {
             imhost_sdk::host::warn(&err);
         }
-        let until = std::time::Instant::now() + std::time::Duration::from_millis(delay_ms);
-        while std::time::Instant::now() < until {
-            std::hint::spin_loop();
-        }
+        spin(std::time::Duration::from_millis(delay_ms));
         Action::Reply(format!(r#"{{"v":{version},"done":true}}"#))
     }
 }
