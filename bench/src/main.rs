@@ -720,6 +720,7 @@ mod plugins {
                 cache_dir: None,
                 compiler: imhost::plugins::compile::Compiler::InProcess,
                 tiered: false,
+                cache_keep: 0,
             },
             Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
             Arc::default(),

@@ -49,6 +49,9 @@ pub struct Options {
     /// `~/.cache/imhost/plugins`.
     #[arg(long, env = "IMHOST_PLUGIN_CACHE", value_name = "DIR")]
     pub plugin_cache: Option<PathBuf>,
+    /// Compiled plugins kept in the cache besides the running ones (default 8).
+    #[arg(long, env = "IMHOST_PLUGIN_CACHE_KEEP", value_name = "N")]
+    pub plugin_cache_keep: Option<usize>,
     /// Serve a new plugin from the fast baseline compiler first, then swap in
     /// the optimized build (default true).
     #[arg(long, env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -121,6 +124,7 @@ pub struct Config {
     pub api_key_generated: bool,
     pub plugins: Option<PathBuf>,
     pub plugin_cache: PathBuf,
+    pub plugin_cache_keep: usize,
     pub plugin_tiering: bool,
     pub watch_plugins: bool,
     pub demo: bool,
@@ -217,6 +221,7 @@ impl Options {
             api_key: self.api_key.or(lower.api_key),
             plugins: self.plugins.or(lower.plugins),
             plugin_cache: self.plugin_cache.or(lower.plugin_cache),
+            plugin_cache_keep: self.plugin_cache_keep.or(lower.plugin_cache_keep),
             plugin_tiering: self.plugin_tiering.or(lower.plugin_tiering),
             watch_plugins: self.watch_plugins.or(lower.watch_plugins),
             demo: self.demo.or(lower.demo),
@@ -313,6 +318,9 @@ impl Options {
             api_key_generated,
             plugin_cache: self.plugin_cache.unwrap_or_else(default_plugin_cache),
             plugin_tiering: self.plugin_tiering.unwrap_or(true),
+            plugin_cache_keep: self
+                .plugin_cache_keep
+                .unwrap_or(crate::plugins::compile::KEEP_RECENT_ARTIFACTS),
             plugins: self.plugins,
             watch_plugins: self.watch_plugins.unwrap_or(true),
             demo: self.demo.unwrap_or(false),

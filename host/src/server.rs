@@ -108,6 +108,7 @@ pub async fn run(
             cache_dir: Some(config.plugin_cache.clone()),
             compiler: Compiler::for_this_process(),
             tiered: config.plugin_tiering,
+            cache_keep: config.plugin_cache_keep,
         },
         backends.kv.clone(),
         stats.clone(),

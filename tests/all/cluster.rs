@@ -205,6 +205,15 @@ async fn freeim_bytes_in_redis_work_both_ways() {
         .await
         .expect("publish");
     skip_own(&mut bus).await;
+    // The node applies its channel in order: once a direct message published
+    // after "before" arrives, "before" has been handled (and not delivered).
+    let sync = format!(r#"{{"Item1":0,"Item2":[{client}],"Item3":"\"sync\"","Item4":false}}"#);
+    let _: i64 = conn
+        .publish(keys.server(node), sync)
+        .await
+        .expect("publish");
+    assert_eq!(terminal.next_text().await, r#""sync""#);
+    skip_own(&mut bus).await;
     let () = redis::Script::new(
         "if redis.call('HSETNX', KEYS[1], ARGV[1], 0) == 1 then redis.call('HSET', KEYS[2], ARGV[2], 0); redis.call('HINCRBY', KEYS[3], ARGV[2], 1) end",
     )

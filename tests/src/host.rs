@@ -22,6 +22,8 @@ impl TestHost {
             listen: Some(addr),
             api_key: Some(API_KEY.into()),
             plugin_cache: Some(crate::plugin_cache()),
+            // Tests share one cache: keep what every test uses.
+            plugin_cache_keep: Some(256),
             ..Options::default()
         };
         let config = options.or(defaults).resolve().expect("test config");

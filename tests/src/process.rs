@@ -51,6 +51,7 @@ impl ImhostProcess {
             .args(args)
             .env_remove("RUST_LOG")
             .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
+            .env("IMHOST_PLUGIN_CACHE_KEEP", "256")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -44,7 +44,7 @@ const PACKAGE: &str = "imhost:plugin/";
 /// First bytes of every artifact file of ours.
 const ARTIFACT_MAGIC: &[u8; 8] = b"IMHOSTA1";
 const MAC_LEN: usize = 32;
-/// Artifacts kept besides the active ones.
+/// Artifacts kept besides the active ones, by default.
 pub const KEEP_RECENT_ARTIFACTS: usize = 8;
 
 /// Why a file did not become a plugin.
@@ -316,6 +316,10 @@ impl ArtifactCache {
     pub fn load(&self, hash: &str, tier: Tier) -> Option<Result<Compiled, LoadError>> {
         let path = self.path(hash, tier);
         let bytes = std::fs::read(&path).ok()?;
+        // Used now: pruning keeps the most recently used.
+        if let Ok(file) = std::fs::File::options().append(true).open(&path) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
         let artifact = bytes
             .strip_prefix(ARTIFACT_MAGIC)
             .and_then(|rest| rest.split_at_checked(MAC_LEN));
@@ -343,8 +347,8 @@ impl ArtifactCache {
     }
 
     /// Deletes artifacts that are neither of a hash in `active` nor among the
-    /// [`KEEP_RECENT_ARTIFACTS`] most recently written.
-    pub fn prune(&self, active: &[String]) {
+    /// `keep` most recently used.
+    pub fn prune(&self, active: &[String], keep: usize) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -360,7 +364,7 @@ impl ArtifactCache {
             })
             .collect();
         others.sort_by_key(|entry| std::cmp::Reverse(entry.0));
-        for (_, path) in others.into_iter().skip(KEEP_RECENT_ARTIFACTS) {
+        for (_, path) in others.into_iter().skip(keep) {
             if std::fs::remove_file(&path).is_ok() {
                 tracing::debug!(file = %path.display(), "pruned a compiled plugin");
             }

@@ -224,6 +224,8 @@ pub struct LoaderConfig {
     pub compiler: Compiler,
     /// Serve a baseline build first, then swap in the optimized one.
     pub tiered: bool,
+    /// Artifacts kept in the cache besides the running versions'.
+    pub cache_keep: usize,
 }
 
 /// Everything one load of one file needs, owned, so it can move to a task.
@@ -653,7 +655,7 @@ impl PluginHost {
                 .iter()
                 .map(|p| p.hash.clone())
                 .collect();
-            cache.prune(&active);
+            cache.prune(&active, self.loader.cache_keep);
         }
     }
 
