@@ -33,6 +33,8 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+mod languages;
+
 const API_KEY: &str = "bench-api-key-0123456789";
 
 #[derive(Parser)]
@@ -61,6 +63,13 @@ struct Args {
     /// Only the plugin scenarios.
     #[arg(long)]
     only_plugins: bool,
+    /// Only the plugins-in-every-language scenarios (needs
+    /// `examples/plugins/build` first).
+    #[arg(long)]
+    only_languages: bool,
+    /// Compiled-plugin cache of the nodes under test.
+    #[arg(long, default_value = "target/bench-plugin-cache")]
+    plugin_cache: PathBuf,
     /// Where the built guest plugins are (scripts/bench builds them).
     #[arg(long, default_value = "target/plugins/wasm32-wasip2/release")]
     guests: PathBuf,
@@ -77,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_plugins {
         return plugins::compare(&args).await;
+    }
+    if args.only_languages {
+        return languages::compare(&args).await;
     }
     let imhost = measure(&args, Target::Imhost).await.context("imhost run")?;
     let bare = measure(&args, Target::Baseline)
@@ -143,6 +155,7 @@ fn spawn_imhost(
         .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
         .args(extra)
         .env("RUST_LOG", "warn")
+        .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache)
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -727,6 +740,42 @@ mod plugins {
         ))
     }
 
+    /// Mean µs of one filter chain run of the plugin at `wasm`, in process.
+    pub async fn filter_call_us(wasm: &Path, manifest: &str) -> anyhow::Result<f64> {
+        let dir = tempfile::tempdir()?;
+        std::fs::copy(wasm, dir.path().join("p.wasm"))
+            .with_context(|| format!("copy {}", wasm.display()))?;
+        std::fs::write(dir.path().join("p.toml"), manifest)?;
+        let host = in_process_host(dir.path());
+        anyhow::ensure!(host.reload().await.is_empty(), "{} did not load", wasm.display());
+        Ok(per_call(&host).await)
+    }
+
+    /// Mean µs of one inbound chain run (frame `ping`), in process.
+    pub async fn inbound_call_us(wasm: &Path, manifest: &str) -> anyhow::Result<f64> {
+        let dir = tempfile::tempdir()?;
+        std::fs::copy(wasm, dir.path().join("p.wasm"))
+            .with_context(|| format!("copy {}", wasm.display()))?;
+        std::fs::write(dir.path().join("p.toml"), manifest)?;
+        let host = in_process_host(dir.path());
+        anyhow::ensure!(host.reload().await.is_empty(), "{} did not load", wasm.display());
+        let frame = imhost::plugins::bindings::exports::imhost::plugin::inbound::Frame {
+            client_id: 1,
+            metadata: None,
+            node: "bench".into(),
+            text: "ping".into(),
+        };
+        for _ in 0..200 {
+            host.inbound(&frame).await;
+        }
+        let n = 20_000;
+        let started = Instant::now();
+        for _ in 0..n {
+            host.inbound(&frame).await;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(n))
+    }
+
     fn message() -> filter::Message {
         filter::Message {
             sender: 1,
@@ -798,12 +847,13 @@ mod plugins {
         Ok(())
     }
 
-    async fn wait_plugins(
+    /// Waits until `n` plugins serve from their optimized build.
+    pub async fn wait_plugins(
         http: &reqwest::Client,
         addr: SocketAddr,
         n: usize,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             let list: Vec<serde_json::Value> = http
                 .get(format!("http://{addr}/api/v1/plugins"))
@@ -812,7 +862,10 @@ mod plugins {
                 .await?
                 .json()
                 .await?;
-            if list.iter().filter(|p| p["state"] == "active").count() >= n {
+            let settled = |p: &&serde_json::Value| {
+                p["state"] == "active" && p["tier"] == "optimized" && p["compiling"].is_null()
+            };
+            if list.iter().filter(settled).count() >= n {
                 return Ok(());
             }
             anyhow::ensure!(Instant::now() < deadline, "plugins did not load: {list:?}");
