@@ -104,7 +104,7 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
                     name: "bench".into(),
                     settings_json: "{}".into(),
                     kv: Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
-                    node: Arc::default(),
+                    outbox: None,
                     timeout: Duration::from_secs(5),
                 }),
                 String::new(),
@@ -126,16 +126,14 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
 
 /// Mean µs per hook call in this process, warm instances, optimized tier.
 async fn call_costs(args: &Args) -> anyhow::Result<()> {
-    let filter_manifest = "pool = 1\n[settings]\nbanned = [\"darn\", \"heck\"]\nmax_length = 4096\n";
+    let filter_manifest =
+        "pool = 1\n[settings]\nbanned = [\"darn\", \"heck\"]\nmax_length = 4096\n";
     let rust = super::plugins::filter_call_us(
         &args.guests.join("word_filter.wasm"),
         "pool = 1\n[settings]\nwords = [\"darn\", \"heck\"]\n",
     )
     .await?;
-    for (label, file) in [
-        ("javascript", "js-moderation"),
-        ("python", "py-moderation"),
-    ] {
+    for (label, file) in [("javascript", "js-moderation"), ("python", "py-moderation")] {
         let us = super::plugins::filter_call_us(&example(file), filter_manifest).await?;
         row(
             &format!("µs per filter call, {label} vs rust"),
@@ -195,7 +193,10 @@ async fn write_to_serving(args: &Args) -> anyhow::Result<()> {
                     break started.elapsed();
                 }
             }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "{label} never served");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "{label} never served"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let first = first.unwrap_or(optimized);
@@ -221,7 +222,12 @@ async fn write_to_serving(args: &Args) -> anyhow::Result<()> {
 async fn memory_after_loading(args: &Args) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let dir = tempfile::tempdir()?;
-    for name in ["js-hmac-auth", "js-moderation", "py-moderation", "py-presence-notify"] {
+    for name in [
+        "js-hmac-auth",
+        "js-moderation",
+        "py-moderation",
+        "py-presence-notify",
+    ] {
         std::fs::copy(example(name), dir.path().join(format!("{name}.wasm")))?;
         std::fs::copy(
             Path::new("target/plugins/examples").join(format!("{name}.toml")),
@@ -261,7 +267,10 @@ async fn filter_pool_throughput(args: &Args) -> anyhow::Result<()> {
     let mut rates = Vec::new();
     for pool in [1, 2, 4] {
         let dir = tempfile::tempdir()?;
-        std::fs::copy(args.guests.join("tagger.wasm"), dir.path().join("slow.wasm"))?;
+        std::fs::copy(
+            args.guests.join("tagger.wasm"),
+            dir.path().join("slow.wasm"),
+        )?;
         std::fs::write(
             dir.path().join("slow.toml"),
             format!("pool = {pool}\n[settings]\nversion = 1\nfilter_delay_us = 50\n"),

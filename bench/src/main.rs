@@ -647,8 +647,7 @@ mod plugins {
     use futures_util::StreamExt;
     use hmac::{Hmac, Mac};
     use imhost::plugins::PluginHost;
-    use imhost::plugins::bindings::exports::imhost::plugin::filter;
-    use imhost::plugins::bindings::imhost::plugin::types::Target;
+    use imhost::plugins::hooks::{InboundFrame, Outgoing, Target};
     use tokio::net::TcpStream;
     use tokio::process::Child;
     use tokio::sync::Semaphore;
@@ -736,6 +735,7 @@ mod plugins {
                 cache_keep: 0,
             },
             Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
+            None,
             Arc::default(),
         ))
     }
@@ -747,7 +747,11 @@ mod plugins {
             .with_context(|| format!("copy {}", wasm.display()))?;
         std::fs::write(dir.path().join("p.toml"), manifest)?;
         let host = in_process_host(dir.path());
-        anyhow::ensure!(host.reload().await.is_empty(), "{} did not load", wasm.display());
+        anyhow::ensure!(
+            host.reload().await.is_empty(),
+            "{} did not load",
+            wasm.display()
+        );
         Ok(per_call(&host).await)
     }
 
@@ -758,8 +762,12 @@ mod plugins {
             .with_context(|| format!("copy {}", wasm.display()))?;
         std::fs::write(dir.path().join("p.toml"), manifest)?;
         let host = in_process_host(dir.path());
-        anyhow::ensure!(host.reload().await.is_empty(), "{} did not load", wasm.display());
-        let frame = imhost::plugins::bindings::exports::imhost::plugin::inbound::Frame {
+        anyhow::ensure!(
+            host.reload().await.is_empty(),
+            "{} did not load",
+            wasm.display()
+        );
+        let frame = InboundFrame {
             client_id: 1,
             metadata: None,
             node: "bench".into(),
@@ -776,8 +784,8 @@ mod plugins {
         Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(n))
     }
 
-    fn message() -> filter::Message {
-        filter::Message {
+    fn message() -> Outgoing {
+        Outgoing {
             sender: 1,
             target: Target::Direct(vec![2]),
             content: r#"{"text":"hello there, how are you today?","n":1}"#.into(),

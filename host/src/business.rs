@@ -8,9 +8,31 @@ use imhost_client::ClientId;
 use imhost_client::api::{ChannelInfo, ClientInfo, ConnectUrlResponse};
 use imhost_client::wire::{ChanMessage, DirectMessage, ServerMessage, TokenValue, group_by_node};
 
+use std::sync::Arc;
+
+use crate::cluster::{ClusterError, Relay, Topology};
 use crate::config::WS_PATH;
-use crate::http::AppError;
 use crate::node::Node;
+
+/// What sending needs: who owns which client, and the relay to reach them.
+/// Built before the node, so the plugins' host calls hold it directly.
+#[derive(Clone)]
+pub struct Outbox {
+    pub topology: Topology,
+    pub relay: Arc<dyn Relay>,
+}
+
+/// Why a business operation failed. The HTTP layer maps it to a response;
+/// plugins' host calls get its text.
+#[derive(Debug, thiserror::Error)]
+pub enum BusinessError {
+    /// The caller asked for something that cannot be (a bad channel name).
+    #[error("{0}")]
+    Invalid(String),
+    /// The cluster could not do it now.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
 
 /// Longest channel name accepted, in bytes.
 const MAX_CHANNEL_NAME: usize = 256;
@@ -22,9 +44,9 @@ pub fn message_text(message: &serde_json::Value) -> String {
 }
 
 /// Checks a channel name taken from a URL path.
-pub fn check_channel(chan: &str) -> Result<(), AppError> {
+pub fn check_channel(chan: &str) -> Result<(), BusinessError> {
     if chan.is_empty() || chan.len() > MAX_CHANNEL_NAME {
-        return Err(AppError::BadRequest(format!(
+        return Err(BusinessError::Invalid(format!(
             "channel name must be 1 to {MAX_CHANNEL_NAME} bytes"
         )));
     }
@@ -36,7 +58,7 @@ pub async fn connect_url(
     node: &Node,
     client_id: ClientId,
     metadata: Option<String>,
-) -> Result<ConnectUrlResponse, AppError> {
+) -> Result<ConnectUrlResponse, BusinessError> {
     let value = TokenValue {
         client_id,
         metadata,
@@ -54,51 +76,52 @@ pub async fn connect_url(
 
 /// Sends `content` to `receivers`, with receipts back to `sender` when asked.
 pub async fn send_message(
-    node: &Node,
+    outbox: &Outbox,
     sender: ClientId,
     receivers: &[ClientId],
     content: String,
     receipt: bool,
-) -> Result<(), AppError> {
-    for (server, ids) in group_by_node(receivers, &node.topology.servers) {
+) -> Result<(), BusinessError> {
+    for (server, ids) in group_by_node(receivers, &outbox.topology.servers) {
         let message = ServerMessage::Direct(DirectMessage {
             sender,
             receivers: ids,
             content: content.clone(),
             receipt,
         });
-        node.relay.send(server, message).await?;
+        outbox.relay.send(server, message).await?;
     }
     Ok(())
 }
 
 /// Sends `content` to a channel's members (every client when `chan` is `None`).
 pub async fn send_chan_message(
-    node: &Node,
+    outbox: &Outbox,
     sender: ClientId,
     chan: Option<String>,
     content: String,
-) -> Result<(), AppError> {
+) -> Result<(), BusinessError> {
     let message = ServerMessage::Chan(ChanMessage {
         sender,
         chan,
         content,
     });
-    node.relay.send_all(message).await?;
+    outbox.relay.send_all(message).await?;
     Ok(())
 }
 
 /// Closes every socket of `client_id`, wherever it is.
-pub async fn force_offline(node: &Node, client_id: ClientId) -> Result<(), AppError> {
-    let server = node.topology.node_for(client_id).to_owned();
-    node.relay
+pub async fn force_offline(outbox: &Outbox, client_id: ClientId) -> Result<(), BusinessError> {
+    let server = outbox.topology.node_for(client_id).to_owned();
+    outbox
+        .relay
         .send(&server, ServerMessage::ForceOffline { client_id })
         .await?;
     Ok(())
 }
 
 /// What the cluster knows about one client.
-pub async fn client_info(node: &Node, client_id: ClientId) -> Result<ClientInfo, AppError> {
+pub async fn client_info(node: &Node, client_id: ClientId) -> Result<ClientInfo, BusinessError> {
     let connections = node.presence.connections(client_id).await?;
     let channels = node.presence.channels_of(client_id).await?;
     Ok(ClientInfo {
@@ -110,6 +133,6 @@ pub async fn client_info(node: &Node, client_id: ClientId) -> Result<ClientInfo,
 }
 
 /// Every channel with its member count.
-pub async fn channels(node: &Node) -> Result<Vec<ChannelInfo>, AppError> {
+pub async fn channels(node: &Node) -> Result<Vec<ChannelInfo>, BusinessError> {
     Ok(node.presence.channels().await?)
 }

@@ -27,8 +27,7 @@ use tracing::{debug, warn};
 
 use crate::node::Node;
 use crate::plugins::FilterOutcome;
-use crate::plugins::bindings::exports::imhost::plugin::filter;
-use crate::plugins::bindings::imhost::plugin::types::Target;
+use crate::plugins::hooks::{Outgoing, Target};
 use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Delivery};
 use crate::stats::Stats;
@@ -114,7 +113,7 @@ async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
     };
     let outcome = node
         .plugins
-        .filter(filter::Message {
+        .filter(Outgoing {
             sender,
             target,
             content: content.clone(),

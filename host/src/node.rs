@@ -35,6 +35,8 @@ pub struct Inner {
     pub connection_slots: Arc<Semaphore>,
     /// The cap itself, for logs and stats.
     pub max_connections: usize,
+    /// How business operations send (the plugins hold the same one).
+    pub outbox: crate::business::Outbox,
 }
 
 impl Node {
@@ -42,22 +44,6 @@ impl Node {
         Self {
             inner: Arc::new(inner),
         }
-    }
-
-    /// A handle that does not keep the node alive (for plugins, which the
-    /// node itself owns).
-    pub fn downgrade(&self) -> WeakNode {
-        WeakNode(Arc::downgrade(&self.inner))
-    }
-}
-
-/// See [`Node::downgrade`].
-#[derive(Clone)]
-pub struct WeakNode(std::sync::Weak<Inner>);
-
-impl WeakNode {
-    pub fn upgrade(&self) -> Option<Node> {
-        self.0.upgrade().map(|inner| Node { inner })
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{info, warn};
 
+use crate::business::Outbox;
 use crate::cluster::Backends;
 use crate::cluster::Topology;
 use crate::cluster::embedded::{EmbeddedPresence, EmbeddedRelay};
@@ -102,6 +103,10 @@ pub async fn run(
     } else {
         "embedded"
     };
+    let outbox = Outbox {
+        topology: topology.clone(),
+        relay: backends.relay.clone(),
+    };
     let plugins = Arc::new(PluginHost::new(
         LoaderConfig {
             dir: config.plugins.clone(),
@@ -111,6 +116,7 @@ pub async fn run(
             cache_keep: config.plugin_cache_keep,
         },
         backends.kv.clone(),
+        Some(outbox.clone()),
         stats.clone(),
     ));
     let node = Node::new(Inner {
@@ -123,11 +129,11 @@ pub async fn run(
         plugins: plugins.clone(),
         shutdown: stop.clone(),
         connection_slots: Arc::new(Semaphore::new(max_connections)),
+        outbox,
         max_connections,
         config,
     });
 
-    plugins.attach(node.downgrade());
     // Plugins load in the background: the node serves at once, `/readyz`
     // says when they are all active, and connects wait for auth plugins.
     tokio::spawn({

@@ -33,7 +33,14 @@ pub async fn send_message(
     Json(req): Json<SendMessageRequest>,
 ) -> Answer<Value> {
     let content = message_text(&req.message);
-    business::send_message(&node, req.sender, &req.receivers, content, req.receipt).await?;
+    business::send_message(
+        &node.outbox,
+        req.sender,
+        &req.receivers,
+        content,
+        req.receipt,
+    )
+    .await?;
     done()
 }
 
@@ -64,7 +71,7 @@ pub async fn channel_message(
 ) -> Answer<Value> {
     check_channel(&chan)?;
     let content = message_text(&req.message);
-    business::send_chan_message(&node, req.sender, Some(chan), content).await?;
+    business::send_chan_message(&node.outbox, req.sender, Some(chan), content).await?;
     done()
 }
 
@@ -72,7 +79,7 @@ pub async fn broadcast(
     State(node): State<Node>,
     Json(req): Json<BroadcastRequest>,
 ) -> Answer<Value> {
-    business::send_chan_message(&node, 0, None, message_text(&req.message)).await?;
+    business::send_chan_message(&node.outbox, 0, None, message_text(&req.message)).await?;
     done()
 }
 
@@ -94,7 +101,7 @@ pub async fn online(State(node): State<Node>) -> Answer<Vec<ClientId>> {
 }
 
 pub async fn force_offline(State(node): State<Node>, Path(id): Path<ClientId>) -> Answer<Value> {
-    business::force_offline(&node, id).await?;
+    business::force_offline(&node.outbox, id).await?;
     done()
 }
 

@@ -78,7 +78,7 @@ async fn say(State(node): State<Node>, Json(req): Json<Say>) -> Result<Json<Valu
         "text": clean(&req.text, 2000)?,
     });
     let content = business::message_text(&message);
-    business::send_chan_message(&node, req.client_id, Some(req.channel), content).await?;
+    business::send_chan_message(&node.outbox, req.client_id, Some(req.channel), content).await?;
     Ok(Json(json!({})))
 }
 
@@ -101,7 +101,7 @@ async fn direct(
         "text": clean(&req.text, 2000)?,
     });
     let content = business::message_text(&message);
-    business::send_message(&node, req.client_id, &[req.to], content, true).await?;
+    business::send_message(&node.outbox, req.client_id, &[req.to], content, true).await?;
     Ok(Json(json!({})))
 }
 
@@ -120,7 +120,7 @@ async fn broadcast(
         "from": clean(&req.name, 32)?,
         "text": clean(&req.text, 2000)?,
     });
-    business::send_chan_message(&node, 0, None, business::message_text(&message)).await?;
+    business::send_chan_message(&node.outbox, 0, None, business::message_text(&message)).await?;
     Ok(Json(json!({})))
 }
 

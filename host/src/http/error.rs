@@ -93,6 +93,15 @@ pub fn is_length_limit(err: &axum::Error) -> bool {
     false
 }
 
+impl From<crate::business::BusinessError> for AppError {
+    fn from(err: crate::business::BusinessError) -> Self {
+        match err {
+            crate::business::BusinessError::Invalid(why) => AppError::BadRequest(why),
+            crate::business::BusinessError::Cluster(err) => err.into(),
+        }
+    }
+}
+
 impl From<PathRejection> for AppError {
     fn from(rejection: PathRejection) -> Self {
         AppError::BadRequest(rejection.body_text())

@@ -6,7 +6,7 @@
 //! timeout, and reports a timeout to the guest as an error value.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use imhost_client::ClientId;
@@ -14,16 +14,17 @@ use imhost_client::ClientId;
 use super::bindings::imhost::plugin::host::{Host, Level};
 use super::bindings::imhost::plugin::types;
 use super::instance::PluginState;
+use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
-use crate::node::WeakNode;
 
 /// What one plugin version's host calls need.
 pub struct HostCtx {
     pub name: String,
     pub settings_json: String,
     pub kv: Arc<dyn PluginKv>,
-    /// Set once the node exists (the node owns the plugins, so this is weak).
-    pub node: Arc<OnceLock<WeakNode>>,
+    /// How host calls send; `None` where there is no cluster behind the
+    /// plugin (`imhost plugin check`).
+    pub outbox: Option<Outbox>,
     pub timeout: Duration,
 }
 
@@ -42,11 +43,10 @@ impl HostCtx {
         }
     }
 
-    fn node(&self) -> Result<crate::node::Node, String> {
-        self.node
-            .get()
-            .and_then(WeakNode::upgrade)
-            .ok_or_else(|| "node is shutting down".to_owned())
+    fn outbox(&self) -> Result<&Outbox, String> {
+        self.outbox
+            .as_ref()
+            .ok_or_else(|| "no cluster to send to (plugin check)".to_owned())
     }
 }
 
@@ -109,9 +109,9 @@ impl Host for PluginState {
     ) -> Result<(), String> {
         check_json(&content)?;
         let host = self.host.clone();
-        let node = host.node()?;
+        let outbox = host.outbox()?;
         host.bounded(crate::business::send_message(
-            &node, sender, &receivers, content, receipt,
+            outbox, sender, &receivers, content, receipt,
         ))
         .await
     }
@@ -125,9 +125,9 @@ impl Host for PluginState {
         check_json(&content)?;
         crate::business::check_channel(&channel).map_err(|e| e.to_string())?;
         let host = self.host.clone();
-        let node = host.node()?;
+        let outbox = host.outbox()?;
         host.bounded(crate::business::send_chan_message(
-            &node,
+            outbox,
             sender,
             Some(channel),
             content,
@@ -138,15 +138,15 @@ impl Host for PluginState {
     async fn broadcast(&mut self, content: String) -> Result<(), String> {
         check_json(&content)?;
         let host = self.host.clone();
-        let node = host.node()?;
-        host.bounded(crate::business::send_chan_message(&node, 0, None, content))
+        let outbox = host.outbox()?;
+        host.bounded(crate::business::send_chan_message(outbox, 0, None, content))
             .await
     }
 
     async fn force_offline(&mut self, client: ClientId) -> Result<(), String> {
         let host = self.host.clone();
-        let node = host.node()?;
-        host.bounded(crate::business::force_offline(&node, client))
+        let outbox = host.outbox()?;
+        host.bounded(crate::business::force_offline(outbox, client))
             .await
     }
 }

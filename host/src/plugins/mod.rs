@@ -8,6 +8,7 @@
 //! - [`compile`] — compiling (in a child process), ABI checks, the artifact cache.
 //! - [`instance`] — store state, the sandbox, the warm instance pool.
 //! - [`loaded`] — one loaded version: circuit breaker and hook calls.
+//! - [`hooks`] — the host's own types for what hooks see and answer.
 //! - [`host_api`] — the `host` interface plugins import.
 //! - [`manifest`] — `NAME.toml`.
 //! - [`watcher`] — hot reload on file changes.
@@ -29,6 +30,7 @@
 pub mod bindings;
 pub mod compile;
 pub mod engine;
+pub mod hooks;
 pub mod host_api;
 pub mod instance;
 pub mod loaded;
@@ -38,7 +40,7 @@ pub mod watcher;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use imhost_client::wire::TokenValue;
@@ -52,8 +54,8 @@ use self::engine::Tier;
 use self::host_api::HostCtx;
 use self::loaded::Prepared;
 use self::manifest::{Hook, Manifest, OnError, WhileLoading};
+use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
-use crate::node::WeakNode;
 use crate::stats::Stats;
 
 /// Presence events waiting for events plugins; beyond it they are counted
@@ -251,7 +253,7 @@ pub struct PluginHost {
     /// Compiles at once: one per core.
     compile_slots: Arc<Semaphore>,
     kv: Arc<dyn PluginKv>,
-    node: Arc<OnceLock<WeakNode>>,
+    outbox: Option<Outbox>,
     events: mpsc::Sender<events::PresenceEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<events::PresenceEvent>>>,
     stats: Arc<Stats>,
@@ -285,7 +287,14 @@ pub fn plugin_name(path: &Path) -> Result<String, String> {
 }
 
 impl PluginHost {
-    pub fn new(loader: LoaderConfig, kv: Arc<dyn PluginKv>, stats: Arc<Stats>) -> PluginHost {
+    /// A node's plugin host: `outbox` is how the plugins' host calls send
+    /// (none: they are told there is no cluster).
+    pub fn new(
+        loader: LoaderConfig,
+        kv: Arc<dyn PluginKv>,
+        outbox: Option<Outbox>,
+        stats: Arc<Stats>,
+    ) -> PluginHost {
         let (events, events_rx) = mpsc::channel(EVENTS_QUEUE);
         let cache = loader
             .cache_dir
@@ -308,7 +317,7 @@ impl PluginHost {
             reloading: tokio::sync::Mutex::new(()),
             compile_slots: Arc::new(Semaphore::new(cores)),
             kv,
-            node: Arc::default(),
+            outbox,
             events,
             events_rx: Mutex::new(Some(events_rx)),
             stats,
@@ -317,11 +326,6 @@ impl PluginHost {
 
     pub fn dir(&self) -> Option<&Path> {
         self.loader.dir.as_deref()
-    }
-
-    /// Gives host calls their way to the node.
-    pub fn attach(&self, node: WeakNode) {
-        let _ = self.node.set(node);
     }
 
     /// The current snapshot.
@@ -597,7 +601,7 @@ impl PluginHost {
             name: source.name.clone(),
             settings_json: source.manifest.settings_json(),
             kv: self.kv.clone(),
-            node: self.node.clone(),
+            outbox: self.outbox.clone(),
             timeout: source.manifest.timeout(),
         });
         let tier = compiled.tier;
@@ -698,7 +702,9 @@ impl PluginHost {
     }
 
     /// Runs the auth chain. Auth fails closed: a plugin that errs denies.
-    pub async fn authenticate(&self, request: &auth::ConnectRequest) -> AuthOutcome {
+    pub async fn authenticate(&self, request: &hooks::ConnectRequest) -> AuthOutcome {
+        let request = auth::ConnectRequest::from(request);
+        let request = &request;
         let set = self.current();
         for plugin in set.chain(Hook::Auth) {
             match plugin.call_auth(request).await {
@@ -719,9 +725,9 @@ impl PluginHost {
     }
 
     /// Runs the filter chain; each filter sees what the previous one left.
-    pub async fn filter(&self, message: filter::Message) -> FilterOutcome {
+    pub async fn filter(&self, message: hooks::Outgoing) -> FilterOutcome {
         let set = self.current();
-        let mut message = message;
+        let mut message = filter::Message::from(message);
         let mut replaced = false;
         for plugin in set.chain(Hook::Filter) {
             match plugin.call_filter(&message).await {
@@ -753,11 +759,11 @@ impl PluginHost {
     }
 
     /// Queues a presence event for the events plugins; never waits.
-    pub fn presence(&self, event: events::PresenceEvent) {
+    pub fn presence(&self, event: hooks::PresenceNotice) {
         if !self.current().has(Hook::Events) {
             return;
         }
-        if self.events.try_send(event).is_err() {
+        if self.events.try_send(event.into()).is_err() {
             Stats::incr(&self.stats.plugin_events_dropped);
         }
     }
@@ -786,12 +792,13 @@ impl PluginHost {
 
     /// Runs the inbound chain: the first plugin that does not ignore the
     /// frame decides. A failing plugin counts as ignoring it.
-    pub async fn inbound(&self, frame: &inbound::Frame) -> Option<inbound::Action> {
+    pub async fn inbound(&self, frame: &hooks::InboundFrame) -> Option<hooks::InboundAction> {
+        let frame = inbound::Frame::from(frame);
         let set = self.current();
         for plugin in set.chain(Hook::Inbound) {
-            match plugin.call_inbound(frame).await {
+            match plugin.call_inbound(&frame).await {
                 Ok(inbound::Action::Ignore) | Err(_) => {}
-                Ok(action) => return Some(action),
+                Ok(action) => return hooks::InboundAction::from_guest(action),
             }
         }
         None
@@ -873,7 +880,7 @@ pub async fn check_file(
         name: name.clone(),
         settings_json: source.manifest.settings_json(),
         kv: Arc::new(crate::cluster::kv::EmbeddedKv::default()),
-        node: Arc::default(),
+        outbox: None,
         timeout: Duration::from_millis(source.manifest.timeout_ms),
     });
     let prepared = Prepared::new(

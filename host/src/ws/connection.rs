@@ -18,8 +18,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Session;
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
-use crate::plugins::bindings::exports::imhost::plugin::{events, inbound};
-use crate::plugins::bindings::imhost::plugin::types::Target;
+use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
 use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Closer, Registration};
 use crate::stats::Stats;
@@ -67,11 +66,8 @@ async fn presence_changed(node: &Node, session: &Session, kind: PresenceKind) {
 }
 
 async fn announce(node: &Node, session: &Session, kind: PresenceKind, devices: u64) {
-    node.plugins.presence(events::PresenceEvent {
-        kind: match kind {
-            PresenceKind::Online => events::Presence::Online,
-            PresenceKind::Offline => events::Presence::Offline,
-        },
+    node.plugins.presence(PresenceNotice {
+        kind,
         client_id: session.client.client_id,
         metadata: session.client.metadata.clone(),
         node: node.topology.me.clone(),
@@ -192,7 +188,7 @@ async fn pump(
 /// this socket, if the plugin gave one. Deliveries go through the normal path
 /// (and so through the filter chain on the delivery nodes).
 async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<String> {
-    let frame = inbound::Frame {
+    let frame = InboundFrame {
         client_id: session.client.client_id,
         metadata: session.client.metadata.clone(),
         node: node.topology.me.clone(),
@@ -204,27 +200,26 @@ async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<St
     };
     Stats::incr(&node.stats.inbound_handled);
     let sender = session.client.client_id;
-    let delivery = match action {
-        inbound::Action::Ignore => return None,
-        inbound::Action::Reply(reply) => return Some(reply),
-        inbound::Action::Deliver(delivery) => delivery,
+    let (target, content) = match action {
+        InboundAction::Reply(reply) => return Some(reply),
+        InboundAction::Deliver { target, content } => (target, content),
     };
-    if serde_json::from_str::<serde::de::IgnoredAny>(&delivery.content).is_err() {
+    if serde_json::from_str::<serde::de::IgnoredAny>(&content).is_err() {
         warn!("inbound plugin delivered content that is not JSON; dropped");
         return None;
     }
-    let result = match delivery.target {
+    let result = match target {
         Target::Direct(receivers) => {
-            crate::business::send_message(node, sender, &receivers, delivery.content, false).await
+            crate::business::send_message(&node.outbox, sender, &receivers, content, false).await
         }
         Target::Channel(chan) => match crate::business::check_channel(&chan) {
             Ok(()) => {
-                crate::business::send_chan_message(node, sender, Some(chan), delivery.content).await
+                crate::business::send_chan_message(&node.outbox, sender, Some(chan), content).await
             }
             Err(err) => Err(err),
         },
         Target::Broadcast => {
-            crate::business::send_chan_message(node, sender, None, delivery.content).await
+            crate::business::send_chan_message(&node.outbox, sender, None, content).await
         }
     };
     if let Err(err) = result {

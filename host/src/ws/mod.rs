@@ -21,7 +21,7 @@ use crate::cluster::TokenClaim;
 use crate::http::AppError;
 use crate::node::Node;
 use crate::plugins::AuthOutcome;
-use crate::plugins::bindings::exports::imhost::plugin::auth::ConnectRequest;
+use crate::plugins::hooks::ConnectRequest;
 use crate::plugins::manifest::Hook;
 use crate::stats::Stats;
 
