@@ -1,0 +1,206 @@
+//! Plugins that misbehave or are refused: contained, reported, sandboxed,
+//! switched off and back on, and auth that fails closed.
+
+use super::*;
+
+#[tokio::test]
+async fn refusals_say_what_is_wrong_and_nothing_else_is_affected() {
+    let dir = PluginDir::new();
+    dir.install_bytes("core", b"\0asm\x01\0\0\0", "");
+    dir.install_bytes("garbage", b"definitely not wasm", "");
+    dir.install("future", guests::FUTURE_MAJOR, "");
+    dir.install("badconf", guests::WORD_FILTER, "no_such_key = 1\n");
+    dir.install("good", guests::WORD_FILTER, "[settings]\nwords = [\"x\"]\n");
+    let host = host_with(&dir).await;
+    let failed = |name: &'static str, needle: &'static str| {
+        let host = &host;
+        async move {
+            let row = host
+                .plugin_where(name, "refused", |p| p["state"] == "failed")
+                .await;
+            let error = row["last_error"].as_str().expect("error").to_owned();
+            assert!(error.contains(needle), "{name}: {error}");
+        }
+    };
+    failed("core", "core WebAssembly module").await;
+    failed("garbage", "not a WebAssembly file").await;
+    failed("future", "imhost:plugin@2.0.0").await;
+    failed("badconf", "no_such_key").await;
+    host.plugin_where("good", "loaded", |p| p["state"] == "active")
+        .await;
+
+    // Removing a refused file clears its report.
+    dir.remove("garbage");
+    imhost_tests::eventually("garbage forgotten", || async {
+        (!host.plugins().await.iter().any(|p| p["name"] == "garbage")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_are_contained_and_the_host_keeps_serving() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"filter\"]\ntimeout_ms = 50\nmemory_mb = 16\nfailure_threshold = 100\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = host.terminal(1).await;
+    // Filters fail open by default: each message is still delivered.
+    for word in ["loop", "hog", "trap", "fine"] {
+        host.send(0, &[1], json!(word), false).await;
+        assert_eq!(t.next_text().await, format!("\"{word}\""));
+    }
+    let row = host
+        .plugin_where("misbehaving", "failures counted", |p| p["errors"] == 3)
+        .await;
+    assert_eq!(row["timeouts"], 1, "{row}");
+    assert_eq!(row["memory_limits"], 1, "{row}");
+    assert_eq!(row["traps"], 1, "{row}");
+    assert_eq!(row["calls"], 4);
+
+    // Fail closed when configured; and the circuit breaker switches it off.
+    dir.set_manifest(
+        "misbehaving",
+        "hooks = [\"filter\"]\ntimeout_ms = 50\non_error = \"drop\"\nfailure_threshold = 2\ncooldown_ms = 60000\n",
+    );
+    host.plugin_where("misbehaving", "reloaded", |p| p["calls"] == 0)
+        .await;
+    host.send(0, &[1], json!("trap"), false).await;
+    host.send(0, &[1], json!("trap"), false).await;
+    host.send(0, &[1], json!("fine, but switched off"), false)
+        .await;
+    host.send(0, &[1], json!("next"), false).await;
+    let row = host
+        .plugin_where("misbehaving", "switched off", |p| {
+            p["state"] == "switched_off"
+        })
+        .await;
+    assert_eq!(row["errors"], 2, "{row}");
+    // Dropped: the two traps (fail closed) and the one refused by the open
+    // circuit; then everything is dropped while it stays off.
+    assert!(host.stats().await.filtered_dropped >= 3);
+    assert!(host.client(1).await.online, "no socket was closed");
+}
+
+#[tokio::test]
+async fn a_failing_auth_plugin_fails_closed() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"auth\"]\ntimeout_ms = 50\nmemory_mb = 16\nfailure_threshold = 100\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["hooks"] == json!(["auth"]))
+        .await;
+    for token in ["loop", "hog", "trap"] {
+        let url = format!("ws://{}/ws?token={token}", host.addr);
+        assert_eq!(status_of(Terminal::connect(&url).await), 401, "{token}");
+    }
+    assert_eq!(host.stats().await.auth_denied, 3);
+    let row = host
+        .plugin_where("misbehaving", "failures counted", |p| p["errors"] == 3)
+        .await;
+    assert_eq!(
+        (
+            row["timeouts"].clone(),
+            row["memory_limits"].clone(),
+            row["traps"].clone()
+        ),
+        (json!(1), json!(1), json!(1))
+    );
+    // A plugin that passes leaves the built-in tokens working.
+    host.terminal(1).await;
+}
+
+#[tokio::test]
+async fn the_sandbox_opens_only_what_the_manifest_grants() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let secret = data.path().join("secret.txt");
+    std::fs::write(&secret, "granted contents").expect("write");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Accept whatever connects; the probe only checks that it can.
+        while listener.accept().await.is_ok() {}
+    });
+    let settings = format!(
+        "[settings]\nenv = \"PATH\"\nfile = {:?}\naddr = \"{addr}\"\n",
+        secret.display().to_string()
+    );
+    let dir = PluginDir::new();
+    dir.install(
+        "probe",
+        guests::SANDBOX_PROBE,
+        &format!("timeout_ms = 2000\n{settings}"),
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("probe", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = host.terminal(1).await;
+    host.send(0, &[1], json!("probe"), false).await;
+    let denied = t.next_json().await;
+    assert_eq!(denied["env"], json!(null), "{denied}");
+    assert_eq!(denied["file"], json!(null), "{denied}");
+    assert!(
+        denied["net"].as_str().is_some_and(|e| e.contains("denied")),
+        "no network without a grant: {denied}"
+    );
+
+    let grants = format!(
+        "timeout_ms = 2000\n[grants]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n{settings}",
+        data.path().display().to_string()
+    );
+    dir.set_manifest("probe", &grants);
+    host.plugin_where("probe", "reloaded with grants", |p| p["calls"] == 0)
+        .await;
+    host.send(0, &[1], json!("probe"), false).await;
+    let path = std::env::var("PATH").expect("PATH is set");
+    assert_eq!(
+        t.next_json().await,
+        json!({"env": path, "file": "granted contents", "net": true}),
+        "each grant opens exactly its door"
+    );
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_half_opens_after_its_cooldown() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"filter\"]\non_error = \"drop\"\nfailure_threshold = 1\ncooldown_ms = 300\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = host.terminal(1).await;
+    host.send(0, &[1], json!("trap"), false).await;
+    host.plugin_where("misbehaving", "switched off", |p| {
+        p["state"] == "switched_off"
+    })
+    .await;
+    // After the cooldown the next call is let through, and succeeds.
+    host.plugin_where("misbehaving", "cooled down", |p| p["state"] == "active")
+        .await;
+    host.send(0, &[1], json!("fine"), false).await;
+    assert_eq!(
+        t.next_text().await,
+        r#""fine""#,
+        "the trap was dropped, this passes"
+    );
+    // One more failure in the half-open state switches it off again at once.
+    host.send(0, &[1], json!("trap"), false).await;
+    let row = host
+        .plugin_where("misbehaving", "switched off again", |p| {
+            p["state"] == "switched_off"
+        })
+        .await;
+    assert_eq!(row["errors"], 2, "{row}");
+}
