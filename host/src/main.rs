@@ -50,14 +50,18 @@ enum PluginCommand {
     },
     /// Compiles FILE.wasm (`-`: standard input) for this exact engine into the
     /// artifact cache DIR, so a server using that cache loads it without
-    /// compiling. The server runs this itself, in a child process.
+    /// compiling; with `--output -`, writes the artifact to standard output
+    /// instead (how the server compiles, in a child process).
     Compile {
         file: PathBuf,
         #[arg(long, default_value = "optimized")]
         tier: imhost::plugins::engine::Tier,
         /// The cache directory (default: the server's default cache).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "output")]
         cache_dir: Option<PathBuf>,
+        /// `-`: write the artifact to standard output.
+        #[arg(long, value_name = "-")]
+        output: Option<String>,
     },
 }
 
@@ -151,8 +155,8 @@ async fn plugin_command(action: &PluginCommand) -> anyhow::Result<()> {
             file,
             tier,
             cache_dir,
+            output,
         } => {
-            let cache = open_cache(cache_dir)?;
             let wasm = if file.as_os_str() == "-" {
                 let mut wasm = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut wasm)?;
@@ -160,6 +164,17 @@ async fn plugin_command(action: &PluginCommand) -> anyhow::Result<()> {
             } else {
                 std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
             };
+            if let Some(output) = output {
+                anyhow::ensure!(output == "-", "--output takes `-` (standard output)");
+                return match imhost::plugins::compile::compile_to_bytes(&wasm, *tier) {
+                    Ok(artifact) => {
+                        std::io::Write::write_all(&mut std::io::stdout().lock(), &artifact)?;
+                        Ok(())
+                    }
+                    Err(err) => refused(file, &err),
+                };
+            }
+            let cache = open_cache(cache_dir)?;
             match compile_into_cache(&cache, &wasm, *tier) {
                 Ok((hash, hooks)) => {
                     let answer = serde_json::json!({"hash": hash, "tier": tier, "hooks": hooks,

@@ -3,11 +3,12 @@
 //! the ABI, and the artifact cache.
 //!
 //! # Compiling in a child process
-//! Cranelift compiling a 12–18 MB component peaks at 300–480 MB of heap, and
-//! the allocator keeps much of it after. Run as `imhost plugin compile`, the
-//! compiler's heap is the child's and goes away with it: the server only maps
-//! the finished artifact. Tests that run a node inside their own process
-//! compile in process (there is no `imhost` binary to call).
+//! Compiling a 12–18 MB component peaks at 300–480 MB of heap, and the
+//! allocator keeps much of it after. Run as `imhost plugin compile --output -`,
+//! the compiler's heap is the child's and goes away with it: the server reads
+//! the finished artifact from the child's standard output and maps it. Tests
+//! that run a node inside their own process compile in process (there is no
+//! `imhost` binary to call).
 //!
 //! # The artifact cache, and why it is a trust boundary
 //! A compiled artifact is native code that wasmtime runs without checking it
@@ -421,50 +422,56 @@ pub fn compile_cached(
     {
         return loaded;
     }
-    match (compiler, cache) {
-        (Compiler::Child(bin), Some(cache)) => {
-            compile_in_child(bin, cache, wasm, tier)?;
-            match cache.load(hash, tier) {
-                Some(loaded) => loaded,
-                None => Err(LoadError::Compiler(
-                    "the compiler process wrote no usable artifact".into(),
-                )),
-            }
+    let (compiled, artifact) = match compiler {
+        Compiler::Child(bin) => {
+            let artifact = compile_in_child(bin, wasm, tier)?;
+            // SAFETY: `deserialize` trusts its input to be wasmtime's own
+            // output for this engine: these bytes are, made by this very
+            // binary in a child process and handed over on a private pipe.
+            #[allow(unsafe_code)]
+            let component = unsafe { Component::deserialize(engine(tier), &artifact) }
+                .map_err(|e| LoadError::Compiler(format!("unusable artifact: {e}")))?;
+            (inspect(component, tier)?, Some(artifact))
         }
-        _ => {
-            let compiled = compile(wasm, tier)?;
-            if let Some(cache) = cache {
-                let stored = compiled
-                    .component
-                    .serialize()
-                    .map_err(std::io::Error::other)
-                    .and_then(|artifact| cache.store(hash, tier, &artifact));
-                if let Err(err) = stored {
-                    tracing::warn!(dir = %cache.dir().display(), cause = %err, "cannot cache the compiled plugin");
-                }
-            }
-            Ok(compiled)
+        Compiler::InProcess => (compile(wasm, tier)?, None),
+    };
+    if let Some(cache) = cache {
+        let stored = match artifact {
+            Some(artifact) => cache.store(hash, tier, &artifact),
+            None => compiled
+                .component
+                .serialize()
+                .map_err(std::io::Error::other)
+                .and_then(|artifact| cache.store(hash, tier, &artifact)),
+        };
+        if let Err(err) = stored {
+            tracing::warn!(dir = %cache.dir().display(), cause = %err, "cannot cache the compiled plugin");
         }
     }
+    Ok(compiled)
 }
 
-/// Runs `BIN plugin compile --tier T --cache-dir DIR -` with `wasm` on its
-/// standard input, so it compiles exactly these bytes.
-fn compile_in_child(
-    bin: &Path,
-    cache: &ArtifactCache,
-    wasm: &[u8],
-    tier: Tier,
-) -> Result<(), LoadError> {
+/// Runs `BIN plugin compile --tier T --output - -` with `wasm` on its
+/// standard input, so it compiles exactly these bytes, and returns the
+/// artifact it writes to its standard output. The compiler's heap is the
+/// child's and goes away with it.
+fn compile_in_child(bin: &Path, wasm: &[u8], tier: Tier) -> Result<Vec<u8>, LoadError> {
     let mut child = std::process::Command::new(bin)
-        .args(["plugin", "compile", "--tier", tier.as_str(), "--cache-dir"])
-        .arg(cache.dir())
-        .arg("-")
+        .args([
+            "plugin",
+            "compile",
+            "--tier",
+            tier.as_str(),
+            "--output",
+            "-",
+            "-",
+        ])
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| LoadError::Compiler(format!("cannot start {}: {e}", bin.display())))?;
+    // The child reads all of its input before it writes anything.
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(wasm)
@@ -474,7 +481,7 @@ fn compile_in_child(
         .wait_with_output()
         .map_err(|e| LoadError::Compiler(e.to_string()))?;
     if output.status.success() {
-        return Ok(());
+        return Ok(output.stdout);
     }
     let said = String::from_utf8_lossy(&output.stderr);
     // The child prints the refusal as the server would word it.
@@ -486,6 +493,18 @@ fn compile_in_child(
     Err(LoadError::Refused(
         reason.trim_start_matches("refused: ").to_owned(),
     ))
+}
+
+/// `imhost plugin compile --output -`: the artifact of `wasm` for `tier`.
+///
+/// # Errors
+/// As [`compile`].
+pub fn compile_to_bytes(wasm: &[u8], tier: Tier) -> Result<Vec<u8>, LoadError> {
+    let compiled = compile(wasm, tier)?;
+    compiled
+        .component
+        .serialize()
+        .map_err(|e| LoadError::Compiler(e.to_string()))
 }
 
 /// `imhost plugin compile`: compile `wasm` for `tier` into `cache`.

@@ -582,6 +582,7 @@ impl PluginHost {
             self.cache.clone().filter(|_| tier == Tier::Optimized),
             source.clone(),
         );
+        // Only the optimized tier is looked up in and stored to the cache.
         let started = Instant::now();
         let compiled = tokio::task::spawn_blocking(move || {
             compile::compile_cached(&compiler, cache.as_ref(), &source.wasm, &source.hash, tier)

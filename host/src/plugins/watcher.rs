@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::PluginHost;
 
 /// Quiet time after the last file event before reloading.
-pub const DEBOUNCE: Duration = Duration::from_millis(150);
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Watches the plugin directory until `stop`; returns at once without one.
 pub async fn run(plugins: Arc<PluginHost>, stop: CancellationToken) {
