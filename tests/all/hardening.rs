@@ -129,3 +129,72 @@ async fn connections_over_the_cap_are_closed_and_the_node_recovers() {
     .await;
     assert!(host.stats().await.connections_refused_at_cap >= 1);
 }
+
+#[tokio::test]
+async fn a_wrong_method_gets_the_json_error_body() {
+    let host = TestHost::default().await;
+    for (method, path) in [
+        (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::GET, "/api/v1/messages"),
+        (reqwest::Method::DELETE, "/api/v1/channels"),
+    ] {
+        let response = host
+            .http
+            .request(method.clone(), host.url(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 405, "{method} {path}");
+        let body: serde_json::Value = response.json().await.expect("json body");
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method} {path}"
+        );
+    }
+}
+
+/// Sends a raw handshake for `token` with `key`; returns the status line and body.
+async fn raw_handshake(host: &TestHost, token: &str, key: Option<&str>) -> String {
+    let mut conn = TcpStream::connect(host.addr).await.expect("connect");
+    let mut request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\n"
+    );
+    if let Some(key) = key {
+        request.push_str(&format!("Sec-WebSocket-Key: {key}\r\n"));
+    }
+    request.push_str("\r\n");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(DEADLINE, conn.read(&mut got))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&got[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn bad_handshakes_are_refused_with_json_and_keep_the_token() {
+    let host = TestHost::default().await;
+    let url = host.connect_url(5, None).await.url;
+    let token = url.rsplit("token=").next().expect("token").to_owned();
+    for key in [None, Some("not-base64!"), Some("dGhlIHNhbXBsZSBub25jZQ")] {
+        let said = raw_handshake(&host, &token, key).await;
+        assert!(said.starts_with("HTTP/1.1 400"), "{key:?}: {said}");
+        assert!(said.contains(r#""code":"bad_request""#), "{key:?}: {said}");
+    }
+    // Not a WebSocket request at all.
+    let plain = host
+        .http
+        .get(format!("http://{}/ws?token={token}", host.addr))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(plain.status(), 400);
+    let body: serde_json::Value = plain.json().await.expect("json body");
+    assert_eq!(body["error"]["code"], "bad_request");
+    // None of that used the single-use token.
+    let said = raw_handshake(&host, &token, Some("dGhlIHNhbXBsZSBub25jZQ==")).await;
+    assert!(said.starts_with("HTTP/1.1 101"), "{said}");
+}

@@ -78,6 +78,9 @@ pub fn router(node: Node) -> Router {
     }
     router
         .fallback(|| async { AppError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            AppError::MethodNotAllowed("this route does not take that method".into())
+        })
         .with_state(node)
 }
 

@@ -111,6 +111,12 @@ fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
         Tier::Baseline => Strategy::Winch,
         Tier::Optimized => Strategy::Cranelift,
     });
+    if tier == Tier::Baseline {
+        // The baseline build serves for seconds, until the optimized one is
+        // ready: trap messages without wasm offsets are a fair price for a
+        // smaller artifact that is quicker to hand over.
+        config.generate_address_map(false);
+    }
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(512);

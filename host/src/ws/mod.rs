@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -41,8 +42,21 @@ pub async fn upgrade(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
+    // The handshake is checked before anything is spent on it (a connection
+    // slot, an auth call, the single-use token).
+    let upgrade = upgrade.map_err(|rejection| {
+        AppError::BadRequest(format!(
+            "not a WebSocket handshake: {}",
+            rejection.body_text()
+        ))
+    })?;
+    if !valid_websocket_key(&headers) {
+        return Err(AppError::BadRequest(
+            "not a WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64".into(),
+        ));
+    }
     let Query(query) = query?;
     if node.shutdown.stopping().is_cancelled() {
         return Err(AppError::Unavailable("server shutting down".into()));
@@ -73,6 +87,22 @@ pub async fn upgrade(
             tasks.track_future(connection::serve(socket, node, session, slot))
         })
         .into_response())
+}
+
+/// RFC 6455 section 4.2.1: the key is 16 random bytes in base64, which is
+/// 24 characters ending in `==`.
+fn valid_websocket_key(headers: &HeaderMap) -> bool {
+    let Some(key) = headers
+        .get(axum::http::header::SEC_WEBSOCKET_KEY)
+        .map(|v| v.as_bytes())
+    else {
+        return false;
+    };
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 /// Who is connecting: the auth plugins decide first; when they all pass (or
