@@ -35,6 +35,11 @@ pub enum CloseReason {
     ForcedOffline,
     /// The node is shutting down: 1001.
     Shutdown,
+    /// The terminal broke the WebSocket protocol (unmasked or reserved frames,
+    /// bad control frames, bad close codes): 1002.
+    ProtocolError,
+    /// The terminal sent text that is not UTF-8: 1007.
+    InvalidData,
 }
 
 impl CloseReason {
@@ -44,6 +49,8 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout | CloseReason::ForcedOffline => 1008,
             CloseReason::Oversize => 1009,
             CloseReason::Shutdown => 1001,
+            CloseReason::ProtocolError => 1002,
+            CloseReason::InvalidData => 1007,
         }
     }
 
@@ -54,6 +61,8 @@ impl CloseReason {
             CloseReason::Oversize => "message too big",
             CloseReason::ForcedOffline => "forced offline",
             CloseReason::Shutdown => "server shutting down",
+            CloseReason::ProtocolError => "protocol error",
+            CloseReason::InvalidData => "invalid UTF-8",
         }
     }
 }

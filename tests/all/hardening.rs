@@ -198,3 +198,111 @@ async fn bad_handshakes_are_refused_with_json_and_keep_the_token() {
     let said = raw_handshake(&host, &token, Some("dGhlIHNhbXBsZSBub25jZQ==")).await;
     assert!(said.starts_with("HTTP/1.1 101"), "{said}");
 }
+
+/// A raw WebSocket connection after a real handshake, for frames a
+/// well-behaved client library will not send.
+async fn raw_socket(host: &TestHost, client: i64) -> TcpStream {
+    let url = host.connect_url(client, None).await.url;
+    let token = url.rsplit("token=").next().expect("token").to_owned();
+    let mut conn = TcpStream::connect(host.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.expect("write");
+    // Read the 101 response head, byte by byte up to the blank line.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(DEADLINE, conn.read_exact(&mut byte))
+            .await
+            .expect("handshake in time")
+            .expect("read");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    conn
+}
+
+/// One client frame: FIN, `opcode`, masked when `mask` is set.
+fn frame(opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let key = [0x12u8, 0x34, 0x56, 0x78];
+    let mut out = vec![
+        0x80 | opcode,
+        (payload.len() as u8) | if mask { 0x80 } else { 0 },
+    ];
+    if mask {
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Reads server frames until a Close; returns its code.
+async fn close_code(conn: &mut TcpStream) -> u16 {
+    loop {
+        let mut head = [0u8; 2];
+        tokio::time::timeout(DEADLINE, conn.read_exact(&mut head))
+            .await
+            .expect("a frame in time")
+            .expect("a close frame before the TCP close");
+        let len = usize::from(head[1] & 0x7f);
+        assert!(len < 126, "small frames only here");
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).await.expect("payload");
+        if head[0] & 0x0f == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_terminals_close_is_answered_with_its_code() {
+    let host = TestHost::default().await;
+    let mut conn = raw_socket(&host, 1).await;
+    let mut payload = 4000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    conn.write_all(&frame(0x8, &payload, true))
+        .await
+        .expect("write close");
+    assert_eq!(close_code(&mut conn).await, 4000);
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_1002_or_1007_and_are_counted() {
+    let host = TestHost::default().await;
+    let mut invalid_text = raw_socket(&host, 1).await;
+    invalid_text
+        .write_all(&frame(0x1, &[0x68, 0xff, 0xfe], true))
+        .await
+        .expect("write");
+    assert_eq!(close_code(&mut invalid_text).await, 1007);
+
+    let mut unmasked = raw_socket(&host, 2).await;
+    unmasked
+        .write_all(&frame(0x1, b"hello", false))
+        .await
+        .expect("write");
+    assert_eq!(close_code(&mut unmasked).await, 1002);
+
+    let mut reserved = raw_socket(&host, 3).await;
+    reserved
+        .write_all(&frame(0x3, b"?", true))
+        .await
+        .expect("write");
+    assert_eq!(close_code(&mut reserved).await, 1002);
+
+    assert_eq!(host.stats().await.protocol_errors, 3);
+    // Others are unaffected.
+    let mut fine = host.terminal(4).await;
+    host.send(0, &[4], serde_json::json!("still here"), false)
+        .await;
+    assert_eq!(fine.next_text().await, r#""still here""#);
+}

@@ -150,15 +150,29 @@ async fn pump(
                         Message::Text(_) | Message::Binary(_) => {
                             Stats::incr(&node.stats.inbound_ignored);
                         }
-                        Message::Close(_) => break None,
+                        Message::Close(_) => {
+                            // RFC 6455 5.5.1: answer with a Close echoing the
+                            // code. tungstenite queued that reply; send it
+                            // before the TCP close, so the terminal sees a
+                            // clean close (a browser's `wasClean`).
+                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                            break None;
+                        }
                         Message::Ping(_) | Message::Pong(_) => {}
                     }
                 }
-                Some(Err(err)) if is_too_big(&err) => {
-                    Stats::incr(&node.stats.oversize_closed);
-                    break Some(CloseReason::Oversize);
-                }
-                Some(Err(_)) => break None,
+                Some(Err(err)) => match protocol_violation(&err) {
+                    Some(CloseReason::Oversize) => {
+                        Stats::incr(&node.stats.oversize_closed);
+                        break Some(CloseReason::Oversize);
+                    }
+                    Some(reason) => {
+                        Stats::incr(&node.stats.protocol_errors);
+                        debug!(cause = %err, code = reason.code(), "terminal broke the WebSocket protocol");
+                        break Some(reason);
+                    }
+                    None => break None,
+                },
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() >= limits.heartbeat_timeout {
@@ -238,8 +252,15 @@ async fn until_closed<T>(closer: &Closer, write: impl Future<Output = T>) -> Opt
     }
 }
 
-fn is_too_big(err: &axum::Error) -> bool {
-    std::error::Error::source(err)
-        .and_then(|inner| inner.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+/// The close a read error calls for: 1009 for a message over the limit,
+/// 1007 for text that is not UTF-8, 1002 for other protocol violations;
+/// `None` when the connection itself failed (nothing can be sent).
+fn protocol_violation(err: &axum::Error) -> Option<CloseReason> {
+    let inner = std::error::Error::source(err)?.downcast_ref::<tungstenite::Error>()?;
+    match inner {
+        tungstenite::Error::Capacity(_) => Some(CloseReason::Oversize),
+        tungstenite::Error::Utf8(_) => Some(CloseReason::InvalidData),
+        tungstenite::Error::Protocol(_) => Some(CloseReason::ProtocolError),
+        _ => None,
+    }
 }
