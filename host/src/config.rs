@@ -60,9 +60,14 @@ pub struct Options {
     /// it, reload with SIGHUP or `POST /api/v1/plugins/reload`.
     #[arg(long, env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub watch_plugins: Option<bool>,
-    /// Serve the demo chat page at `/` with its toy business backend.
+    /// Serve the demo chat page at `/` with its toy business backend (no API
+    /// key: anyone who reaches it can send as anyone). Refused on a listen
+    /// address that is not loopback, unless `demo_public` is set too.
     #[arg(long, env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub demo: Option<bool>,
+    /// Allow `demo` on a non-loopback listen address (dangerous; logged).
+    #[arg(long, env = "IMHOST_DEMO_PUBLIC", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub demo_public: Option<bool>,
     /// Largest message a terminal may send, in bytes (closes the socket with 1009).
     #[arg(long, env = "IMHOST_MAX_FRAME_BYTES", value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -128,6 +133,8 @@ pub struct Config {
     pub plugin_tiering: bool,
     pub watch_plugins: bool,
     pub demo: bool,
+    /// `demo` on a non-loopback address, forced.
+    pub demo_public: bool,
     pub limits: Limits,
 }
 
@@ -225,6 +232,7 @@ impl Options {
             plugin_tiering: self.plugin_tiering.or(lower.plugin_tiering),
             watch_plugins: self.watch_plugins.or(lower.watch_plugins),
             demo: self.demo.or(lower.demo),
+            demo_public: self.demo_public.or(lower.demo_public),
             max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
             outbound_queue: self.outbound_queue.or(lower.outbound_queue),
             heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
@@ -275,6 +283,17 @@ impl Options {
                 "several nodes need `redis`; without it the node runs embedded",
             ));
         }
+        let demo = self.demo.unwrap_or(false);
+        let demo_public = self.demo_public.unwrap_or(false);
+        if demo && !listen.ip().is_loopback() && !demo_public {
+            return Err(invalid(
+                "demo",
+                format!(
+                    "the demo's toy backend needs no API key, so it is refused on {listen}, \
+                     which is not a loopback address; set `demo_public` to force it"
+                ),
+            ));
+        }
         let (api_key, api_key_generated) = match self.api_key {
             Some(key) if key.len() < 16 => {
                 return Err(invalid("api_key", "must be at least 16 characters"));
@@ -323,7 +342,8 @@ impl Options {
                 .unwrap_or(crate::plugins::compile::KEEP_RECENT_ARTIFACTS),
             plugins: self.plugins,
             watch_plugins: self.watch_plugins.unwrap_or(true),
-            demo: self.demo.unwrap_or(false),
+            demo,
+            demo_public,
             limits,
         })
     }
@@ -461,5 +481,28 @@ mod tests {
         .resolve()
         .expect_err("server not in servers");
         assert!(err.to_string().contains("`servers`"), "{err}");
+    }
+
+    #[test]
+    fn the_demo_is_refused_on_a_public_address_unless_forced() {
+        let public = Options {
+            listen: Some("0.0.0.0:6001".parse().expect("addr")),
+            demo: Some(true),
+            ..Options::default()
+        };
+        let err = public.clone().resolve().expect_err("refused");
+        assert!(err.to_string().contains("`demo`"), "{err}");
+        let forced = Options {
+            demo_public: Some(true),
+            ..public
+        }
+        .resolve()
+        .expect("forced");
+        assert!(forced.demo && forced.demo_public);
+        let loopback = Options {
+            demo: Some(true),
+            ..Options::default()
+        };
+        assert!(loopback.resolve().expect("loopback").demo);
     }
 }

@@ -176,6 +176,11 @@ pub async fn run(
         "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), {mode} mode as {}, up to {max_connections} connections",
         node.config.server
     );
+    if node.config.demo_public {
+        warn!(
+            "DEMO ON A PUBLIC ADDRESS: /demo/api sends as anyone without an API key; never do this in production"
+        );
+    }
     if node.config.api_key_generated {
         warn!(api_key = %node.config.api_key, "no api_key configured; generated one for this run");
     }

@@ -46,7 +46,13 @@ struct Settings {
     leeway_secs: i64,
     #[serde(default = "default_param")]
     query_param: String,
+    /// Set only by the demo (`scripts/run`): allows the shipped placeholder secret.
+    #[serde(default)]
+    demo: bool,
 }
+
+/// The secret in the shipped `jwt-auth.toml`: public, so refused outside the demo.
+const PLACEHOLDER_SECRET: &str = "demo-secret-change-me-demo-secret-change-me";
 
 fn default_leeway() -> i64 {
     30
@@ -59,6 +65,12 @@ fn default_param() -> String {
 impl Settings {
     fn secret(&self) -> Result<Vec<u8>, String> {
         if let Some(secret) = &self.secret {
+            if secret == PLACEHOLDER_SECRET && !self.demo {
+                return Err(
+                    "the shipped placeholder secret is refused outside the demo: set `secret` or `secret_env`"
+                        .into(),
+                );
+            }
             return Ok(secret.as_bytes().to_vec());
         }
         if let Some(var) = &self.secret_env {

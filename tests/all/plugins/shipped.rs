@@ -309,3 +309,29 @@ async fn rate_limit_counts_are_shared_across_the_cluster() {
     }
     assert_eq!(dropped, 1, "dropped on exactly one node");
 }
+
+#[tokio::test]
+async fn jwt_auth_refuses_the_shipped_placeholder_secret_outside_the_demo() {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../plugins/jwt-auth/jwt-auth.toml"
+    ))
+    .expect("shipped manifest");
+    let placeholder = "demo-secret-change-me-demo-secret-change-me";
+    assert!(shipped.contains(placeholder) && shipped.contains("demo = false"));
+    let token = jwt(
+        json!({"sub": "42", "aud": "imhost", "exp": unix_now() + 60}),
+        placeholder,
+    );
+    for (demo, admitted) in [(false, false), (true, true)] {
+        let dir = PluginDir::new();
+        let manifest = shipped.replace("demo = false", &format!("demo = {demo}"));
+        dir.install("jwt-auth", guests::JWT_AUTH, &manifest);
+        let host = host_with(&dir).await;
+        host.plugin_where("jwt-auth", "loaded", |p| p["state"] == "active")
+            .await;
+        let url = format!("ws://{}/ws?token={token}", host.addr);
+        let result = Terminal::connect(&url).await;
+        assert_eq!(result.is_ok(), admitted, "demo = {demo}");
+    }
+}
