@@ -70,6 +70,8 @@ counters! {
     publish_retries,
     /// API calls answered 503 because a node was not listening.
     publish_unheard,
+    /// Inbound plugin replies over `max_body_bytes`, dropped.
+    oversize_replies,
     /// Sockets closed with 1002 or 1007 because the terminal broke the protocol.
     protocol_errors,
     /// Connects refused with 503 while an auth plugin was still loading.

@@ -127,3 +127,51 @@ async fn a_silent_socket_is_closed_and_counted_offline() {
         assert_eq!(c, 1008);
     }
 }
+
+#[tokio::test]
+async fn messages_at_the_body_limit_are_all_delivered_in_one_burst() {
+    // Each message nearly fills the API body limit; a burst of them must
+    // not overflow the socket's write buffer (a batch stops at the limit).
+    let host = TestHost::start(Options {
+        max_body_bytes: Some(64 * 1024),
+        ..Options::default()
+    })
+    .await;
+    let mut t = host.terminal(1).await;
+    let mut sender = host.terminal(2).await;
+    let big = "y".repeat(60 * 1024);
+    for _ in 0..8 {
+        host.send(2, &[1], json!(big), true).await;
+    }
+    for _ in 0..8 {
+        assert_eq!(t.next_text().await.len(), big.len() + 2);
+    }
+    // The receipts embed each message as a JSON string, larger still.
+    for _ in 0..8 {
+        let receipt: serde_json::Value =
+            serde_json::from_str(&sender.next_text().await).expect("receipt");
+        assert_eq!(receipt["receipt"], "发送成功");
+    }
+}
+
+#[tokio::test]
+async fn an_inbound_reply_over_the_body_limit_is_dropped_and_counted() {
+    let dir = imhost_tests::plugins::PluginDir::new();
+    dir.install(
+        "echo",
+        imhost_tests::plugins::guests::ECHO_INBOUND,
+        "memory_mb = 64\n",
+    );
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        max_body_bytes: Some(64 * 1024),
+        max_frame_bytes: Some(4 * 1024 * 1024),
+        ..Options::default()
+    })
+    .await;
+    let mut t = host.terminal(1).await;
+    t.send_text(r#"{"repeat": 1000000}"#).await.expect("send");
+    t.send_text("ping").await.expect("send");
+    assert_eq!(t.next_text().await, r#""pong""#, "the socket lives on");
+    assert_eq!(host.stats().await.oversize_replies, 1);
+}

@@ -112,10 +112,21 @@ async fn pump(
             reason = closer.requested() => break Some(reason),
             Some(first) = outbound.recv() => {
                 let write = async {
+                    // A batch stops at WRITE_BATCH frames or once it holds the
+                    // largest message's worth of bytes, so tungstenite's write
+                    // buffer (see `write_buffer_limit`) always has room for
+                    // one more frame.
+                    let mut batched = first.len();
                     socket.feed(Message::Text(first)).await?;
                     for _ in 1..WRITE_BATCH {
+                        if batched >= limits.max_body_bytes {
+                            break;
+                        }
                         match outbound.try_recv() {
-                            Ok(text) => socket.feed(Message::Text(text)).await?,
+                            Ok(text) => {
+                                batched += text.len();
+                                socket.feed(Message::Text(text)).await?;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -215,6 +226,15 @@ async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<St
     Stats::incr(&node.stats.inbound_handled);
     let sender = session.client.client_id;
     let (target, content) = match action {
+        InboundAction::Reply(reply) if reply.len() > node.config.limits.max_body_bytes => {
+            Stats::incr(&node.stats.oversize_replies);
+            warn!(
+                bytes = reply.len(),
+                limit = node.config.limits.max_body_bytes,
+                "inbound plugin reply over max_body_bytes; dropped"
+            );
+            return None;
+        }
         InboundAction::Reply(reply) => return Some(reply),
         InboundAction::Deliver { target, content } => (target, content),
     };

@@ -30,6 +30,16 @@ use crate::stats::Stats;
 /// more per idle connection than everything else the node keeps for it.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
+/// tungstenite refuses a frame that would grow its write buffer past this. The
+/// largest frame the node sends is a receipt for a message of
+/// `max_body_bytes`, whose text a receipt embeds as a JSON string (at worst 6
+/// bytes per byte, `\u00XX`); batches stop at `max_body_bytes` (see
+/// `connection::pump`). So a buffer of 8 × `max_body_bytes` always has room
+/// for the next frame; larger inbound replies are refused before they get here.
+pub fn write_buffer_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes.saturating_mul(8).max(1 << 20)
+}
+
 /// Who a socket belongs to, fixed at connect.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -82,7 +92,7 @@ pub async fn upgrade(
         .max_frame_size(limits.max_frame_bytes)
         // Writes wait for the socket instead of buffering without bound; slow
         // consumers are handled by the outbound queue.
-        .max_write_buffer_size(limits.max_body_bytes.saturating_mul(2).max(1 << 20))
+        .max_write_buffer_size(write_buffer_limit(limits.max_body_bytes))
         .on_upgrade(move |socket| {
             tasks.track_future(connection::serve(socket, node, session, slot))
         })
