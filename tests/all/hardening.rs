@@ -306,3 +306,66 @@ async fn protocol_violations_close_with_1002_or_1007_and_are_counted() {
         .await;
     assert_eq!(fine.next_text().await, r#""still here""#);
 }
+
+#[tokio::test]
+async fn an_idle_connection_flood_does_not_take_down_a_node_with_few_file_descriptors() {
+    // The report: 2,000 idle TCP connections took down a node whose open-file
+    // limit was 1024. Here: 400 against a limit of 256, bounded in count and
+    // time, loopback only.
+    let addr = imhost_tests::process::free_addr();
+    let listen = addr.to_string();
+    let process = imhost_tests::process::ImhostProcess::spawn_with_nofile(
+        addr,
+        &[
+            "--listen",
+            &listen,
+            "--api-key",
+            API_KEY,
+            "--header-read-timeout",
+            "1s",
+        ],
+        256,
+    );
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        // Connects past the cap are accepted and closed by the node; a
+        // refused or reset connect is fine too: nothing piles up.
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+        {
+            flood.push(conn);
+        }
+    }
+    // The flood is still open on our side; the node times the idle ones out
+    // and serves again: the API and a WebSocket connect both work.
+    imhost_tests::eventually("the API answers during the flood", || async {
+        let (status, _) = api.get_raw("/online").await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let mut terminal = imhost_tests::eventually("a terminal connects", || async {
+        let url = api
+            .post_raw("/connect-url", serde_json::json!({"client_id": 9}))
+            .await;
+        let url = url.1["url"].as_str()?.to_owned();
+        imhost_tests::terminal::Terminal::connect(&url).await.ok()
+    })
+    .await;
+    api.send(0, &[9], serde_json::json!("through"), false).await;
+    assert_eq!(terminal.next_text().await, r#""through""#);
+    let stats = api.stats().await;
+    assert!(
+        stats.connections_refused_at_cap > 0 || stats.accept_errors > 0,
+        "the flood was met at the cap: {stats:?}"
+    );
+    drop(flood);
+    process.signal("TERM");
+    let (status, log) = process.wait(DEADLINE).await;
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("up to 156 connections"),
+        "the limit applied: {log}"
+    );
+}

@@ -66,6 +66,28 @@ impl ImhostProcess {
         }
     }
 
+    /// Like [`ImhostProcess::spawn`], with the open-file limit (soft and
+    /// hard) lowered to `nofile` for the child only.
+    pub fn spawn_with_nofile(addr: SocketAddr, args: &[&str], nofile: u64) -> ImhostProcess {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(imhost_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("spawn imhost under sh");
+        ImhostProcess {
+            addr,
+            child: Some(child),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().and_then(Child::id).expect("running")
     }
