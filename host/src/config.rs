@@ -115,6 +115,18 @@ pub struct Options {
     /// open-file limit allows.
     #[arg(long, env = "IMHOST_MAX_HTTP_CONNECTIONS", value_name = "N")]
     pub max_http_connections: Option<usize>,
+    /// HTTP connections open at once from one client address, before any
+    /// upgrade (default 256; 0: no limit, e.g. behind a proxy).
+    #[arg(long, env = "IMHOST_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    pub max_connections_per_address: Option<usize>,
+    /// WebSocket connects per second from one client address, in bursts of as
+    /// many (default 0: no limit); over it, 429 with `Retry-After`.
+    #[arg(long, env = "IMHOST_CONNECT_RATE_PER_ADDRESS", value_name = "N")]
+    pub connect_rate_per_address: Option<u32>,
+    /// Behind a proxy: the header whose last address is the client's, e.g.
+    /// `x-forwarded-for` (default: none, the peer address is the client's).
+    #[arg(long, env = "IMHOST_TRUSTED_PROXY_HEADER", value_name = "NAME")]
+    pub trusted_proxy_header: Option<String>,
 }
 
 /// The resolved configuration a node runs with.
@@ -133,6 +145,8 @@ pub struct Config {
     pub plugin_tiering: bool,
     pub watch_plugins: bool,
     pub demo: bool,
+    /// Lower-case header name whose last address is the client's.
+    pub trusted_proxy_header: Option<String>,
     /// `demo` on a non-loopback address, forced.
     pub demo_public: bool,
     pub limits: Limits,
@@ -155,6 +169,10 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// `None`: derive from the open-file limit at start-up.
     pub max_http_connections: Option<usize>,
+    /// 0: no limit.
+    pub max_connections_per_address: usize,
+    /// 0: no limit.
+    pub connect_rate_per_address: u32,
 }
 
 impl Default for Limits {
@@ -172,6 +190,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_http_connections: None,
+            max_connections_per_address: 256,
+            connect_rate_per_address: 0,
         }
     }
 }
@@ -245,6 +265,13 @@ impl Options {
             header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
             body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
             max_http_connections: self.max_http_connections.or(lower.max_http_connections),
+            max_connections_per_address: self
+                .max_connections_per_address
+                .or(lower.max_connections_per_address),
+            connect_rate_per_address: self
+                .connect_rate_per_address
+                .or(lower.connect_rate_per_address),
+            trusted_proxy_header: self.trusted_proxy_header.or(lower.trusted_proxy_header),
         }
     }
 
@@ -326,6 +353,12 @@ impl Options {
                 .unwrap_or(defaults.header_read_timeout),
             body_read_timeout: self.body_read_timeout.unwrap_or(defaults.body_read_timeout),
             max_http_connections: self.max_http_connections,
+            max_connections_per_address: self
+                .max_connections_per_address
+                .unwrap_or(defaults.max_connections_per_address),
+            connect_rate_per_address: self
+                .connect_rate_per_address
+                .unwrap_or(defaults.connect_rate_per_address),
         };
         limits.check()?;
         Ok(Config {
@@ -344,6 +377,10 @@ impl Options {
             watch_plugins: self.watch_plugins.unwrap_or(true),
             demo,
             demo_public,
+            trusted_proxy_header: self
+                .trusted_proxy_header
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty()),
             limits,
         })
     }

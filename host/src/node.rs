@@ -35,6 +35,8 @@ pub struct Inner {
     pub connection_slots: Arc<Semaphore>,
     /// The cap itself, for logs and stats.
     pub max_connections: usize,
+    /// Connects per second per client address.
+    pub connect_rate: crate::ws::connect_rate::ConnectRate,
     /// How business operations send (the plugins hold the same one).
     pub outbox: crate::business::Outbox,
 }

@@ -129,6 +129,9 @@ pub async fn run(
         plugins: plugins.clone(),
         shutdown: stop.clone(),
         connection_slots: Arc::new(Semaphore::new(max_connections)),
+        connect_rate: crate::ws::connect_rate::ConnectRate::new(
+            config.limits.connect_rate_per_address,
+        ),
         outbox,
         max_connections,
         config,
@@ -160,6 +163,7 @@ pub async fn run(
             .limits
             .max_http_connections
             .unwrap_or_else(connection_capacity),
+        max_per_address: node.config.limits.max_connections_per_address,
         header_read_timeout: node.config.limits.header_read_timeout,
     };
     let mut server = tokio::spawn(crate::http::listener::serve(

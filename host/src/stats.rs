@@ -66,6 +66,8 @@ counters! {
     accept_errors,
     /// Connections closed on arrival because the HTTP connection cap was reached.
     connections_refused_at_cap,
+    /// Connections closed on arrival because their address held its share.
+    connections_refused_per_address,
     /// Publishes that found no node listening and were retried.
     publish_retries,
     /// API calls answered 503 because a node was not listening.
@@ -74,6 +76,8 @@ counters! {
     oversize_replies,
     /// Sockets closed with 1002 or 1007 because the terminal broke the protocol.
     protocol_errors,
+    /// Connects refused with 429: their address was over `connect_rate_per_address`.
+    connects_rate_limited,
     /// Connects refused with 503 while an auth plugin was still loading.
     connects_plugins_loading,
 }

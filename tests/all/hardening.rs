@@ -369,3 +369,102 @@ async fn an_idle_connection_flood_does_not_take_down_a_node_with_few_file_descri
         "the limit applied: {log}"
     );
 }
+
+/// Connects from `from` (another loopback address) to `to`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("addr"))
+        .expect("bind a loopback source address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// True when the node closes `conn` at once (reads EOF within 200 ms).
+async fn closed_at_once(conn: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), conn.read(&mut byte)).await,
+        Ok(Ok(0))
+    )
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_slot() {
+    let host = TestHost::start(Options {
+        max_connections_per_address: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.2", host.addr).await);
+    }
+    let mut fourth = connect_from("127.0.0.2", host.addr).await;
+    assert!(closed_at_once(&mut fourth).await, "over its share");
+    // Another address is served; so is the first once it lets go.
+    let mut other = connect_from("127.0.0.3", host.addr).await;
+    assert!(
+        !closed_at_once(&mut other).await,
+        "another address has room"
+    );
+    drop(held);
+    imhost_tests::eventually("the address has room again", || async {
+        let mut again = connect_from("127.0.0.2", host.addr).await;
+        (!closed_at_once(&mut again).await).then_some(())
+    })
+    .await;
+    assert!(host.stats().await.connections_refused_per_address >= 1);
+}
+
+#[tokio::test]
+async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured() {
+    let host = TestHost::start(Options {
+        connect_rate_per_address: Some(3),
+        trusted_proxy_header: Some("X-Forwarded-For".into()),
+        ..Options::default()
+    })
+    .await;
+    // A burst from one client address (as the proxy reports it): three get
+    // in, the fourth is told to wait.
+    let mut statuses = Vec::new();
+    for client in 0..4 {
+        let url = host.connect_url(client, None).await.url;
+        let token = url.rsplit("token=").next().expect("token").to_owned();
+        let mut conn = TcpStream::connect(host.addr).await.expect("connect");
+        let request = format!(
+            "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             X-Forwarded-For: 203.0.113.9, 198.51.100.7\r\n\r\n"
+        );
+        conn.write_all(request.as_bytes()).await.expect("write");
+        let mut head = vec![0u8; 1024];
+        let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
+            .await
+            .expect("answer")
+            .expect("read");
+        let said = String::from_utf8_lossy(&head[..n]).into_owned();
+        statuses.push(said[9..12].to_owned());
+        if said.starts_with("HTTP/1.1 429") {
+            assert!(
+                said.to_ascii_lowercase().contains("retry-after: 1"),
+                "{said}"
+            );
+            assert!(said.contains(r#""code":"too_many_requests""#), "{said}");
+        }
+    }
+    assert_eq!(statuses, ["101", "101", "101", "429"]);
+    // Another client address behind the same proxy is not affected.
+    let url = host.connect_url(9, None).await.url;
+    let token = url.rsplit("token=").next().expect("token").to_owned();
+    let mut conn = TcpStream::connect(host.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-Forwarded-For: 198.51.100.8\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![0u8; 64];
+    let n = conn.read(&mut head).await.expect("read");
+    assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+    assert_eq!(host.stats().await.connects_rate_limited, 1);
+}

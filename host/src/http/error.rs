@@ -27,6 +27,9 @@ pub enum AppError {
     /// A terminal connected to a node that does not own its client.
     #[error("{0}")]
     Misdirected(String),
+    /// The caller is over a rate limit; retry later.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// The node or the cluster store cannot serve now; retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +45,7 @@ impl AppError {
             AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             AppError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             AppError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
+            AppError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

@@ -6,6 +6,9 @@
 //!   node's socket cap, `max_connections`, instead). At the cap, a new
 //!   connection is accepted and closed at once, so the kernel's backlog never
 //!   fills with connections nobody will serve.
+//! - **A cap per client address** on connections in their HTTP phase, so that
+//!   one address cannot take every slot (behind a proxy, every connection
+//!   comes from the proxy: set it off there and limit at the proxy).
 //! - **A header-read timeout** (hyper's, which needs a timer): a connection
 //!   that sends no request, sends headers byte by byte, or idles between
 //!   keep-alive requests is closed when it runs out. Bodies get their own
@@ -17,7 +20,9 @@
 //! HTTP/1.1 only: terminals and business backends speak it, and HTTP/2's
 //! version sniffing would read the first bytes with no timeout.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -41,6 +46,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 pub struct ListenerLimits {
     /// Connections open at once (HTTP and WebSocket together).
     pub max_open: usize,
+    /// Connections in their HTTP phase at once from one address (0: no limit).
+    pub max_per_address: usize,
     /// Time a connection gets to deliver a request's headers, counted from
     /// when the server starts waiting for them (connect, or the previous
     /// response on a kept-alive connection).
@@ -58,6 +65,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> TaskTracker {
     let permits = Arc::new(Semaphore::new(limits.max_open));
+    let per_address = Arc::new(PerAddress::default());
     let connections = TaskTracker::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -87,12 +95,19 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let Some(address_slot) = per_address.take(remote.ip(), limits.max_per_address) else {
+            Stats::incr(&stats.connections_refused_per_address);
+            debug!(%remote, "per-address connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let http = http.clone();
         let router = router.clone();
         let stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;
+            let _address_slot = address_slot;
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(ConnectInfo(remote));
@@ -116,4 +131,50 @@ pub async fn serve(
     }
     connections.close();
     connections
+}
+
+/// Connections open per client address, so that one address cannot take
+/// every slot of the connection cap.
+#[derive(Default)]
+struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// A slot for `ip`, unless it holds `limit` already (0: no limit).
+    fn take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<AddressSlot> {
+        if limit == 0 {
+            return Some(AddressSlot { table: None, ip });
+        }
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: Some(self.clone()),
+            ip,
+        })
+    }
+}
+
+/// Gives its address's slot back when the connection ends.
+struct AddressSlot {
+    table: Option<Arc<PerAddress>>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Some(table) = &self.table {
+            let mut open = table.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = open.get_mut(&self.ip) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&self.ip);
+                }
+            }
+        }
+    }
 }

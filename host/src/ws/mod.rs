@@ -5,6 +5,7 @@
 //! a free connection slot is taken first, then the auth plugins decide, and
 //! when they all pass, the built-in single-use token.
 
+pub mod connect_rate;
 mod connection;
 
 use std::net::SocketAddr;
@@ -71,6 +72,14 @@ pub async fn upgrade(
     if node.shutdown.stopping().is_cancelled() {
         return Err(AppError::Unavailable("server shutting down".into()));
     }
+    let client_addr = client_address(&node, remote, &headers);
+    if !node.connect_rate.admit(client_addr) {
+        Stats::incr(&node.stats.connects_rate_limited);
+        return Ok(AppError::TooManyRequests(
+            "too many connects from this address; retry shortly".into(),
+        )
+        .with_retry_after(1));
+    }
     if node.plugins.auth_pending() {
         Stats::incr(&node.stats.connects_plugins_loading);
         return Ok(
@@ -82,7 +91,12 @@ pub async fn upgrade(
         Stats::incr(&node.stats.connects_over_capacity);
         return Err(AppError::Unavailable("server full".into()));
     };
-    let client = identify(&node, &query, &headers, remote).await?;
+    let seen_from = if client_addr == remote.ip() {
+        remote.to_string()
+    } else {
+        client_addr.to_string()
+    };
+    let client = identify(&node, &query, &headers, seen_from).await?;
     let limits = &node.config.limits;
     let session = Session { client };
     let tasks = node.shutdown.tasks().clone();
@@ -97,6 +111,20 @@ pub async fn upgrade(
             tasks.track_future(connection::serve(socket, node, session, slot))
         })
         .into_response())
+}
+
+/// The terminal's address: the peer's, or, when `trusted_proxy_header` is
+/// set, the last address that header lists (what the proxy in front of us
+/// appended; earlier entries are whatever the client claimed).
+fn client_address(node: &Node, remote: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
+    node.config
+        .trusted_proxy_header
+        .as_deref()
+        .and_then(|name| headers.get(name))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(remote.ip())
 }
 
 /// RFC 6455 section 4.2.1: the key is 16 random bytes in base64, which is
@@ -121,7 +149,7 @@ async fn identify(
     node: &Node,
     query: &[(String, String)],
     headers: &HeaderMap,
-    remote: SocketAddr,
+    remote: String,
 ) -> Result<TokenValue, AppError> {
     let token = query
         .iter()
@@ -135,7 +163,7 @@ async fn identify(
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
                 .collect(),
-            remote_addr: remote.to_string(),
+            remote_addr: remote,
             node: node.topology.me.clone(),
         };
         match node.plugins.authenticate(&request).await {
