@@ -26,7 +26,7 @@ use imhost::plugins::host_api::HostCtx;
 use imhost::plugins::loaded::Prepared;
 use imhost::plugins::manifest::Manifest;
 
-use super::{API_KEY, Args, direct_messages, free_addr, rss_bytes, spawn_imhost, wait_serving};
+use super::{Args, direct_messages, free_addr, rss_bytes, spawn_imhost, wait_serving};
 
 fn example(name: &str) -> PathBuf {
     Path::new("target/plugins/examples").join(format!("{name}.wasm"))
@@ -178,13 +178,7 @@ async fn write_to_serving(args: &Args) -> anyhow::Result<()> {
         std::fs::rename(&tmp, dir.path().join("p.wasm"))?;
         let mut first = None;
         let optimized = loop {
-            let rows: Vec<serde_json::Value> = http
-                .get(format!("http://{addr}/api/v1/plugins"))
-                .bearer_auth(API_KEY)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let rows = super::plugins::plugin_rows(&http, addr).await?;
             if let Some(row) = rows.iter().find(|r| r["name"] == "p") {
                 if row["state"] == "active" && first.is_none() {
                     first = Some(started.elapsed());

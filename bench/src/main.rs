@@ -740,8 +740,12 @@ mod plugins {
         ))
     }
 
-    /// Mean µs of one filter chain run of the plugin at `wasm`, in process.
-    pub async fn filter_call_us(wasm: &Path, manifest: &str) -> anyhow::Result<f64> {
+    /// A host in this process with the plugin at `wasm` loaded as `p`. The
+    /// directory is returned too: it must outlive the host's use of it.
+    async fn host_with_one(
+        wasm: &Path,
+        manifest: &str,
+    ) -> anyhow::Result<(tempfile::TempDir, Arc<PluginHost>)> {
         let dir = tempfile::tempdir()?;
         std::fs::copy(wasm, dir.path().join("p.wasm"))
             .with_context(|| format!("copy {}", wasm.display()))?;
@@ -752,21 +756,18 @@ mod plugins {
             "{} did not load",
             wasm.display()
         );
+        Ok((dir, host))
+    }
+
+    /// Mean µs of one filter chain run of the plugin at `wasm`, in process.
+    pub async fn filter_call_us(wasm: &Path, manifest: &str) -> anyhow::Result<f64> {
+        let (_dir, host) = host_with_one(wasm, manifest).await?;
         Ok(per_call(&host).await)
     }
 
     /// Mean µs of one inbound chain run (frame `ping`), in process.
     pub async fn inbound_call_us(wasm: &Path, manifest: &str) -> anyhow::Result<f64> {
-        let dir = tempfile::tempdir()?;
-        std::fs::copy(wasm, dir.path().join("p.wasm"))
-            .with_context(|| format!("copy {}", wasm.display()))?;
-        std::fs::write(dir.path().join("p.toml"), manifest)?;
-        let host = in_process_host(dir.path());
-        anyhow::ensure!(
-            host.reload().await.is_empty(),
-            "{} did not load",
-            wasm.display()
-        );
+        let (_dir, host) = host_with_one(wasm, manifest).await?;
         let frame = InboundFrame {
             client_id: 1,
             metadata: None,
@@ -855,6 +856,20 @@ mod plugins {
         Ok(())
     }
 
+    /// The rows of `GET /api/v1/plugins`.
+    pub async fn plugin_rows(
+        http: &reqwest::Client,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(http
+            .get(format!("http://{addr}/api/v1/plugins"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Waits until `n` plugins serve from their optimized build.
     pub async fn wait_plugins(
         http: &reqwest::Client,
@@ -863,13 +878,7 @@ mod plugins {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let list: Vec<serde_json::Value> = http
-                .get(format!("http://{addr}/api/v1/plugins"))
-                .bearer_auth(API_KEY)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let list = plugin_rows(http, addr).await?;
             let settled = |p: &&serde_json::Value| {
                 p["state"] == "active" && p["tier"] == "optimized" && p["compiling"].is_null()
             };

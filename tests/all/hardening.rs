@@ -10,6 +10,9 @@ use imhost_tests::host::{API_KEY, TestHost};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// RFC 6455's example key: 16 bytes in base64.
+const VALID_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
 fn short_timeouts() -> Options {
     Options {
         header_read_timeout: Some(Duration::from_millis(300)),
@@ -154,17 +157,27 @@ async fn a_wrong_method_gets_the_json_error_body() {
     }
 }
 
+/// A WebSocket handshake request for `token`, with `key` and extra header lines.
+fn handshake_request(token: &str, key: Option<&str>, extra: &str) -> String {
+    let key = key
+        .map(|k| format!("Sec-WebSocket-Key: {k}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\n{key}{extra}\r\n"
+    )
+}
+
+/// The token of a fresh connect URL for `client`.
+async fn token_for(host: &TestHost, client: i64) -> String {
+    let url = host.connect_url(client, None).await.url;
+    url.rsplit("token=").next().expect("token").to_owned()
+}
+
 /// Sends a raw handshake for `token` with `key`; returns the status line and body.
 async fn raw_handshake(host: &TestHost, token: &str, key: Option<&str>) -> String {
     let mut conn = TcpStream::connect(host.addr).await.expect("connect");
-    let mut request = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\n"
-    );
-    if let Some(key) = key {
-        request.push_str(&format!("Sec-WebSocket-Key: {key}\r\n"));
-    }
-    request.push_str("\r\n");
+    let request = handshake_request(token, key, "");
     conn.write_all(request.as_bytes()).await.expect("write");
     let mut got = vec![0u8; 4096];
     let n = tokio::time::timeout(DEADLINE, conn.read(&mut got))
@@ -177,8 +190,7 @@ async fn raw_handshake(host: &TestHost, token: &str, key: Option<&str>) -> Strin
 #[tokio::test]
 async fn bad_handshakes_are_refused_with_json_and_keep_the_token() {
     let host = TestHost::default().await;
-    let url = host.connect_url(5, None).await.url;
-    let token = url.rsplit("token=").next().expect("token").to_owned();
+    let token = token_for(&host, 5).await;
     for key in [None, Some("not-base64!"), Some("dGhlIHNhbXBsZSBub25jZQ")] {
         let said = raw_handshake(&host, &token, key).await;
         assert!(said.starts_with("HTTP/1.1 400"), "{key:?}: {said}");
@@ -195,20 +207,16 @@ async fn bad_handshakes_are_refused_with_json_and_keep_the_token() {
     let body: serde_json::Value = plain.json().await.expect("json body");
     assert_eq!(body["error"]["code"], "bad_request");
     // None of that used the single-use token.
-    let said = raw_handshake(&host, &token, Some("dGhlIHNhbXBsZSBub25jZQ==")).await;
+    let said = raw_handshake(&host, &token, Some(VALID_KEY)).await;
     assert!(said.starts_with("HTTP/1.1 101"), "{said}");
 }
 
 /// A raw WebSocket connection after a real handshake, for frames a
 /// well-behaved client library will not send.
 async fn raw_socket(host: &TestHost, client: i64) -> TcpStream {
-    let url = host.connect_url(client, None).await.url;
-    let token = url.rsplit("token=").next().expect("token").to_owned();
+    let token = token_for(host, client).await;
     let mut conn = TcpStream::connect(host.addr).await.expect("connect");
-    let request = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
+    let request = handshake_request(&token, Some(VALID_KEY), "");
     conn.write_all(request.as_bytes()).await.expect("write");
     // Read the 101 response head, byte by byte up to the blank line.
     let mut head = Vec::new();
@@ -278,26 +286,16 @@ async fn a_terminals_close_is_answered_with_its_code() {
 #[tokio::test]
 async fn protocol_violations_close_with_1002_or_1007_and_are_counted() {
     let host = TestHost::default().await;
-    let mut invalid_text = raw_socket(&host, 1).await;
-    invalid_text
-        .write_all(&frame(0x1, &[0x68, 0xff, 0xfe], true))
-        .await
-        .expect("write");
-    assert_eq!(close_code(&mut invalid_text).await, 1007);
-
-    let mut unmasked = raw_socket(&host, 2).await;
-    unmasked
-        .write_all(&frame(0x1, b"hello", false))
-        .await
-        .expect("write");
-    assert_eq!(close_code(&mut unmasked).await, 1002);
-
-    let mut reserved = raw_socket(&host, 3).await;
-    reserved
-        .write_all(&frame(0x3, b"?", true))
-        .await
-        .expect("write");
-    assert_eq!(close_code(&mut reserved).await, 1002);
+    let cases: [(&str, Vec<u8>, u16); 3] = [
+        ("invalid UTF-8", frame(0x1, &[0x68, 0xff, 0xfe], true), 1007),
+        ("unmasked", frame(0x1, b"hello", false), 1002),
+        ("reserved opcode", frame(0x3, b"?", true), 1002),
+    ];
+    for (client, (what, bytes, code)) in (1..).zip(cases) {
+        let mut conn = raw_socket(&host, client).await;
+        conn.write_all(&bytes).await.expect("write");
+        assert_eq!(close_code(&mut conn).await, code, "{what}");
+    }
 
     assert_eq!(host.stats().await.protocol_errors, 3);
     // Others are unaffected.
@@ -428,13 +426,12 @@ async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured()
     // in, the fourth is told to wait.
     let mut statuses = Vec::new();
     for client in 0..4 {
-        let url = host.connect_url(client, None).await.url;
-        let token = url.rsplit("token=").next().expect("token").to_owned();
+        let token = token_for(&host, client).await;
         let mut conn = TcpStream::connect(host.addr).await.expect("connect");
-        let request = format!(
-            "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             X-Forwarded-For: 203.0.113.9, 198.51.100.7\r\n\r\n"
+        let request = handshake_request(
+            &token,
+            Some(VALID_KEY),
+            "X-Forwarded-For: 203.0.113.9, 198.51.100.7\r\n",
         );
         conn.write_all(request.as_bytes()).await.expect("write");
         let mut head = vec![0u8; 1024];
@@ -454,14 +451,9 @@ async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured()
     }
     assert_eq!(statuses, ["101", "101", "101", "429"]);
     // Another client address behind the same proxy is not affected.
-    let url = host.connect_url(9, None).await.url;
-    let token = url.rsplit("token=").next().expect("token").to_owned();
+    let token = token_for(&host, 9).await;
     let mut conn = TcpStream::connect(host.addr).await.expect("connect");
-    let request = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         X-Forwarded-For: 198.51.100.8\r\n\r\n"
-    );
+    let request = handshake_request(&token, Some(VALID_KEY), "X-Forwarded-For: 198.51.100.8\r\n");
     conn.write_all(request.as_bytes()).await.expect("write");
     let mut head = vec![0u8; 64];
     let n = conn.read(&mut head).await.expect("read");
