@@ -34,6 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 mod languages;
+mod soak;
 
 const API_KEY: &str = "bench-api-key-0123456789";
 
@@ -67,6 +68,10 @@ struct Args {
     /// `examples/plugins/build` first).
     #[arg(long)]
     only_languages: bool,
+    /// Run the soak for this many seconds instead (outside CI; writes
+    /// target/soak.csv).
+    #[arg(long, value_name = "SECONDS")]
+    soak: Option<u64>,
     /// Compiled-plugin cache of the nodes under test.
     #[arg(long, default_value = "target/bench-plugin-cache")]
     plugin_cache: PathBuf,
@@ -89,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_languages {
         return languages::compare(&args).await;
+    }
+    if let Some(seconds) = args.soak {
+        return soak::run(&args, seconds).await;
     }
     let imhost = measure(&args, Target::Imhost).await.context("imhost run")?;
     let bare = measure(&args, Target::Baseline)
