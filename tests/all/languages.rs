@@ -266,26 +266,14 @@ async fn connects_wait_for_an_auth_plugin_that_is_still_compiling() {
     // A cache of its own (nothing precompiled) and no baseline tier: the
     // optimized compile of 12 MB of JavaScript takes seconds here.
     let cache = tempfile::tempdir().expect("cache");
-    let listener = imhost::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = Options {
-        listen: Some(addr),
-        api_key: Some(imhost_tests::api::API_KEY.into()),
+    let host = TestHost::start_serving(Options {
         plugins: Some(dir.path().to_owned()),
         plugin_cache: Some(cache.path().join("c")),
         plugin_tiering: Some(false),
         ..Options::default()
-    }
-    .resolve()
-    .expect("config");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let node = tokio::spawn(imhost::server::run(
-        listener,
-        config,
-        stop.clone().cancelled_owned(),
-    ));
-    let api = imhost_tests::api::Api::new(addr);
-    api.wait_serving().await;
+    })
+    .await;
+    let (api, addr) = (&host.api, host.addr);
 
     // Serving at once; the directory is scanned in milliseconds, the plugin
     // compiles for seconds.
@@ -342,8 +330,7 @@ async fn connects_wait_for_an_auth_plugin_that_is_still_compiling() {
         hmac_token(5, now_ms() + 60_000, SECRET)
     );
     Terminal::connect(&url).await.expect("connects once active");
-    stop.cancel();
-    node.await.expect("node").expect("clean stop");
+    host.stop().await.expect("clean stop");
 }
 
 #[tokio::test]

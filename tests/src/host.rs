@@ -14,8 +14,17 @@ pub struct TestHost {
 }
 
 impl TestHost {
-    /// Starts a node with test defaults overridden by `options`.
+    /// Starts a node with test defaults overridden by `options`, and waits
+    /// until it serves and its plugins have settled.
     pub async fn start(options: Options) -> TestHost {
+        let host = Self::start_serving(options).await;
+        host.api.wait_plugins_settled().await;
+        host
+    }
+
+    /// [`TestHost::start`] without waiting for plugins: returns as soon as
+    /// the node answers `/healthz`.
+    pub async fn start_serving(options: Options) -> TestHost {
         let listener = imhost::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let defaults = Options {
@@ -36,7 +45,6 @@ impl TestHost {
             task: Some(task),
         };
         host.api.wait_serving().await;
-        host.api.wait_plugins_settled().await;
         host
     }
 

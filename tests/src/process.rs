@@ -47,23 +47,11 @@ impl ImhostProcess {
     /// Starts `imhost` with `args`; does not wait for it to serve.
     pub fn spawn(addr: SocketAddr, args: &[&str], envs: &[(&str, &str)]) -> ImhostProcess {
         let mut command = Command::new(imhost_bin());
-        command
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
-            .env("IMHOST_PLUGIN_CACHE_KEEP", "256")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        command.args(args);
         for (k, v) in envs {
             command.env(k, v);
         }
-        let child = command.spawn().expect("spawn imhost");
-        ImhostProcess {
-            addr,
-            child: Some(child),
-        }
+        Self::start(addr, command)
     }
 
     /// Like [`ImhostProcess::spawn`], with the open-file limit (soft and
@@ -74,14 +62,22 @@ impl ImhostProcess {
             .arg("-c")
             .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
             .arg(imhost_bin())
-            .args(args)
+            .args(args);
+        Self::start(addr, command)
+    }
+
+    /// Runs `command` with the settings every test process gets: the shared
+    /// plugin cache, no inherited log filter, output captured, killed on drop.
+    fn start(addr: SocketAddr, mut command: Command) -> ImhostProcess {
+        command
             .env_remove("RUST_LOG")
             .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
+            .env("IMHOST_PLUGIN_CACHE_KEEP", "256")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let child = command.spawn().expect("spawn imhost under sh");
+        let child = command.spawn().expect("spawn imhost");
         ImhostProcess {
             addr,
             child: Some(child),
