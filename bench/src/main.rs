@@ -33,8 +33,10 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+mod big_cluster;
 mod languages;
 mod soak;
+mod sockets;
 
 const API_KEY: &str = "bench-api-key-0123456789";
 
@@ -78,9 +80,41 @@ struct Args {
     /// Where the built guest plugins are (scripts/bench builds them).
     #[arg(long, default_value = "target/plugins/wasm32-wasip2/release")]
     guests: PathBuf,
+    /// Only the socket-core scenarios: floor, baseline and imhost at each
+    /// of `--socket-counts`, then a rate sweep.
+    #[arg(long)]
+    only_sockets: bool,
+    /// Socket counts for `--only-sockets`.
+    #[arg(long, value_delimiter = ',', default_value = "1000,19000")]
+    socket_counts: Vec<usize>,
+    /// Deliveries per second offered in `--only-sockets`.
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
+    /// Seconds of offered load per `--only-sockets` run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Skip the latency-against-rate sweep of `--only-sockets`.
+    #[arg(long)]
+    no_sweep: bool,
+    /// Where `--only-sockets` writes its curves (memory.csv, latency.csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Only the local-cluster scenario: six nodes, one Redis, this many
+    /// connections (needs an open-file limit of about 20,000).
+    #[arg(long, value_name = "CONNECTIONS")]
+    big_cluster: Option<usize>,
+    /// Internal: hold terminals for the big cluster, via this node's API.
+    #[arg(long, hide = true)]
+    hold: Option<SocketAddr>,
+    /// Internal: the client ids a holder connects, FIRST-LAST.
+    #[arg(long, hide = true)]
+    hold_range: Option<String>,
     /// Internal: run the baseline server on this address.
     #[arg(long, hide = true)]
     baseline_server: Option<SocketAddr>,
+    /// Internal: run the raw-write floor server on this address.
+    #[arg(long, hide = true)]
+    floor_server: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -88,6 +122,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.baseline_server {
         return baseline::serve(addr).await;
+    }
+    if let Some(addr) = args.floor_server {
+        return sockets::floor::serve(addr).await;
+    }
+    if args.only_sockets {
+        return sockets::compare(&args).await;
+    }
+    if let Some(entry) = args.hold {
+        return big_cluster::hold(entry, args.hold_range.as_deref().unwrap_or("1-1")).await;
+    }
+    if let Some(total) = args.big_cluster {
+        return big_cluster::run(&args, total).await;
     }
     if args.only_plugins {
         return plugins::compare(&args).await;
@@ -435,11 +481,17 @@ mod baseline {
     #[derive(serde::Deserialize)]
     struct Push {
         n: usize,
+        /// Pause between messages (0: none).
+        #[serde(default)]
+        interval_us: u64,
     }
 
     async fn push(State(sockets): State<Sockets>, Query(push): Query<Push>) -> &'static str {
+        let mut next = tokio::time::Instant::now();
         for n in 0..push.n {
-            let text = Utf8Bytes::from(format!("{{\"n\":{n},\"t\":\"broadcast-payload\"}}"));
+            tokio::time::sleep_until(next).await;
+            next += std::time::Duration::from_micros(push.interval_us);
+            let text = Utf8Bytes::from(format!("{{\"n\":{n},\"t\":{}}}", super::sockets::now_us()));
             let senders: Vec<_> = sockets.lock().expect("lock").values().cloned().collect();
             for tx in senders {
                 let _ = tx.send(text.clone()).await;

@@ -13,7 +13,6 @@
 //! as many messages are in the filter stage as the chain's smallest instance
 //! pool allows (each call then finds a warm instance).
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use imhost_client::ClientId;
@@ -24,6 +23,7 @@ use imhost_client::wire::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+use tungstenite::Utf8Bytes;
 
 use crate::node::Node;
 use crate::plugins::FilterOutcome;

@@ -1,21 +1,26 @@
 //! Local connections: client id → the sockets (devices) it holds on this node.
 //!
-//! Each socket is represented by a bounded outbound queue and a [`Closer`]. The
-//! dispatcher pushes with `try_send` and never waits: a socket whose queue is
-//! full is a slow consumer and is closed (1013), so one stalled terminal costs at
-//! most `outbound_queue` messages of memory and never slows anyone else.
+//! Each socket is represented by a [`SocketHandle`]: a bounded outbound queue,
+//! a close request and its heartbeat clock. The dispatcher pushes and never
+//! waits: a socket whose queue is full is a slow consumer and is closed
+//! (1013), so one stalled terminal costs at most `outbound_queue` messages of
+//! memory and never slows anyone else.
+//!
+//! Heartbeats are one sweep over this map (see [`Registry::heartbeat`]), not a
+//! timer per socket.
 //!
 //! The map sits behind a `std::sync::Mutex`: every critical section is a few
 //! hash-map operations and non-blocking queue pushes, never an `.await`, so an
 //! async mutex would only add cost (the reasoning of mini-redis's `Db`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use imhost_client::ClientId;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::stats::Stats;
 
@@ -43,6 +48,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    const ALL: [CloseReason; 7] = [
+        CloseReason::SlowConsumer,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::Oversize,
+        CloseReason::ForcedOffline,
+        CloseReason::Shutdown,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidData,
+    ];
+
     pub fn code(self) -> u16 {
         match self {
             CloseReason::SlowConsumer => 1013,
@@ -67,39 +83,133 @@ impl CloseReason {
     }
 }
 
-/// Asks one socket task to close, with the first reason given winning.
+/// The side of one socket that the rest of the node touches: its outbound
+/// queue, its close request, its heartbeat clock, and the waker of its task.
+///
+/// The queue is a `VecDeque` behind a mutex, not a channel: it allocates
+/// nothing until a message arrives and gives its memory back once drained, so
+/// an idle socket costs this struct and nothing else. Pushes never wait; the
+/// socket task is woken only when its flags change.
 #[derive(Debug)]
-pub struct Closer {
-    reason: OnceLock<CloseReason>,
-    /// A child of the node's shutdown token, so shutdown closes every socket.
-    token: CancellationToken,
+pub struct SocketHandle {
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    /// [`signal`] bits the socket task has not seen yet.
+    flags: AtomicU8,
+    /// The first close reason given (0: none), as `CloseReason as u8 + 1`.
+    close_reason: AtomicU8,
+    /// When a frame last arrived, in milliseconds of the registry's clock.
+    last_heard: AtomicU64,
+    waker: AtomicWaker,
 }
 
-impl Closer {
+/// The bits of [`SocketHandle::flags`].
+pub mod signal {
+    /// Messages were queued.
+    pub const QUEUED: u8 = 1;
+    /// The heartbeat wants a ping sent.
+    pub const PING: u8 = 2;
+    /// A close was requested.
+    pub const CLOSE: u8 = 4;
+}
+
+impl SocketHandle {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            flags: AtomicU8::new(0),
+            close_reason: AtomicU8::new(0),
+            last_heard: AtomicU64::new(now_ms),
+            waker: AtomicWaker::new(),
+        }
+    }
+
     /// Requests the close; returns false when a close was already requested.
     pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.set(reason).is_ok();
-        self.token.cancel();
+        let first = self
+            .close_reason
+            .compare_exchange(0, reason as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        self.raise(signal::CLOSE);
         first
     }
 
-    /// Resolves once a close was requested or the node is shutting down.
-    pub async fn requested(&self) -> CloseReason {
-        self.token.cancelled().await;
-        self.reason()
+    /// The close reason given, if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::ALL
+            .get(usize::from(self.close_reason.load(Ordering::Acquire)).checked_sub(1)?)
+            .copied()
     }
 
-    /// The reason given, or [`CloseReason::Shutdown`] when cancelled by shutdown.
-    pub fn reason(&self) -> CloseReason {
-        self.reason.get().copied().unwrap_or(CloseReason::Shutdown)
+    /// Sets `bits` and wakes the task unless they were all set already (then
+    /// it has a wake-up pending).
+    fn raise(&self, bits: u8) {
+        if self.flags.fetch_or(bits, Ordering::AcqRel) & bits != bits {
+            self.waker.wake();
+        }
     }
+
+    /// Registers the task's waker and takes the raised bits, for the socket
+    /// task's poll. Registering first means a raise after the take wakes it.
+    pub fn take_signals(&self, cx: &std::task::Context<'_>) -> u8 {
+        self.waker.register(cx.waker());
+        self.flags.swap(0, Ordering::AcqRel)
+    }
+
+    /// Moves up to `max` queued messages, stopping once `max_bytes` are
+    /// taken, into `out`; returns whether messages are left behind.
+    pub fn drain_into(&self, out: &mut Vec<Utf8Bytes>, max: usize, max_bytes: usize) -> bool {
+        let mut queue = lock(&self.queue);
+        let mut bytes = 0;
+        while out.len() < max && bytes < max_bytes {
+            let Some(text) = queue.pop_front() else { break };
+            bytes += text.len();
+            out.push(text);
+        }
+        let left = !queue.is_empty();
+        if !left && queue.capacity() > KEPT_QUEUE_CAPACITY {
+            // A burst is over: give its memory back.
+            *queue = VecDeque::new();
+        }
+        left
+    }
+
+    /// Drops every queued message (a socket on its way out).
+    pub fn discard_queue(&self) {
+        *lock(&self.queue) = VecDeque::new();
+    }
+
+    /// Notes that a frame arrived now.
+    pub fn heard(&self, now_ms: u64) {
+        self.last_heard.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Queues `text` unless the queue holds `bound` messages already.
+    fn push(&self, text: &Utf8Bytes, bound: usize) -> bool {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.len() >= bound {
+                return false;
+            }
+            queue.push_back(text.clone());
+        }
+        self.raise(signal::QUEUED);
+        true
+    }
+}
+
+/// A drained queue keeps at most this many slots of memory.
+const KEPT_QUEUE_CAPACITY: usize = 4;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a few collection operations: a panic
+    // inside one cannot leave the data half-updated, so poison is ignored.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the socket task needs from its registration.
 pub struct Registration {
     pub conn: ConnId,
-    pub outbound: mpsc::Receiver<Utf8Bytes>,
-    pub closer: Arc<Closer>,
+    pub handle: Arc<SocketHandle>,
 }
 
 /// What happened when a message was handed to one client's sockets.
@@ -115,14 +225,15 @@ pub enum Delivery {
 
 struct Socket {
     conn: ConnId,
-    tx: mpsc::Sender<Utf8Bytes>,
-    closer: Arc<Closer>,
+    handle: Arc<SocketHandle>,
 }
 
 #[derive(Default)]
 struct Clients {
     by_id: HashMap<ClientId, Vec<Socket>>,
     next_conn: ConnId,
+    /// Set once the node shuts down: later sockets are closed at once.
+    closed: bool,
 }
 
 /// Cheap-to-clone handle to this node's connections.
@@ -131,6 +242,8 @@ pub struct Registry {
     clients: Arc<Mutex<Clients>>,
     stats: Arc<Stats>,
     queue_bound: usize,
+    /// The clock of `last_heard`: milliseconds since this instant.
+    epoch: Instant,
 }
 
 impl Registry {
@@ -139,36 +252,63 @@ impl Registry {
             clients: Arc::default(),
             stats,
             queue_bound,
+            epoch: Instant::now(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Clients> {
-        // A panic while holding this lock cannot leave the map half-updated in a
-        // way later users could trip on, so a poisoned lock is still usable.
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.clients)
     }
 
-    /// Adds a socket for `client`; returns its id, queue and closer. `parent`
-    /// is the shutdown token the closer hangs off.
-    pub fn register(&self, client: ClientId, parent: &CancellationToken) -> Registration {
-        let (tx, outbound) = mpsc::channel(self.queue_bound);
-        let closer = Arc::new(Closer {
-            reason: OnceLock::new(),
-            token: parent.child_token(),
-        });
+    /// Now, on the clock of [`SocketHandle::heard`].
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Adds a socket for `client`; returns its id and handle.
+    pub fn register(&self, client: ClientId) -> Registration {
+        let handle = Arc::new(SocketHandle::new(self.now_ms()));
         let mut clients = self.lock();
         clients.next_conn += 1;
         let conn = clients.next_conn;
+        if clients.closed {
+            handle.close(CloseReason::Shutdown);
+        }
         clients.by_id.entry(client).or_default().push(Socket {
             conn,
-            tx,
-            closer: closer.clone(),
+            handle: handle.clone(),
         });
-        Registration {
-            conn,
-            outbound,
-            closer,
+        Registration { conn, handle }
+    }
+
+    /// Closes every socket, now and from now on (the node is shutting down).
+    pub fn close_all(&self, reason: CloseReason) {
+        let mut clients = self.lock();
+        clients.closed = true;
+        for socket in clients.by_id.values().flatten() {
+            socket.handle.close(reason);
         }
+    }
+
+    /// One heartbeat round over the sockets whose id falls in `bucket` of
+    /// `buckets`: those silent since `deadline_ms` are closed, the others
+    /// asked to ping. Returns how many were closed.
+    pub fn heartbeat(&self, bucket: u64, buckets: u64, deadline_ms: u64) -> usize {
+        let clients = self.lock();
+        let mut closed = 0;
+        for socket in clients.by_id.values().flatten() {
+            if socket.conn % buckets != bucket {
+                continue;
+            }
+            if socket.handle.last_heard.load(Ordering::Relaxed) < deadline_ms {
+                if socket.handle.close(CloseReason::HeartbeatTimeout) {
+                    closed += 1;
+                }
+            } else {
+                socket.handle.raise(signal::PING);
+            }
+        }
+        closed
     }
 
     /// Removes a socket; returns how many sockets `client` still holds here.
@@ -244,7 +384,7 @@ impl Registry {
         let clients = self.lock();
         let sockets = clients.by_id.get(&client).map_or(&[][..], Vec::as_slice);
         for socket in sockets {
-            socket.closer.close(reason);
+            socket.handle.close(reason);
         }
         sockets.len()
     }
@@ -261,15 +401,14 @@ impl Registry {
         }
         let mut queued = 0;
         for socket in sockets {
-            match socket.tx.try_send(text.clone()) {
-                Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if socket.closer.close(CloseReason::SlowConsumer) {
-                        Stats::incr(&self.stats.slow_consumers_closed);
-                    }
-                }
-                // The socket task is already on its way out.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            if socket.handle.close_reason().is_some() {
+                // On its way out: nothing more is written to it.
+                continue;
+            }
+            if socket.handle.push(text, self.queue_bound) {
+                queued += 1;
+            } else if socket.handle.close(CloseReason::SlowConsumer) {
+                Stats::incr(&self.stats.slow_consumers_closed);
             }
         }
         Stats::add(&self.stats.frames_queued, queued as u64);
@@ -285,46 +424,102 @@ mod tests {
         Registry::new(bound, Arc::default())
     }
 
+    fn queued(handle: &SocketHandle) -> Vec<Utf8Bytes> {
+        let mut out = Vec::new();
+        handle.drain_into(&mut out, usize::MAX, usize::MAX);
+        out
+    }
+
     #[test]
     fn echo_rule_skips_a_single_device_sender() {
         let reg = registry(4);
-        let root = CancellationToken::new();
-        let mut a = reg.register(1, &root);
+        let a = reg.register(1);
         let text = Utf8Bytes::from("hi");
         assert_eq!(reg.deliver(1, &text, 1), Delivery::EchoSkipped);
         assert_eq!(reg.deliver(2, &text, 1), Delivery::NotConnected);
-        let mut b = reg.register(1, &root);
+        let b = reg.register(1);
         assert_eq!(reg.deliver(1, &text, 1), Delivery::Queued(2));
-        assert_eq!(a.outbound.try_recv().ok(), Some(text.clone()));
-        assert_eq!(b.outbound.try_recv().ok(), Some(text));
+        assert_eq!(queued(&a.handle), vec![text.clone()]);
+        assert_eq!(queued(&b.handle), vec![text]);
     }
 
     #[test]
     fn a_full_queue_closes_that_socket_only() {
         let reg = registry(1);
-        let root = CancellationToken::new();
-        let slow = reg.register(1, &root);
-        let mut fast = reg.register(2, &root);
+        let slow = reg.register(1);
+        let fast = reg.register(2);
         let text = Utf8Bytes::from("x");
         reg.deliver_many([1, 2], &text, 0);
-        fast.outbound.try_recv().ok();
+        queued(&fast.handle);
         reg.deliver_many([1, 2], &text, 0);
-        assert!(slow.closer.token.is_cancelled());
-        assert_eq!(slow.closer.reason(), CloseReason::SlowConsumer);
-        assert!(!fast.closer.token.is_cancelled());
+        assert_eq!(slow.handle.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(fast.handle.close_reason(), None);
         assert_eq!(reg.stats.snapshot().slow_consumers_closed, 1);
+        // A closing socket is queued nothing more.
+        assert_eq!(reg.deliver(1, &text, 0), Delivery::Queued(0));
     }
 
     #[test]
-    fn unregister_tracks_remaining_devices() {
+    fn the_first_close_reason_wins() {
         let reg = registry(1);
-        let root = CancellationToken::new();
-        let a = reg.register(9, &root);
-        let b = reg.register(9, &root);
+        let a = reg.register(1);
+        assert!(a.handle.close(CloseReason::ForcedOffline));
+        assert!(!a.handle.close(CloseReason::Shutdown));
+        assert_eq!(a.handle.close_reason(), Some(CloseReason::ForcedOffline));
+        for reason in CloseReason::ALL {
+            let b = reg.register(2);
+            b.handle.close(reason);
+            assert_eq!(b.handle.close_reason(), Some(reason));
+        }
+    }
+
+    #[test]
+    fn drained_queues_give_their_memory_back() {
+        let reg = registry(100);
+        let a = reg.register(1);
+        for _ in 0..50 {
+            reg.deliver(1, &Utf8Bytes::from("x"), 0);
+        }
+        let mut out = Vec::new();
+        assert!(a.handle.drain_into(&mut out, 10, usize::MAX));
+        assert_eq!(out.len(), 10);
+        out.clear();
+        assert!(!a.handle.drain_into(&mut out, 100, usize::MAX));
+        assert_eq!(out.len(), 40);
+        assert_eq!(lock(&a.handle.queue).capacity(), 0);
+    }
+
+    #[test]
+    fn heartbeat_rounds_ping_the_live_and_close_the_silent() {
+        let reg = registry(1);
+        let silent = reg.register(1);
+        let live = reg.register(2);
+        assert_eq!((silent.conn, live.conn), (1, 2));
+        silent.handle.heard(1_000);
+        live.handle.heard(5_000);
+        // A round touches only its bucket: id 2 is in bucket 0 of 2.
+        assert_eq!(reg.heartbeat(0, 2, 2_000), 0);
+        assert_eq!(silent.handle.close_reason(), None);
+        assert_ne!(live.handle.flags.load(Ordering::Relaxed) & signal::PING, 0);
+        assert_eq!(reg.heartbeat(1, 2, 2_000), 1);
+        assert_eq!(
+            silent.handle.close_reason(),
+            Some(CloseReason::HeartbeatTimeout)
+        );
+        assert_eq!(live.handle.close_reason(), None);
+    }
+
+    #[test]
+    fn unregister_tracks_remaining_devices_and_shutdown_closes_late_sockets() {
+        let reg = registry(1);
+        let a = reg.register(9);
+        let b = reg.register(9);
         assert_eq!(reg.unregister(9, a.conn), 1);
+        reg.close_all(CloseReason::Shutdown);
+        assert_eq!(b.handle.close_reason(), Some(CloseReason::Shutdown));
         assert_eq!(reg.unregister(9, b.conn), 0);
         assert!(reg.clients().is_empty());
-        root.cancel();
-        assert_eq!(a.closer.reason(), CloseReason::Shutdown);
+        let late = reg.register(10);
+        assert_eq!(late.handle.close_reason(), Some(CloseReason::Shutdown));
     }
 }

@@ -155,6 +155,13 @@ pub async fn run(
         ));
     }
     spawn_reload_on_sighup(plugins.clone(), stop.drained().clone());
+    tokio::spawn(crate::ws::heartbeat::run(
+        node.registry.clone(),
+        node.stats.clone(),
+        node.config.limits.heartbeat_interval,
+        node.config.limits.heartbeat_timeout,
+        stop.stopping().clone(),
+    ));
     let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
     let app = crate::http::router(node.clone());
     let limits = crate::http::listener::ListenerLimits {

@@ -1,54 +1,98 @@
-//! One socket: its task owns the WebSocket and runs one `select!` over the
-//! terminal's frames, the outbound queue, the heartbeat and the close request.
-//! Text frames go to the inbound plugins when one is loaded, in this task, so
-//! one terminal's frames are handled in order.
-//!
-//! One task per socket (not a reader and a writer) keeps the per-connection cost
-//! to one task, one queue and tungstenite's buffers.
+//! A terminal's life on this node: registration, the online event, the
+//! socket core until the socket ends, the offline event. Text frames go to the
+//! inbound plugins when one is loaded, in the socket's task, so one
+//! terminal's frames are handled in order.
 
-use std::time::Duration;
-
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
 use imhost_client::api::PresenceEvent;
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, MissedTickBehavior, interval_at};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Session;
+use super::socket::{self, Limits, Terminal};
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
 use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::{CloseReason, Closer, Registration};
+use crate::registry::CloseReason;
 use crate::stats::Stats;
 
-/// How many queued messages one write batches before flushing.
-const WRITE_BATCH: usize = 64;
-/// How long a close frame may take to leave before the socket is just dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Runs a socket from registration to the offline event.
-pub async fn serve(socket: WebSocket, node: Node, session: Session, _slot: OwnedSemaphorePermit) {
+pub async fn serve(
+    stream: TcpStream,
+    read_ahead: Bytes,
+    node: Node,
+    session: Session,
+    _slot: OwnedSemaphorePermit,
+) {
     let client = session.client.client_id;
-    let span = info_span!("socket", client);
+    let span = debug_span!("socket", client);
     async move {
-        let registration = node.registry.register(client, node.shutdown.stopping());
+        let registration = node.registry.register(client);
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);
         presence_changed(&node, &session, PresenceKind::Online).await;
         debug!(conn, "connected");
 
-        let reason = pump(socket, &node, &session, registration).await;
+        let limits = &node.config.limits;
+        let limits = Limits {
+            max_message: limits.max_frame_bytes,
+            max_batch_bytes: limits.max_body_bytes,
+            max_unsent: super::write_buffer_limit(limits.max_body_bytes),
+        };
+        let terminal = Inbound {
+            node: &node,
+            session: &session,
+        };
+        let end = socket::run(
+            stream,
+            read_ahead,
+            &registration.handle,
+            &node.registry,
+            limits,
+            &terminal,
+        )
+        .await;
 
         node.registry.unregister(client, conn);
         Stats::decr(&node.stats.connections);
         presence_changed(&node, &session, PresenceKind::Offline).await;
-        debug!(conn, ?reason, "disconnected");
+        debug!(conn, ?end, "disconnected");
     }
     .instrument(span)
     .await
+}
+
+/// What a terminal's messages do: go to the inbound plugins, if any.
+struct Inbound<'a> {
+    node: &'a Node,
+    session: &'a Session,
+}
+
+impl Terminal for Inbound<'_> {
+    async fn on_text(&self, text: String) -> Option<String> {
+        if !self.node.plugins.current().has(Hook::Inbound) {
+            Stats::incr(&self.node.stats.inbound_ignored);
+            return None;
+        }
+        // Boxed: the plugin call's future is large, and inlined it would grow
+        // every socket task, plugins or not.
+        Box::pin(handle_inbound(self.node, self.session, text)).await
+    }
+
+    fn on_ignored(&self) {
+        Stats::incr(&self.node.stats.inbound_ignored);
+    }
+
+    fn on_violation(&self, reason: CloseReason) {
+        let counter = match reason {
+            CloseReason::Oversize => &self.node.stats.oversize_closed,
+            _ => &self.node.stats.protocol_errors,
+        };
+        Stats::incr(counter);
+    }
 }
 
 /// Records a socket coming or going in the presence store, then tells the
@@ -86,138 +130,15 @@ async fn announce(node: &Node, session: &Session, kind: PresenceKind, devices: u
     }
 }
 
-/// Moves frames until the socket ends; returns why the server closed it, if it did.
-async fn pump(
-    mut socket: WebSocket,
-    node: &Node,
-    session: &Session,
-    registration: Registration,
-) -> Option<CloseReason> {
-    let Registration {
-        mut outbound,
-        closer,
-        ..
-    } = registration;
-    let limits = &node.config.limits;
-    let mut ping = interval_at(
-        Instant::now() + limits.heartbeat_interval,
-        limits.heartbeat_interval,
-    );
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-
-    let reason = loop {
-        tokio::select! {
-            biased;
-            reason = closer.requested() => break Some(reason),
-            Some(first) = outbound.recv() => {
-                let write = async {
-                    // A batch stops at WRITE_BATCH frames or once it holds the
-                    // largest message's worth of bytes, so tungstenite's write
-                    // buffer (see `write_buffer_limit`) always has room for
-                    // one more frame.
-                    let mut batched = first.len();
-                    socket.feed(Message::Text(first)).await?;
-                    for _ in 1..WRITE_BATCH {
-                        if batched >= limits.max_body_bytes {
-                            break;
-                        }
-                        match outbound.try_recv() {
-                            Ok(text) => {
-                                batched += text.len();
-                                socket.feed(Message::Text(text)).await?;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    socket.flush().await
-                };
-                if let Some(outcome) = until_closed(&closer, write).await {
-                    if outcome.is_err() {
-                        break None;
-                    }
-                } else {
-                    break Some(closer.reason());
-                }
-            }
-            frame = socket.recv() => match frame {
-                None => break None,
-                Some(Ok(message)) => {
-                    last_heard = Instant::now();
-                    match message {
-                        Message::Text(text) if node.plugins.current().has(Hook::Inbound) => {
-                            // Boxed: the plugin call's future is large, and inlined it
-                            // would grow every socket task, plugins or not.
-                            let reply = Box::pin(handle_inbound(node, session, text.as_str())).await;
-                            if let Some(reply) = reply {
-                                let sent = until_closed(&closer, socket.send(Message::Text(reply.into()))).await;
-                                match sent {
-                                    Some(Ok(())) => {}
-                                    Some(Err(_)) => break None,
-                                    None => break Some(closer.reason()),
-                                }
-                            }
-                        }
-                        Message::Text(_) | Message::Binary(_) => {
-                            Stats::incr(&node.stats.inbound_ignored);
-                        }
-                        Message::Close(_) => {
-                            // RFC 6455 5.5.1: answer with a Close echoing the
-                            // code. tungstenite queued that reply; send it
-                            // before the TCP close, so the terminal sees a
-                            // clean close (a browser's `wasClean`).
-                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
-                            break None;
-                        }
-                        Message::Ping(_) | Message::Pong(_) => {}
-                    }
-                }
-                Some(Err(err)) => match protocol_violation(&err) {
-                    Some(CloseReason::Oversize) => {
-                        Stats::incr(&node.stats.oversize_closed);
-                        break Some(CloseReason::Oversize);
-                    }
-                    Some(reason) => {
-                        Stats::incr(&node.stats.protocol_errors);
-                        debug!(cause = %err, code = reason.code(), "terminal broke the WebSocket protocol");
-                        break Some(reason);
-                    }
-                    None => break None,
-                },
-            },
-            _ = ping.tick() => {
-                if last_heard.elapsed() >= limits.heartbeat_timeout {
-                    Stats::incr(&node.stats.heartbeat_timeouts);
-                    break Some(CloseReason::HeartbeatTimeout);
-                }
-                let sent = until_closed(&closer, socket.send(Message::Ping(Default::default()))).await;
-                match sent {
-                    Some(Ok(())) => {}
-                    Some(Err(_)) => break None,
-                    None => break Some(closer.reason()),
-                }
-            }
-        }
-    };
-    if let Some(reason) = reason {
-        let frame = CloseFrame {
-            code: reason.code(),
-            reason: reason.text().into(),
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
-    }
-    reason
-}
-
 /// Hands a terminal's text frame to the inbound plugins; returns a reply for
 /// this socket, if the plugin gave one. Deliveries go through the normal path
 /// (and so through the filter chain on the delivery nodes).
-async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<String> {
+async fn handle_inbound(node: &Node, session: &Session, text: String) -> Option<String> {
     let frame = InboundFrame {
         client_id: session.client.client_id,
         metadata: session.client.metadata.clone(),
         node: node.topology.me.clone(),
-        text: text.to_owned(),
+        text,
     };
     let Some(action) = node.plugins.inbound(&frame).await else {
         Stats::incr(&node.stats.inbound_ignored);
@@ -260,27 +181,4 @@ async fn handle_inbound(node: &Node, session: &Session, text: &str) -> Option<St
         warn!(cause = %err, "inbound plugin delivery failed");
     }
     None
-}
-
-/// Runs a socket write unless a close is requested first; a write blocked on a
-/// terminal that stopped reading must not keep its socket alive.
-async fn until_closed<T>(closer: &Closer, write: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        biased;
-        _ = closer.requested() => None,
-        out = write => Some(out),
-    }
-}
-
-/// The close a read error calls for: 1009 for a message over the limit,
-/// 1007 for text that is not UTF-8, 1002 for other protocol violations;
-/// `None` when the connection itself failed (nothing can be sent).
-fn protocol_violation(err: &axum::Error) -> Option<CloseReason> {
-    let inner = std::error::Error::source(err)?.downcast_ref::<tungstenite::Error>()?;
-    match inner {
-        tungstenite::Error::Capacity(_) => Some(CloseReason::Oversize),
-        tungstenite::Error::Utf8(_) => Some(CloseReason::InvalidData),
-        tungstenite::Error::Protocol(_) => Some(CloseReason::ProtocolError),
-        _ => None,
-    }
 }

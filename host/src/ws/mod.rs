@@ -4,20 +4,32 @@
 //! refusal is a plain HTTP answer (401, 421, 503) and costs no WebSocket state:
 //! a free connection slot is taken first, then the auth plugins decide, and
 //! when they all pass, the built-in single-use token.
+//!
+//! # Layout
+//! - `handshake`: the opening handshake, and the TCP stream taken back from hyper.
+//! - [`frame`]: the frame codec, decoding as bytes arrive.
+//! - `socket`: the socket core, driven by readiness.
+//! - `connection`: a terminal's life: registration, presence, inbound plugins.
+//! - `heartbeat`: one sweep for every socket's heartbeat.
+//! - [`connect_rate`]: connects per second per address.
 
 pub mod connect_rate;
 mod connection;
+pub mod frame;
+mod handshake;
+pub mod heartbeat;
+mod socket;
 
 use std::net::SocketAddr;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use imhost_client::wire::TokenValue;
-use tracing::debug;
+use tracing::{debug, error};
+
+use self::handshake::Handshake;
 
 use crate::cluster::TokenClaim;
 use crate::http::AppError;
@@ -27,16 +39,12 @@ use crate::plugins::hooks::ConnectRequest;
 use crate::plugins::manifest::Hook;
 use crate::stats::Stats;
 
-/// tungstenite reads into a buffer of this size; its 128 KiB default would cost
-/// more per idle connection than everything else the node keeps for it.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
-
-/// tungstenite refuses a frame that would grow its write buffer past this. The
-/// largest frame the node sends is a receipt for a message of
+/// A socket stops reading while more than this many bytes wait for the
+/// kernel. The largest frame the node sends is a receipt for a message of
 /// `max_body_bytes`, whose text a receipt embeds as a JSON string (at worst 6
-/// bytes per byte, `\u00XX`); batches stop at `max_body_bytes` (see
-/// `connection::pump`). So a buffer of 8 × `max_body_bytes` always has room
-/// for the next frame; larger inbound replies are refused before they get here.
+/// bytes per byte, `\u00XX`), and a write batch stops at `max_body_bytes`; so
+/// 8 × `max_body_bytes` holds a batch and the frame after it. Inbound plugin
+/// replies over `max_body_bytes` are refused before they get here.
 pub fn write_buffer_limit(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(8).max(1 << 20)
 }
@@ -53,21 +61,11 @@ pub async fn upgrade(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    handshake: Result<Handshake, AppError>,
 ) -> Result<Response, AppError> {
     // The handshake is checked before anything is spent on it (a connection
     // slot, an auth call, the single-use token).
-    let upgrade = upgrade.map_err(|rejection| {
-        AppError::BadRequest(format!(
-            "not a WebSocket handshake: {}",
-            rejection.body_text()
-        ))
-    })?;
-    if !valid_websocket_key(&headers) {
-        return Err(AppError::BadRequest(
-            "not a WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64".into(),
-        ));
-    }
+    let handshake = handshake?;
     let Query(query) = query?;
     if node.shutdown.stopping().is_cancelled() {
         return Err(AppError::Unavailable("server shutting down".into()));
@@ -97,20 +95,18 @@ pub async fn upgrade(
         client_addr.to_string()
     };
     let client = identify(&node, &query, &headers, seen_from).await?;
-    let limits = &node.config.limits;
     let session = Session { client };
+    let (response, on_upgrade) = handshake.accept();
     let tasks = node.shutdown.tasks().clone();
-    Ok(upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        // Writes wait for the socket instead of buffering without bound; slow
-        // consumers are handled by the outbound queue.
-        .max_write_buffer_size(write_buffer_limit(limits.max_body_bytes))
-        .on_upgrade(move |socket| {
-            tasks.track_future(connection::serve(socket, node, session, slot))
-        })
-        .into_response())
+    tasks.spawn(async move {
+        match handshake::take_stream(on_upgrade).await {
+            Some((stream, read_ahead)) => {
+                connection::serve(stream, read_ahead, node, session, slot).await;
+            }
+            None => error!("an upgraded connection is not a TCP stream; dropped"),
+        }
+    });
+    Ok(response)
 }
 
 /// The terminal's address: the peer's, or, when `trusted_proxy_header` is
@@ -125,22 +121,6 @@ fn client_address(node: &Node, remote: SocketAddr, headers: &HeaderMap) -> std::
         .and_then(|v| v.rsplit(',').next())
         .and_then(|last| last.trim().parse().ok())
         .unwrap_or(remote.ip())
-}
-
-/// RFC 6455 section 4.2.1: the key is 16 random bytes in base64, which is
-/// 24 characters ending in `==`.
-fn valid_websocket_key(headers: &HeaderMap) -> bool {
-    let Some(key) = headers
-        .get(axum::http::header::SEC_WEBSOCKET_KEY)
-        .map(|v| v.as_bytes())
-    else {
-        return false;
-    };
-    key.len() == 24
-        && key.ends_with(b"==")
-        && key[..22]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 /// Who is connecting: the auth plugins decide first; when they all pass (or

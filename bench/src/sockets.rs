@@ -1,0 +1,436 @@
+//! The socket core against the floor and the baseline, in one run
+//! (`imhost-bench --only-sockets`).
+//!
+//! Three servers hold N sockets each, one after the other:
+//! - **floor**: does the handshake, then nothing but one `write()` of a
+//!   ready-made frame per socket per message. No framework, no queue: the
+//!   least a server can do to deliver.
+//! - **baseline**: the bare axum + tungstenite server of the main bench.
+//! - **imhost**: one embedded node with heartbeats, presence and a loaded
+//!   plugin set (word-filter and welcome); messages are `POST /broadcast`.
+//!
+//! For each N it measures connects/s, resident memory per idle connection
+//! (RSS growth over the connect phase / N, with checkpoints for the chart),
+//! then offers `--rate` deliveries/s for `--seconds` and reports the
+//! server's CPU time per delivery (utime + stime from /proc), the latency
+//! from send to terminal (p50, p99) and deliveries/s. A rate sweep at the
+//! smallest N gives latency against offered rate. Ratios are against the
+//! floor and the baseline of the same run. `--csv DIR` writes the curves for
+//! `scripts/bench-plot.py`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Args, api, connect_url, free_addr, rss_bytes, spawn_imhost, wait_serving};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Server {
+    Floor,
+    Baseline,
+    Imhost,
+}
+
+impl Server {
+    const ALL: [Server; 3] = [Server::Floor, Server::Baseline, Server::Imhost];
+
+    fn name(self) -> &'static str {
+        match self {
+            Server::Floor => "floor",
+            Server::Baseline => "baseline",
+            Server::Imhost => "imhost",
+        }
+    }
+}
+
+/// What one server did with N sockets at one offered rate.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    connects_per_sec: f64,
+    bytes_per_conn: f64,
+    /// (connections, RSS growth in bytes) during the connect phase.
+    memory_curve: Vec<(usize, u64)>,
+    cpu_us_per_delivery: f64,
+    deliveries_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Microseconds since the Unix epoch: the clock messages carry.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The server's CPU time so far (user + system), in microseconds.
+fn cpu_us(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = stat.rsplit(')').next().context("stat format")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ: 100 on Linux (the kernel's ABI for /proc, whatever its HZ).
+    let hz = 100;
+    Ok(ticks * 1_000_000 / hz)
+}
+
+pub async fn compare(args: &Args) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let mut csv_memory = String::from("server,connections,rss_bytes\n");
+    for &n in &args.socket_counts {
+        let mut runs = Vec::new();
+        for server in Server::ALL {
+            let run = measure(args, server, n, args.rate)
+                .await
+                .with_context(|| format!("{} with {n} sockets", server.name()))?;
+            for (c, bytes) in &run.memory_curve {
+                csv_memory.push_str(&format!("{},{c},{bytes}\n", server.name()));
+            }
+            runs.push((server, run));
+        }
+        rows.push((n, runs));
+    }
+    let mut csv_latency = String::from("server,offered_per_sec,p50_ms,p99_ms,delivered_per_sec\n");
+    let sweep_n = args.socket_counts.iter().copied().min().unwrap_or(1000);
+    if !args.no_sweep {
+        for &rate in &[25_000u64, 50_000, 100_000, 200_000] {
+            for server in Server::ALL {
+                let run = measure(args, server, sweep_n, rate).await?;
+                csv_latency.push_str(&format!(
+                    "{},{rate},{:.2},{:.2},{:.0}\n",
+                    server.name(),
+                    run.p50_ms,
+                    run.p99_ms,
+                    run.deliveries_per_sec
+                ));
+            }
+        }
+    }
+
+    println!(
+        "\n{:<34}{:>11}{:>11}{:>11}{:>9}{:>9}",
+        "sockets", "floor", "baseline", "imhost", "/floor", "/base"
+    );
+    for (n, runs) in &rows {
+        let get = |s: Server| &runs.iter().find(|(k, _)| *k == s).expect("measured").1;
+        let (f, b, i) = (
+            get(Server::Floor),
+            get(Server::Baseline),
+            get(Server::Imhost),
+        );
+        let row = |name: &str, f: f64, b: f64, i: f64, digits: usize| {
+            println!(
+                "{:<34}{f:>11.digits$}{b:>11.digits$}{i:>11.digits$}{:>9.2}{:>9.2}",
+                format!("{name} @{n}"),
+                i / f,
+                i / b
+            );
+        };
+        row(
+            "connects/s",
+            f.connects_per_sec,
+            b.connects_per_sec,
+            i.connects_per_sec,
+            0,
+        );
+        row(
+            "RSS bytes per idle connection",
+            f.bytes_per_conn,
+            b.bytes_per_conn,
+            i.bytes_per_conn,
+            0,
+        );
+        row(
+            "server CPU µs per delivery",
+            f.cpu_us_per_delivery,
+            b.cpu_us_per_delivery,
+            i.cpu_us_per_delivery,
+            2,
+        );
+        row(
+            "deliveries/s",
+            f.deliveries_per_sec,
+            b.deliveries_per_sec,
+            i.deliveries_per_sec,
+            0,
+        );
+        row("latency p50 ms", f.p50_ms, b.p50_ms, i.p50_ms, 1);
+        row("latency p99 ms", f.p99_ms, b.p99_ms, i.p99_ms, 1);
+    }
+    println!(
+        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence, word-filter and welcome",
+        args.rate, args.seconds
+    );
+    if let Some(dir) = &args.csv {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("memory.csv"), csv_memory)?;
+        std::fs::write(dir.join("latency.csv"), csv_latency)?;
+        println!("curves written to {}", dir.display());
+    }
+    Ok(())
+}
+
+async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Result<Run> {
+    let addr = free_addr()?;
+    let plugins = tempfile::tempdir()?;
+    let mut child = match server {
+        Server::Imhost => {
+            install_plugin_set(plugins.path(), &args.guests)?;
+            spawn_imhost(
+                args,
+                addr,
+                &["--plugins", &plugins.path().display().to_string()],
+            )?
+        }
+        Server::Baseline => tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--baseline-server", &addr.to_string()])
+            .kill_on_drop(true)
+            .spawn()?,
+        Server::Floor => tokio::process::Command::new(std::env::current_exe()?)
+            .args(["--floor-server", &addr.to_string()])
+            .kill_on_drop(true)
+            .spawn()?,
+    };
+    let pid = child.id().context("child pid")?;
+    let http = reqwest::Client::new();
+    wait_serving(&http, addr).await?;
+    if server == Server::Imhost {
+        super::plugins::wait_plugins(&http, addr, 2).await?;
+    }
+    let rss_before = rss_bytes(pid)?;
+
+    // Connect, with memory checkpoints.
+    let gate = Arc::new(Semaphore::new(64));
+    let checkpoints: Vec<usize> = (1..=8).map(|k| n * k / 8).collect();
+    let mut memory_curve = Vec::new();
+    let mut sockets = Vec::with_capacity(n);
+    let started = Instant::now();
+    let mut connect_time = Duration::ZERO;
+    let mut done = 0;
+    for &upto in &checkpoints {
+        let phase = Instant::now();
+        let mut tasks = Vec::with_capacity(upto - done);
+        for i in done..upto {
+            let (gate, http) = (gate.clone(), http.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = gate.acquire().await?;
+                let url = match server {
+                    Server::Imhost => connect_url(&http, addr, i as i64 + 1).await?,
+                    _ => format!("ws://{addr}/ws"),
+                };
+                let tcp = TcpStream::connect(addr).await?;
+                let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+                anyhow::Ok(ws)
+            }));
+        }
+        for task in tasks {
+            sockets.push(task.await??);
+        }
+        connect_time += phase.elapsed();
+        done = upto;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        memory_curve.push((done, rss_bytes(pid)?.saturating_sub(rss_before)));
+    }
+    let _ = started;
+    let connects_per_sec = n as f64 / connect_time.as_secs_f64();
+    let bytes_per_conn = memory_curve.last().map_or(0, |m| m.1) as f64 / n as f64;
+
+    // Fan-out at the offered rate.
+    let messages = ((rate as f64 * args.seconds as f64) / n as f64)
+        .ceil()
+        .max(1.0) as usize;
+    let interval_us = (1_000_000.0 * n as f64 / rate as f64) as u64;
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|ws| tokio::spawn(read_latencies(ws, messages)))
+        .collect();
+    let cpu_before = cpu_us(pid)?;
+    let started = Instant::now();
+    match server {
+        Server::Imhost => {
+            let mut next = tokio::time::Instant::now();
+            for m in 0..messages {
+                tokio::time::sleep_until(next).await;
+                next += Duration::from_micros(interval_us);
+                api(
+                    &http,
+                    addr,
+                    "/broadcast",
+                    serde_json::json!({"message": {"n": m, "t": now_us()}}),
+                )
+                .await?;
+            }
+        }
+        _ => {
+            http.post(format!(
+                "http://{addr}/push?n={messages}&interval_us={interval_us}"
+            ))
+            .send()
+            .await?
+            .error_for_status()?;
+        }
+    }
+    let mut latencies = Vec::with_capacity(n * messages);
+    for reader in readers {
+        latencies.extend(reader.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_us(pid)? - cpu_before;
+    let deliveries = n * messages;
+    if latencies.len() != deliveries {
+        bail!("lost deliveries: {} of {deliveries}", latencies.len());
+    }
+    latencies.sort_unstable();
+    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+    child.start_kill()?;
+    let _ = child.wait().await;
+    Ok(Run {
+        connects_per_sec,
+        bytes_per_conn,
+        memory_curve,
+        cpu_us_per_delivery: cpu as f64 / deliveries as f64,
+        deliveries_per_sec: deliveries as f64 / elapsed,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+    })
+}
+
+/// word-filter and welcome, with their shipped manifests.
+fn install_plugin_set(dir: &Path, guests: &Path) -> anyhow::Result<()> {
+    for (file, name) in [("word_filter", "word-filter"), ("welcome", "welcome")] {
+        std::fs::copy(
+            guests.join(format!("{file}.wasm")),
+            dir.join(format!("{name}.wasm")),
+        )
+        .with_context(|| format!("copy {file}.wasm (scripts/bench builds the guests)"))?;
+        let manifest = Path::new("plugins").join(name).join(format!("{name}.toml"));
+        std::fs::copy(&manifest, dir.join(format!("{name}.toml")))
+            .with_context(|| format!("copy {}", manifest.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads `want` timestamped frames; returns each one's latency in µs.
+/// Frames without a timestamp (a welcome) are skipped.
+async fn read_latencies(
+    mut ws: tokio_tungstenite::WebSocketStream<TcpStream>,
+    want: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await? {
+            Some(Ok(Message::Text(text))) => {
+                let now = now_us();
+                let Some(sent) = sent_at(&text) else { continue };
+                out.push(u32::try_from(now.saturating_sub(sent)).unwrap_or(u32::MAX));
+            }
+            Some(Ok(_)) => {}
+            other => bail!("socket ended early: {other:?}"),
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(out)
+}
+
+/// The `"t":` field of a frame, without a JSON parse per delivery.
+fn sent_at(text: &str) -> Option<u64> {
+    let at = text.find("\"t\":")? + 4;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The floor: the handshake, then one `write()` per socket per message.
+pub mod floor {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    type Sockets = Arc<Mutex<Vec<TcpStream>>>;
+
+    pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener: TcpListener = socket.listen(4096)?;
+        let sockets: Sockets = Arc::default();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(handle(stream, sockets.clone()));
+        }
+    }
+
+    async fn handle(mut stream: TcpStream, sockets: Sockets) -> anyhow::Result<()> {
+        let mut head = Vec::with_capacity(512);
+        let mut byte = [0u8; 256];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&byte[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        if path.starts_with("/ws") {
+            let key = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| value.trim().to_owned())
+                })
+                .unwrap_or_default();
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            stream
+                .write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+            sockets.lock().expect("lock").push(stream);
+            return Ok(());
+        }
+        if path.starts_with("/push") {
+            let param = |name: &str| -> u64 {
+                path.split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            let (n, interval) = (param("n"), param("interval_us"));
+            let mut next = tokio::time::Instant::now();
+            for m in 0..n {
+                tokio::time::sleep_until(next).await;
+                next += Duration::from_micros(interval);
+                let text = format!("{{\"n\":{m},\"t\":{}}}", super::now_us());
+                let mut frame = vec![0x81, text.len() as u8];
+                frame.extend_from_slice(text.as_bytes());
+                let sockets = sockets.lock().expect("lock");
+                for socket in sockets.iter() {
+                    // One write per socket per message, and nothing else.
+                    let _ = socket.try_write(&frame);
+                }
+            }
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await?;
+        Ok(())
+    }
+}
