@@ -158,7 +158,7 @@ async fn a_wrong_method_gets_the_json_error_body() {
 }
 
 /// A WebSocket handshake request for `token`, with `key` and extra header lines.
-fn handshake_request(token: &str, key: Option<&str>, extra: &str) -> String {
+pub(crate) fn handshake_request(token: &str, key: Option<&str>, extra: &str) -> String {
     let key = key
         .map(|k| format!("Sec-WebSocket-Key: {k}\r\n"))
         .unwrap_or_default();
@@ -169,7 +169,7 @@ fn handshake_request(token: &str, key: Option<&str>, extra: &str) -> String {
 }
 
 /// The token of a fresh connect URL for `client`.
-async fn token_for(host: &TestHost, client: i64) -> String {
+pub(crate) async fn token_for(host: &TestHost, client: i64) -> String {
     let url = host.connect_url(client, None).await.url;
     url.rsplit("token=").next().expect("token").to_owned()
 }
@@ -213,7 +213,7 @@ async fn bad_handshakes_are_refused_with_json_and_keep_the_token() {
 
 /// A raw WebSocket connection after a real handshake, for frames a
 /// well-behaved client library will not send.
-async fn raw_socket(host: &TestHost, client: i64) -> TcpStream {
+pub(crate) async fn raw_socket(host: &TestHost, client: i64) -> TcpStream {
     let token = token_for(host, client).await;
     let mut conn = TcpStream::connect(host.addr).await.expect("connect");
     let request = handshake_request(&token, Some(VALID_KEY), "");
@@ -254,7 +254,7 @@ fn frame(opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
 }
 
 /// Reads server frames until a Close; returns its code.
-async fn close_code(conn: &mut TcpStream) -> u16 {
+pub(crate) async fn close_code(conn: &mut TcpStream) -> u16 {
     loop {
         let mut head = [0u8; 2];
         tokio::time::timeout(DEADLINE, conn.read_exact(&mut head))

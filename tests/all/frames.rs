@@ -1,0 +1,161 @@
+//! The socket core at the frame level, from raw TCP sockets: fragments and
+//! partial reads across buffer boundaries, control frames between fragments,
+//! size limits over whole messages, UTF-8 checked as bytes arrive, and writes
+//! the kernel only partly takes.
+
+use imhost::config::Options;
+use imhost_tests::DEADLINE;
+use imhost_tests::host::TestHost;
+use imhost_tests::plugins::{PluginDir, guests};
+use imhost_tests::terminal::Terminal;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::hardening::{close_code, raw_socket};
+
+const TEXT: u8 = 0x1;
+const CONTINUATION: u8 = 0x0;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// A masked client frame of any length.
+fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x5au8, 0x01, 0xc3, 0x77];
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+/// Reads one server frame: its opcode and payload.
+async fn server_frame(conn: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let mut head = [0u8; 2];
+        conn.read_exact(&mut head).await?;
+        let len = match head[1] & 0x7f {
+            126 => usize::from(conn.read_u16().await?),
+            127 => usize::try_from(conn.read_u64().await?).expect("length"),
+            n => usize::from(n),
+        };
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).await?;
+        std::io::Result::Ok((head[0] & 0x0f, payload))
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("a frame in time")
+        .expect("a frame")
+}
+
+/// A node with the echo-inbound test plugin; the directory must outlive it.
+async fn host_with_echo() -> (TestHost, PluginDir) {
+    let dir = PluginDir::new();
+    dir.install("echo-inbound", guests::ECHO_INBOUND, "");
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        ..Options::default()
+    })
+    .await;
+    host.plugin_where("echo-inbound", "loaded", |p| p["state"] == "active")
+        .await;
+    (host, dir)
+}
+
+#[tokio::test]
+async fn fragments_sent_byte_by_byte_with_a_ping_between_them_make_one_message() {
+    let (host, _dir) = host_with_echo().await;
+    let mut conn = raw_socket(&host, 1).await;
+    // `{"repeat":5,"x":"é"}` in three fragments, the é cut in two, and a
+    // ping between the first two; every byte in its own write, so the node
+    // sees frames cut at every possible point.
+    let text = r#"{"repeat":5,"x":"é"}"#.as_bytes();
+    let cut = text.len() - 3;
+    let mut bytes = client_frame(false, TEXT, &text[..6]);
+    bytes.extend(client_frame(true, PING, b"are you there"));
+    bytes.extend(client_frame(false, CONTINUATION, &text[6..cut]));
+    bytes.extend(client_frame(true, CONTINUATION, &text[cut..]));
+    for byte in bytes {
+        conn.write_all(&[byte]).await.expect("write");
+    }
+    assert_eq!(
+        server_frame(&mut conn).await,
+        (PONG, b"are you there".to_vec())
+    );
+    assert_eq!(
+        server_frame(&mut conn).await,
+        (TEXT, br#""xxxxx""#.to_vec())
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_in_fragments_closes_with_1009() {
+    let host = TestHost::start(Options {
+        max_frame_bytes: Some(1024),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = raw_socket(&host, 1).await;
+    let mut bytes = client_frame(false, TEXT, &[b'a'; 600]);
+    bytes.extend(client_frame(true, CONTINUATION, &[b'a'; 600]));
+    conn.write_all(&bytes).await.expect("write");
+    assert_eq!(close_code(&mut conn).await, 1009);
+    assert_eq!(host.stats().await.oversize_closed, 1);
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_before_the_rest_of_a_large_frame_arrives() {
+    let host = TestHost::start(Options {
+        max_frame_bytes: Some(1 << 20),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = raw_socket(&host, 1).await;
+    // A 100,000-byte text frame whose third byte is not UTF-8: only its
+    // first 16 bytes are ever sent, and the node answers 1007 at once.
+    let mut payload = vec![b'a'; 100_000];
+    payload[2] = 0xff;
+    let frame = client_frame(true, TEXT, &payload);
+    conn.write_all(&frame[..14 + 16]).await.expect("write");
+    assert_eq!(close_code(&mut conn).await, 1007);
+    assert_eq!(host.stats().await.protocol_errors, 1);
+}
+
+#[tokio::test]
+async fn bursts_bigger_than_the_socket_buffers_arrive_whole_and_in_order() {
+    // The terminal's small receive window makes the kernel take only part
+    // of each write: the node keeps the rest and sends it as room appears.
+    let host = TestHost::start(Options {
+        outbound_queue: Some(1000),
+        ..Options::default()
+    })
+    .await;
+    let url = host.connect_url(1, None).await.url;
+    let mut slow = Terminal::connect_small_window(&url).await.expect("connect");
+    imhost_tests::eventually("connected", || async {
+        host.client(1).await.online.then_some(())
+    })
+    .await;
+    let payload = "y".repeat(50_000);
+    for n in 0..80 {
+        host.send(0, &[1], json!({"n": n, "p": payload}), false)
+            .await;
+    }
+    for n in 0..80 {
+        let value = slow.next_json().await;
+        assert_eq!(value["n"], n, "in order");
+        assert_eq!(value["p"].as_str().map(str::len), Some(50_000), "whole");
+    }
+    assert_eq!(host.stats().await.slow_consumers_closed, 0);
+}
