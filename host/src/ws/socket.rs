@@ -118,9 +118,8 @@ pub async fn run<T: Terminal>(
     if !read_ahead.is_empty() {
         let mut events = Vec::new();
         let decoded = conn.decoder.feed(&read_ahead, &mut events);
-        if let Some(end) = conn
-            .handle_input(decoded, events, handle, registry, terminal)
-            .await
+        if let Some(end) =
+            Box::pin(conn.handle_input(decoded, events, handle, registry, terminal)).await
         {
             return Box::pin(conn.finish(end, handle)).await;
         }
@@ -156,8 +155,9 @@ pub async fn run<T: Terminal>(
             Wake::Write => conn.write(handle, &mut want_drain, &mut want_ping, limits),
             Wake::Read => match conn.read() {
                 Ok(Some((decoded, events))) => {
-                    match conn
-                        .handle_input(decoded, events, handle, registry, terminal)
+                    // Boxed: most sockets never send anything, and inlined
+                    // this future would grow every idle socket's task.
+                    match Box::pin(conn.handle_input(decoded, events, handle, registry, terminal))
                         .await
                     {
                         Some(end) => return Box::pin(conn.finish(end, handle)).await,
