@@ -9,7 +9,8 @@
 //! - **imhost**: one embedded node with heartbeats, presence and a loaded
 //!   plugin set (word-filter and welcome); messages are `POST /broadcast`.
 //!
-//! For each N it measures connects/s, resident memory per idle connection
+//! For each N it measures connects/s (connect URLs fetched beforehand: that
+//! is the business backend's call), resident memory per idle connection
 //! (RSS growth over the connect phase / N, with checkpoints for the chart),
 //! then offers `--rate` deliveries/s for `--seconds` and reports the
 //! server's CPU time per delivery (utime + stime from /proc), the latency
@@ -186,7 +187,13 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
             spawn_imhost(
                 args,
                 addr,
-                &["--plugins", &plugins.path().display().to_string()],
+                &[
+                    "--plugins",
+                    &plugins.path().display().to_string(),
+                    // Connect URLs are fetched before the connect phase.
+                    "--token-ttl",
+                    "10m",
+                ],
             )?
         }
         Server::Baseline => tokio::process::Command::new(std::env::current_exe()?)
@@ -206,6 +213,17 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     }
     let rss_before = rss_bytes(pid)?;
 
+    // Connect URLs first: fetching one is the business backend's call, not
+    // part of a terminal's connect, and the others need none.
+    let mut urls = Vec::with_capacity(n);
+    for i in 0..n {
+        urls.push(match server {
+            Server::Imhost => connect_url(&http, addr, i as i64 + 1).await?,
+            _ => format!("ws://{addr}/ws"),
+        });
+    }
+    let mut urls = urls.into_iter();
+
     // Connect, with memory checkpoints.
     let gate = Arc::new(Semaphore::new(64));
     let checkpoints: Vec<usize> = (1..=8).map(|k| n * k / 8).collect();
@@ -217,14 +235,10 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     for &upto in &checkpoints {
         let phase = Instant::now();
         let mut tasks = Vec::with_capacity(upto - done);
-        for i in done..upto {
-            let (gate, http) = (gate.clone(), http.clone());
+        for url in urls.by_ref().take(upto - done) {
+            let gate = gate.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = gate.acquire().await?;
-                let url = match server {
-                    Server::Imhost => connect_url(&http, addr, i as i64 + 1).await?,
-                    _ => format!("ws://{addr}/ws"),
-                };
                 let tcp = TcpStream::connect(addr).await?;
                 let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
                 anyhow::Ok(ws)
@@ -278,11 +292,17 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
         }
     }
     let mut latencies = Vec::with_capacity(n * messages);
+    let mut open = Vec::with_capacity(n);
     for reader in readers {
-        latencies.extend(reader.await??);
+        let (ws, got) = reader.await??;
+        latencies.extend(got);
+        open.push(ws);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // Read before the sockets close: closing costs the servers differently
+    // (the floor never reads) and is not delivery.
     let cpu = cpu_us(pid)? - cpu_before;
+    drop(open);
     let deliveries = n * messages;
     if latencies.len() != deliveries {
         bail!("lost deliveries: {} of {deliveries}", latencies.len());
@@ -317,12 +337,12 @@ fn install_plugin_set(dir: &Path, guests: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `want` timestamped frames; returns each one's latency in µs.
-/// Frames without a timestamp (a welcome) are skipped.
-async fn read_latencies(
-    mut ws: tokio_tungstenite::WebSocketStream<TcpStream>,
-    want: usize,
-) -> anyhow::Result<Vec<u32>> {
+type Socket = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Reads `want` timestamped frames; returns the socket, still open, and
+/// each frame's latency in µs. Frames without a timestamp (a welcome) are
+/// skipped.
+async fn read_latencies(mut ws: Socket, want: usize) -> anyhow::Result<(Socket, Vec<u32>)> {
     let mut out = Vec::with_capacity(want);
     while out.len() < want {
         match tokio::time::timeout(Duration::from_secs(60), ws.next()).await? {
@@ -335,8 +355,7 @@ async fn read_latencies(
             other => bail!("socket ended early: {other:?}"),
         }
     }
-    let _ = ws.close(None).await;
-    Ok(out)
+    Ok((ws, out))
 }
 
 /// The `"t":` field of a frame, without a JSON parse per delivery.

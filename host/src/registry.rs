@@ -13,14 +13,17 @@
 //! hash-map operations and non-blocking queue pushes, never an `.await`, so an
 //! async mutex would only add cost (the reasoning of mini-redis's `Db`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use futures_util::task::AtomicWaker;
 use imhost_client::ClientId;
+use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
+
+use crate::ws::outbound::{Outbound, Pushed};
 
 use crate::stats::Stats;
 
@@ -84,15 +87,14 @@ impl CloseReason {
 }
 
 /// The side of one socket that the rest of the node touches: its outbound
-/// queue, its close request, its heartbeat clock, and the waker of its task.
+/// side (see [`Outbound`]: direct writes, the queue, unsent bytes), its close
+/// request, its heartbeat clock, and the waker of its task.
 ///
-/// The queue is a `VecDeque` behind a mutex, not a channel: it allocates
-/// nothing until a message arrives and gives its memory back once drained, so
-/// an idle socket costs this struct and nothing else. Pushes never wait; the
+/// An idle socket's queue allocates nothing; pushes never wait, and the
 /// socket task is woken only when its flags change.
 #[derive(Debug)]
 pub struct SocketHandle {
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    out: Mutex<Outbound>,
     /// [`signal`] bits the socket task has not seen yet.
     flags: AtomicU8,
     /// The first close reason given (0: none), as `CloseReason as u8 + 1`.
@@ -113,9 +115,9 @@ pub mod signal {
 }
 
 impl SocketHandle {
-    fn new(now_ms: u64) -> Self {
+    fn new(now_ms: u64, stream: Option<Arc<TcpStream>>) -> Self {
         Self {
-            queue: Mutex::new(VecDeque::new()),
+            out: Mutex::new(Outbound::new(stream)),
             flags: AtomicU8::new(0),
             close_reason: AtomicU8::new(0),
             last_heard: AtomicU64::new(now_ms),
@@ -155,27 +157,9 @@ impl SocketHandle {
         self.flags.swap(0, Ordering::AcqRel)
     }
 
-    /// Moves up to `max` queued messages, stopping once `max_bytes` are
-    /// taken, into `out`; returns whether messages are left behind.
-    pub fn drain_into(&self, out: &mut Vec<Utf8Bytes>, max: usize, max_bytes: usize) -> bool {
-        let mut queue = lock(&self.queue);
-        let mut bytes = 0;
-        while out.len() < max && bytes < max_bytes {
-            let Some(text) = queue.pop_front() else { break };
-            bytes += text.len();
-            out.push(text);
-        }
-        let left = !queue.is_empty();
-        if !left && queue.capacity() > KEPT_QUEUE_CAPACITY {
-            // A burst is over: give its memory back.
-            *queue = VecDeque::new();
-        }
-        left
-    }
-
-    /// Drops every queued message (a socket on its way out).
-    pub fn discard_queue(&self) {
-        *lock(&self.queue) = VecDeque::new();
+    /// The outbound side, locked (never across an `.await`).
+    pub fn out(&self) -> MutexGuard<'_, Outbound> {
+        lock(&self.out)
     }
 
     /// Notes that a frame arrived now.
@@ -183,26 +167,21 @@ impl SocketHandle {
         self.last_heard.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Queues `text` unless the queue holds `bound` messages already.
-    fn push(&self, text: &Utf8Bytes, bound: usize) -> bool {
-        {
-            let mut queue = lock(&self.queue);
-            if queue.len() >= bound {
-                return false;
-            }
-            queue.push_back(text.clone());
+    /// Hands `text` to the socket (written at once, or queued and the task
+    /// woken); false when its queue is full.
+    fn push(&self, text: &Utf8Bytes, bound: usize) -> Pushed {
+        let pushed = self.out().push(text, bound);
+        if pushed == Pushed::Queued {
+            self.raise(signal::QUEUED);
         }
-        self.raise(signal::QUEUED);
-        true
+        pushed
     }
 }
 
-/// A drained queue keeps at most this many slots of memory.
-const KEPT_QUEUE_CAPACITY: usize = 4;
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is a few collection operations: a panic
-    // inside one cannot leave the data half-updated, so poison is ignored.
+    // Every critical section here is a few collection operations or one
+    // non-blocking write: a panic inside one cannot leave the data
+    // half-updated, so poison is ignored.
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -265,9 +244,10 @@ impl Registry {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Adds a socket for `client`; returns its id and handle.
-    pub fn register(&self, client: ClientId) -> Registration {
-        let handle = Arc::new(SocketHandle::new(self.now_ms()));
+    /// Adds a socket for `client`, writing to `stream` (`None`: everything
+    /// is queued for the socket's task; unit tests); returns its id and handle.
+    pub fn register(&self, client: ClientId, stream: Option<Arc<TcpStream>>) -> Registration {
+        let handle = Arc::new(SocketHandle::new(self.now_ms(), stream));
         let mut clients = self.lock();
         clients.next_conn += 1;
         let conn = clients.next_conn;
@@ -335,48 +315,54 @@ impl Registry {
         self.lock().by_id.keys().copied().collect()
     }
 
-    /// Queues `text` to every socket of `client`, applying the echo rule when the
-    /// client is `sender`.
+    /// Hands `text` to every socket of `client`, applying the echo rule when
+    /// the client is `sender`.
     pub fn deliver(&self, client: ClientId, text: &Utf8Bytes, sender: ClientId) -> Delivery {
-        let clients = self.lock();
-        match clients.by_id.get(&client) {
-            None => Delivery::NotConnected,
-            Some(sockets) => self.push(client, sockets, text, sender),
-        }
+        let sockets = {
+            let clients = self.lock();
+            match clients.by_id.get(&client) {
+                None => return Delivery::NotConnected,
+                Some(sockets) if client == sender && sockets.len() <= 1 => {
+                    return Delivery::EchoSkipped;
+                }
+                Some(sockets) => handles(sockets).collect::<Vec<_>>(),
+            }
+        };
+        Delivery::Queued(self.push_all(&sockets, text))
     }
 
-    /// [`Registry::deliver`] to each of `targets`, under one lock; returns the
-    /// number of sockets queued to.
+    /// [`Registry::deliver`] to each of `targets`; returns the number of
+    /// sockets handed the message.
     pub fn deliver_many(
         &self,
         targets: impl IntoIterator<Item = ClientId>,
         text: &Utf8Bytes,
         sender: ClientId,
     ) -> usize {
-        let clients = self.lock();
-        targets
-            .into_iter()
-            .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
-            .map(|(id, sockets)| match self.push(id, sockets, text, sender) {
-                Delivery::Queued(n) => n,
-                _ => 0,
-            })
-            .sum()
+        let sockets: Vec<Arc<SocketHandle>> = {
+            let clients = self.lock();
+            targets
+                .into_iter()
+                .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
+                .filter(|(id, sockets)| !(*id == sender && sockets.len() <= 1))
+                .flat_map(|(_, sockets)| handles(sockets))
+                .collect()
+        };
+        self.push_all(&sockets, text)
     }
 
     /// [`Registry::deliver`] to every client of this node (broadcast).
     pub fn deliver_all(&self, text: &Utf8Bytes, sender: ClientId) -> usize {
-        let clients = self.lock();
-        clients
-            .by_id
-            .iter()
-            .map(
-                |(&id, sockets)| match self.push(id, sockets, text, sender) {
-                    Delivery::Queued(n) => n,
-                    _ => 0,
-                },
-            )
-            .sum()
+        let sockets: Vec<Arc<SocketHandle>> = {
+            let clients = self.lock();
+            clients
+                .by_id
+                .iter()
+                .filter(|(id, sockets)| !(**id == sender && sockets.len() <= 1))
+                .flat_map(|(_, sockets)| handles(sockets))
+                .collect()
+        };
+        self.push_all(&sockets, text)
     }
 
     /// Closes every socket of `client`; returns how many were asked to close.
@@ -389,31 +375,31 @@ impl Registry {
         sockets.len()
     }
 
-    fn push(
-        &self,
-        client: ClientId,
-        sockets: &[Socket],
-        text: &Utf8Bytes,
-        sender: ClientId,
-    ) -> Delivery {
-        if client == sender && sockets.len() <= 1 {
-            return Delivery::EchoSkipped;
-        }
-        let mut queued = 0;
+    /// Hands `text` to `sockets`, outside the registry's lock (a push may
+    /// write to the kernel); returns how many took it. A full queue closes
+    /// its socket as a slow consumer.
+    fn push_all(&self, sockets: &[Arc<SocketHandle>], text: &Utf8Bytes) -> usize {
+        let mut taken = 0;
         for socket in sockets {
-            if socket.handle.close_reason().is_some() {
+            match socket.push(text, self.queue_bound) {
+                Pushed::Written | Pushed::Queued => taken += 1,
+                Pushed::Full => {
+                    if socket.close(CloseReason::SlowConsumer) {
+                        Stats::incr(&self.stats.slow_consumers_closed);
+                    }
+                }
                 // On its way out: nothing more is written to it.
-                continue;
-            }
-            if socket.handle.push(text, self.queue_bound) {
-                queued += 1;
-            } else if socket.handle.close(CloseReason::SlowConsumer) {
-                Stats::incr(&self.stats.slow_consumers_closed);
+                Pushed::Closed => {}
             }
         }
-        Stats::add(&self.stats.frames_queued, queued as u64);
-        Delivery::Queued(queued)
+        Stats::add(&self.stats.frames_queued, taken as u64);
+        taken
     }
+}
+
+/// The handles of one client's sockets.
+fn handles(sockets: &[Socket]) -> impl Iterator<Item = Arc<SocketHandle>> + '_ {
+    sockets.iter().map(|s| s.handle.clone())
 }
 
 #[cfg(test)]
@@ -425,19 +411,17 @@ mod tests {
     }
 
     fn queued(handle: &SocketHandle) -> Vec<Utf8Bytes> {
-        let mut out = Vec::new();
-        handle.drain_into(&mut out, usize::MAX, usize::MAX);
-        out
+        handle.out().take_queue()
     }
 
     #[test]
     fn echo_rule_skips_a_single_device_sender() {
         let reg = registry(4);
-        let a = reg.register(1);
+        let a = reg.register(1, None);
         let text = Utf8Bytes::from("hi");
         assert_eq!(reg.deliver(1, &text, 1), Delivery::EchoSkipped);
         assert_eq!(reg.deliver(2, &text, 1), Delivery::NotConnected);
-        let b = reg.register(1);
+        let b = reg.register(1, None);
         assert_eq!(reg.deliver(1, &text, 1), Delivery::Queued(2));
         assert_eq!(queued(&a.handle), vec![text.clone()]);
         assert_eq!(queued(&b.handle), vec![text]);
@@ -446,8 +430,8 @@ mod tests {
     #[test]
     fn a_full_queue_closes_that_socket_only() {
         let reg = registry(1);
-        let slow = reg.register(1);
-        let fast = reg.register(2);
+        let slow = reg.register(1, None);
+        let fast = reg.register(2, None);
         let text = Utf8Bytes::from("x");
         reg.deliver_many([1, 2], &text, 0);
         queued(&fast.handle);
@@ -462,38 +446,22 @@ mod tests {
     #[test]
     fn the_first_close_reason_wins() {
         let reg = registry(1);
-        let a = reg.register(1);
+        let a = reg.register(1, None);
         assert!(a.handle.close(CloseReason::ForcedOffline));
         assert!(!a.handle.close(CloseReason::Shutdown));
         assert_eq!(a.handle.close_reason(), Some(CloseReason::ForcedOffline));
         for reason in CloseReason::ALL {
-            let b = reg.register(2);
+            let b = reg.register(2, None);
             b.handle.close(reason);
             assert_eq!(b.handle.close_reason(), Some(reason));
         }
     }
 
     #[test]
-    fn drained_queues_give_their_memory_back() {
-        let reg = registry(100);
-        let a = reg.register(1);
-        for _ in 0..50 {
-            reg.deliver(1, &Utf8Bytes::from("x"), 0);
-        }
-        let mut out = Vec::new();
-        assert!(a.handle.drain_into(&mut out, 10, usize::MAX));
-        assert_eq!(out.len(), 10);
-        out.clear();
-        assert!(!a.handle.drain_into(&mut out, 100, usize::MAX));
-        assert_eq!(out.len(), 40);
-        assert_eq!(lock(&a.handle.queue).capacity(), 0);
-    }
-
-    #[test]
     fn heartbeat_rounds_ping_the_live_and_close_the_silent() {
         let reg = registry(1);
-        let silent = reg.register(1);
-        let live = reg.register(2);
+        let silent = reg.register(1, None);
+        let live = reg.register(2, None);
         assert_eq!((silent.conn, live.conn), (1, 2));
         silent.handle.heard(1_000);
         live.handle.heard(5_000);
@@ -512,14 +480,14 @@ mod tests {
     #[test]
     fn unregister_tracks_remaining_devices_and_shutdown_closes_late_sockets() {
         let reg = registry(1);
-        let a = reg.register(9);
-        let b = reg.register(9);
+        let a = reg.register(9, None);
+        let b = reg.register(9, None);
         assert_eq!(reg.unregister(9, a.conn), 1);
         reg.close_all(CloseReason::Shutdown);
         assert_eq!(b.handle.close_reason(), Some(CloseReason::Shutdown));
         assert_eq!(reg.unregister(9, b.conn), 0);
         assert!(reg.clients().is_empty());
-        let late = reg.register(10);
+        let late = reg.register(10, None);
         assert_eq!(late.handle.close_reason(), Some(CloseReason::Shutdown));
     }
 }

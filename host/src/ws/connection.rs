@@ -29,7 +29,9 @@ pub async fn serve(
     let client = session.client.client_id;
     let span = debug_span!("socket", client);
     async move {
-        let registration = node.registry.register(client);
+        // Shared: deliveries write to it from other tasks (see `outbound`).
+        let stream = std::sync::Arc::new(stream);
+        let registration = node.registry.register(client, Some(stream.clone()));
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);

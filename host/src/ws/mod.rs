@@ -9,6 +9,7 @@
 //! - `handshake`: the opening handshake, and the TCP stream taken back from hyper.
 //! - [`frame`]: the frame codec, decoding as bytes arrive.
 //! - `socket`: the socket core, driven by readiness.
+//! - [`outbound`]: a socket's writes, shared by deliveries and its task.
 //! - `connection`: a terminal's life: registration, presence, inbound plugins.
 //! - `heartbeat`: one sweep for every socket's heartbeat.
 //! - [`connect_rate`]: connects per second per address.
@@ -18,6 +19,7 @@ mod connection;
 pub mod frame;
 mod handshake;
 pub mod heartbeat;
+pub mod outbound;
 mod socket;
 
 use std::net::SocketAddr;

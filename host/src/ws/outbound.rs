@@ -1,0 +1,313 @@
+//! A socket's outbound side, shared by whoever delivers to it and by its own
+//! task: the queue, the bytes the kernel refused, and the writes themselves.
+//!
+//! Delivering writes straight to the kernel when nothing waits ahead of the
+//! message: one `writev` of a header on the stack and the shared message
+//! bytes, from the delivering thread, with no queue, no wake-up and no task
+//! switch. That is the common case, and it costs what the raw-write floor
+//! costs. Only when the kernel refuses (or bytes already wait) does the
+//! message go to the bounded queue, and the socket's task, woken, drains it
+//! as the socket becomes writable, up to 64 messages per `writev`.
+//!
+//! Every write happens under the socket's mutex, so frames never interleave;
+//! a partly written frame's rest is kept in `unsent` and goes first.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tungstenite::Utf8Bytes;
+
+use super::frame;
+
+/// How many queued messages one `writev` carries at most.
+pub const WRITE_BATCH: usize = 64;
+/// A drained queue keeps at most this many slots of memory.
+const KEPT_QUEUE_CAPACITY: usize = 4;
+
+/// What became of a message handed to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The kernel took all of it.
+    Written,
+    /// It waits in the queue (or partly in `unsent`): the task must write.
+    Queued,
+    /// The queue is full: a slow consumer.
+    Full,
+    /// The socket is closing; nothing more is sent.
+    Closed,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Outbound {
+    /// `None` only for sockets made in unit tests: everything is queued.
+    stream: Option<Arc<TcpStream>>,
+    queue: VecDeque<Utf8Bytes>,
+    /// Bytes the kernel has not taken yet, in order; they go before the queue.
+    unsent: Vec<u8>,
+    /// A close frame is on its way: nothing more is written.
+    closed: bool,
+}
+
+impl Outbound {
+    pub fn new(stream: Option<Arc<TcpStream>>) -> Self {
+        Self {
+            stream,
+            queue: VecDeque::new(),
+            unsent: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Hands `text` to the socket: written at once when nothing waits ahead
+    /// of it, else queued unless `bound` messages wait already.
+    pub fn push(&mut self, text: &Utf8Bytes, bound: usize) -> Pushed {
+        if self.closed {
+            return Pushed::Closed;
+        }
+        if self.queue.is_empty()
+            && self.unsent.is_empty()
+            && let Some(stream) = &self.stream
+        {
+            let mut head = [0u8; frame::MAX_SERVER_HEADER];
+            let n = frame::header(frame::TEXT, text.len(), &mut head);
+            let parts = [&head[..n], text.as_bytes()];
+            match stream.try_write_vectored(&[IoSlice::new(parts[0]), IoSlice::new(parts[1])]) {
+                Ok(written) if written == n + text.len() => return Pushed::Written,
+                Ok(written) => {
+                    keep_unwritten(&mut self.unsent, &parts, written);
+                    return Pushed::Queued;
+                }
+                // Refused, or broken (the task finds out when it writes or
+                // reads): queue it.
+                Err(_) => {}
+            }
+        }
+        if self.queue.len() >= bound {
+            return Pushed::Full;
+        }
+        self.queue.push_back(text.clone());
+        Pushed::Queued
+    }
+
+    /// Whether bytes wait for the kernel (unsent or queued).
+    pub fn has_pending(&self) -> bool {
+        !self.unsent.is_empty() || !self.queue.is_empty()
+    }
+
+    /// How many bytes of partly written frames wait.
+    pub fn unsent_len(&self) -> usize {
+        self.unsent.len()
+    }
+
+    /// Sends a whole frame (a control frame or a reply) after whatever is
+    /// unsent; it may go before queued messages, never inside a frame.
+    pub fn send(&mut self, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        if self.unsent.is_empty()
+            && let Some(stream) = &self.stream
+        {
+            match stream.try_write(bytes) {
+                Ok(n) if n == bytes.len() => {}
+                Ok(n) => self.unsent.extend_from_slice(&bytes[n..]),
+                Err(_) => self.unsent.extend_from_slice(bytes),
+            }
+        } else {
+            self.unsent.extend_from_slice(bytes);
+        }
+    }
+
+    /// Drops the queue and puts `close` last: nothing is sent after it.
+    pub fn close_with(&mut self, close: &[u8]) {
+        if self.closed {
+            return;
+        }
+        self.queue = VecDeque::new();
+        self.unsent.extend_from_slice(close);
+        self.closed = true;
+    }
+
+    /// Moves unsent bytes, then queued messages (at most `WRITE_BATCH` and
+    /// `max_batch_bytes` per `writev`), to the kernel as far as it takes
+    /// them. Returns whether nothing is left.
+    pub fn flush(&mut self, max_batch_bytes: usize) -> io::Result<bool> {
+        let Some(stream) = self.stream.clone() else {
+            return Ok(!self.has_pending());
+        };
+        while !self.unsent.is_empty() {
+            match stream.try_write(&self.unsent) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.unsent.drain(..n);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) => return Err(err),
+            }
+        }
+        // Drained: give the buffer back.
+        self.unsent = Vec::new();
+        while !self.queue.is_empty() {
+            if !self.write_batch(&stream, max_batch_bytes)? {
+                return Ok(false);
+            }
+        }
+        if self.queue.capacity() > KEPT_QUEUE_CAPACITY {
+            // A burst is over: give its memory back.
+            self.queue = VecDeque::new();
+        }
+        Ok(true)
+    }
+
+    /// One `writev` of the first queued messages; what the kernel refuses of
+    /// a frame is kept in `unsent`. Returns whether the kernel took it all.
+    fn write_batch(&mut self, stream: &TcpStream, max_batch_bytes: usize) -> io::Result<bool> {
+        let mut heads = [[0u8; frame::MAX_SERVER_HEADER]; WRITE_BATCH];
+        let mut head_lens = [0usize; WRITE_BATCH];
+        let mut count = 0;
+        let mut bytes = 0;
+        for text in self.queue.iter().take(WRITE_BATCH) {
+            if count > 0 && bytes >= max_batch_bytes {
+                break;
+            }
+            head_lens[count] = frame::header(frame::TEXT, text.len(), &mut heads[count]);
+            bytes += text.len();
+            count += 1;
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
+        for (i, text) in self.queue.iter().take(count).enumerate() {
+            slices[2 * i] = IoSlice::new(&heads[i][..head_lens[i]]);
+            slices[2 * i + 1] = IoSlice::new(text.as_bytes());
+        }
+        let mut written = match stream.try_write_vectored(&slices[..2 * count]) {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        for i in 0..count {
+            let head = &heads[i][..head_lens[i]];
+            let Some(text) = self.queue.pop_front() else {
+                break;
+            };
+            let len = head.len() + text.len();
+            if written >= len {
+                written -= len;
+                continue;
+            }
+            // The kernel stopped inside this frame: keep its rest, and leave
+            // the messages after it queued.
+            keep_unwritten(&mut self.unsent, &[head, text.as_bytes()], written);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+impl Outbound {
+    /// Empties the queue, for tests.
+    pub fn take_queue(&mut self) -> Vec<Utf8Bytes> {
+        self.queue.drain(..).collect()
+    }
+}
+
+/// Appends what is left of `parts` after `written` bytes to `unsent`.
+fn keep_unwritten(unsent: &mut Vec<u8>, parts: &[&[u8]], mut written: usize) {
+    for part in parts {
+        if written >= part.len() {
+            written -= part.len();
+            continue;
+        }
+        unsent.extend_from_slice(&part[written..]);
+        written = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_stream_everything_queues_up_to_the_bound() {
+        let mut out = Outbound::new(None);
+        let text = Utf8Bytes::from("x");
+        assert_eq!(out.push(&text, 2), Pushed::Queued);
+        assert_eq!(out.push(&text, 2), Pushed::Queued);
+        assert_eq!(out.push(&text, 2), Pushed::Full);
+        out.close_with(b"close");
+        assert_eq!(out.push(&text, 2), Pushed::Closed);
+        assert!(out.queue.is_empty());
+        assert_eq!(out.unsent, b"close");
+    }
+
+    /// A connected loopback pair: the server side (with a small send
+    /// buffer) and the terminal side.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let terminal = tokio::net::TcpSocket::new_v4().expect("socket");
+        terminal.set_recv_buffer_size(4096).expect("rcvbuf");
+        let terminal = terminal
+            .connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        (Arc::new(server), terminal)
+    }
+
+    #[tokio::test]
+    async fn writes_go_straight_out_until_the_kernel_refuses_then_queue_in_order() {
+        use tokio::io::AsyncReadExt;
+
+        let (server, mut terminal) = pair().await;
+        let mut out = Outbound::new(Some(server.clone()));
+        let first = Utf8Bytes::from("hello");
+        assert_eq!(out.push(&first, 100), Pushed::Written);
+        assert!(!out.has_pending());
+        // Nobody reads: the kernel fills up, takes part of a frame, then
+        // refuses; the rest waits in order.
+        let big = Utf8Bytes::from("z".repeat(3000));
+        let mut pushed = 1;
+        while !out.has_pending() {
+            out.push(&big, 1000);
+            pushed += 1;
+        }
+        for _ in 0..20 {
+            assert_eq!(out.push(&big, 1000), Pushed::Queued);
+            pushed += 1;
+        }
+        let expected = 7 + (pushed - 1) * (4 + 3000);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected];
+            terminal.read_exact(&mut got).await.expect("read");
+            got
+        });
+        while !out.flush(1 << 20).expect("flush") {
+            server.writable().await.expect("writable");
+        }
+        let got = reader.await.expect("reader");
+        assert_eq!(&got[..7], b"\x81\x05hello");
+        for frame in got[7..].chunks(3004) {
+            assert_eq!(&frame[..4], &[0x81, 126, 0x0b, 0xb8]);
+            assert!(frame[4..].iter().all(|b| *b == b'z'));
+        }
+        assert_eq!(out.queue.capacity(), 0, "memory given back");
+        assert_eq!(out.unsent.capacity(), 0);
+    }
+
+    #[test]
+    fn the_rest_of_a_cut_frame_is_kept_in_order() {
+        let mut unsent = Vec::new();
+        keep_unwritten(&mut unsent, &[b"ab", b"cdef"], 3);
+        assert_eq!(unsent, b"def");
+        keep_unwritten(&mut unsent, &[b"gh", b"ij"], 0);
+        assert_eq!(unsent, b"defghij");
+    }
+}
