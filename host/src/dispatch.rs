@@ -12,6 +12,13 @@
 //! filter call delays the messages behind it, never reorders them. At most
 //! as many messages are in the filter stage as the chain's smallest instance
 //! pool allows (each call then finds a warm instance).
+//!
+//! # Fan-out
+//! Handing a message to a socket is a non-blocking write straight to the
+//! kernel (see `ws::outbound`). A channel message or broadcast to more than
+//! 1,024 sockets is cut into slices written by tasks of their own, so every
+//! core writes; the next message waits for all of them, so each socket still
+//! gets its messages in order.
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -20,8 +27,10 @@ use imhost_client::wire::{
     ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, receipt,
     receipt_filtered,
 };
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
@@ -29,7 +38,7 @@ use crate::node::Node;
 use crate::plugins::FilterOutcome;
 use crate::plugins::hooks::{Outgoing, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::{CloseReason, Delivery};
+use crate::registry::{CloseReason, Delivery, SocketHandle};
 use crate::stats::Stats;
 
 /// A message through the filter stage, ready to apply.
@@ -230,18 +239,45 @@ async fn deliver_chan(node: &Node, msg: ChanMessage) {
     } = msg;
     let text = Utf8Bytes::from(content);
     match &chan {
-        None => {
-            node.registry.deliver_all(&text, sender);
-        }
+        None => fan_out(node, node.registry.all_sockets(sender), text).await,
         Some(chan) => match node.presence.delivery_members(chan).await {
             Ok(members) => {
-                node.registry
-                    .deliver_many(members.iter().copied(), &text, sender);
+                let sockets = node.registry.sockets_of(members.iter().copied(), sender);
+                fan_out(node, sockets, text).await;
             }
             Err(err) => {
                 Stats::incr(&node.stats.dispatch_errors);
                 warn!(cause = %err, chan, "channel message not delivered");
             }
         },
+    }
+}
+
+/// Fan-outs bigger than this are written by several tasks at once, one per
+/// slice of this many sockets.
+const FAN_OUT_SLICE: usize = 1024;
+
+/// Hands `text` to `sockets`. A delivery is a non-blocking write per socket
+/// (see `ws::outbound`); a big fan-out is cut into slices written by tasks
+/// of their own, so every core writes and no worker thread is held for long.
+/// All slices finish before the next message is applied, which keeps each
+/// socket's messages in order.
+async fn fan_out(node: &Node, sockets: Vec<Arc<SocketHandle>>, text: Utf8Bytes) {
+    if sockets.len() <= FAN_OUT_SLICE {
+        node.registry.push_all(&sockets, &text);
+        return;
+    }
+    let sockets: Arc<[Arc<SocketHandle>]> = sockets.into();
+    let mut slices = JoinSet::new();
+    for start in (0..sockets.len()).step_by(FAN_OUT_SLICE) {
+        let end = (start + FAN_OUT_SLICE).min(sockets.len());
+        let (registry, sockets, text) = (node.registry.clone(), sockets.clone(), text.clone());
+        slices.spawn(async move { registry.push_all(&sockets[start..end], &text) });
+    }
+    while let Some(done) = slices.join_next().await {
+        if let Err(err) = done {
+            Stats::incr(&node.stats.dispatch_errors);
+            warn!(cause = %err, "a fan-out slice failed");
+        }
     }
 }

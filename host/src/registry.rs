@@ -331,38 +331,31 @@ impl Registry {
         Delivery::Queued(self.push_all(&sockets, text))
     }
 
-    /// [`Registry::deliver`] to each of `targets`; returns the number of
-    /// sockets handed the message.
-    pub fn deliver_many(
+    /// The sockets a message to each of `targets` goes to (the echo rule
+    /// applied), for [`Registry::push_all`].
+    pub fn sockets_of(
         &self,
         targets: impl IntoIterator<Item = ClientId>,
-        text: &Utf8Bytes,
         sender: ClientId,
-    ) -> usize {
-        let sockets: Vec<Arc<SocketHandle>> = {
-            let clients = self.lock();
-            targets
-                .into_iter()
-                .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
-                .filter(|(id, sockets)| !(*id == sender && sockets.len() <= 1))
-                .flat_map(|(_, sockets)| handles(sockets))
-                .collect()
-        };
-        self.push_all(&sockets, text)
+    ) -> Vec<Arc<SocketHandle>> {
+        let clients = self.lock();
+        targets
+            .into_iter()
+            .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
+            .filter(|(id, sockets)| !(*id == sender && sockets.len() <= 1))
+            .flat_map(|(_, sockets)| handles(sockets))
+            .collect()
     }
 
-    /// [`Registry::deliver`] to every client of this node (broadcast).
-    pub fn deliver_all(&self, text: &Utf8Bytes, sender: ClientId) -> usize {
-        let sockets: Vec<Arc<SocketHandle>> = {
-            let clients = self.lock();
-            clients
-                .by_id
-                .iter()
-                .filter(|(id, sockets)| !(**id == sender && sockets.len() <= 1))
-                .flat_map(|(_, sockets)| handles(sockets))
-                .collect()
-        };
-        self.push_all(&sockets, text)
+    /// The sockets a broadcast goes to (the echo rule applied).
+    pub fn all_sockets(&self, sender: ClientId) -> Vec<Arc<SocketHandle>> {
+        let clients = self.lock();
+        clients
+            .by_id
+            .iter()
+            .filter(|(id, sockets)| !(**id == sender && sockets.len() <= 1))
+            .flat_map(|(_, sockets)| handles(sockets))
+            .collect()
     }
 
     /// Closes every socket of `client`; returns how many were asked to close.
@@ -378,7 +371,7 @@ impl Registry {
     /// Hands `text` to `sockets`, outside the registry's lock (a push may
     /// write to the kernel); returns how many took it. A full queue closes
     /// its socket as a slow consumer.
-    fn push_all(&self, sockets: &[Arc<SocketHandle>], text: &Utf8Bytes) -> usize {
+    pub fn push_all(&self, sockets: &[Arc<SocketHandle>], text: &Utf8Bytes) -> usize {
         let mut taken = 0;
         for socket in sockets {
             match socket.push(text, self.queue_bound) {
@@ -433,9 +426,9 @@ mod tests {
         let slow = reg.register(1, None);
         let fast = reg.register(2, None);
         let text = Utf8Bytes::from("x");
-        reg.deliver_many([1, 2], &text, 0);
+        reg.push_all(&reg.sockets_of([1, 2], 0), &text);
         queued(&fast.handle);
-        reg.deliver_many([1, 2], &text, 0);
+        reg.push_all(&reg.sockets_of([1, 2], 0), &text);
         assert_eq!(slow.handle.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(fast.handle.close_reason(), None);
         assert_eq!(reg.stats.snapshot().slow_consumers_closed, 1);
