@@ -130,7 +130,8 @@ async fn main() -> anyhow::Result<()> {
         return sockets::compare(&args).await;
     }
     if let Some(entry) = args.hold {
-        return big_cluster::hold(entry, args.hold_range.as_deref().unwrap_or("1-1")).await;
+        let range = args.hold_range.as_deref().unwrap_or("1-1");
+        return big_cluster::hold(entry, range, args.big_cluster.unwrap_or(0)).await;
     }
     if let Some(total) = args.big_cluster {
         return big_cluster::run(&args, total).await;
@@ -406,6 +407,16 @@ async fn wait_serving(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("server at {addr} did not come up")
+}
+
+/// A terminal of the load generator: tungstenite's default 128 KiB read
+/// buffer would make the generator, not the server, the bottleneck with
+/// tens of thousands of sockets.
+async fn terminal(url: String, tcp: TcpStream) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config)).await?;
+    Ok(ws)
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {

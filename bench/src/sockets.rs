@@ -240,7 +240,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
             tasks.push(tokio::spawn(async move {
                 let _permit = gate.acquire().await?;
                 let tcp = TcpStream::connect(addr).await?;
-                let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+                let ws = super::terminal(url, tcp).await?;
                 anyhow::Ok(ws)
             }));
         }
