@@ -93,6 +93,9 @@ struct Args {
     /// Seconds of offered load per `--only-sockets` run.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// Runs per server and socket count in `--only-sockets` (medians kept).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,

@@ -16,7 +16,8 @@
 //! server's CPU time per delivery (utime + stime from /proc), the latency
 //! from send to terminal (p50, p99) and deliveries/s. A rate sweep at the
 //! smallest N gives latency against offered rate. Ratios are against the
-//! floor and the baseline of the same run. `--csv DIR` writes the curves for
+//! floor and the baseline of the same run; each figure is the median of
+//! `--repeat` interleaved runs. `--csv DIR` writes the curves for
 //! `scripts/bench-plot.py`.
 
 use std::path::Path;
@@ -63,6 +64,24 @@ struct Run {
     p99_ms: f64,
 }
 
+/// Each figure's median over `runs`.
+fn median(runs: &[Run]) -> Run {
+    let mid = |figure: fn(&Run) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(figure).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Run {
+        connects_per_sec: mid(|r| r.connects_per_sec),
+        bytes_per_conn: mid(|r| r.bytes_per_conn),
+        memory_curve: runs[0].memory_curve.clone(),
+        cpu_us_per_delivery: mid(|r| r.cpu_us_per_delivery),
+        deliveries_per_sec: mid(|r| r.deliveries_per_sec),
+        p50_ms: mid(|r| r.p50_ms),
+        p99_ms: mid(|r| r.p99_ms),
+    }
+}
+
 /// Microseconds since the Unix epoch: the clock messages carry.
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -86,15 +105,24 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut csv_memory = String::from("server,connections,rss_bytes\n");
     for &n in &args.socket_counts {
+        // Repeated, interleaved, and the median of each figure kept: on two
+        // cores shared with the load generator one run varies by ±15 %.
+        let mut all: Vec<(Server, Vec<Run>)> =
+            Server::ALL.iter().map(|&s| (s, Vec::new())).collect();
+        for _ in 0..args.repeat.max(1) {
+            for (server, runs) in &mut all {
+                let run = measure(args, *server, n, args.rate)
+                    .await
+                    .with_context(|| format!("{} with {n} sockets", server.name()))?;
+                runs.push(run);
+            }
+        }
         let mut runs = Vec::new();
-        for server in Server::ALL {
-            let run = measure(args, server, n, args.rate)
-                .await
-                .with_context(|| format!("{} with {n} sockets", server.name()))?;
-            for (c, bytes) in &run.memory_curve {
+        for (server, measured) in all {
+            for (c, bytes) in &measured[0].memory_curve {
                 csv_memory.push_str(&format!("{},{c},{bytes}\n", server.name()));
             }
-            runs.push((server, run));
+            runs.push((server, median(&measured)));
         }
         rows.push((n, runs));
     }
@@ -166,8 +194,10 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         row("latency p99 ms", f.p99_ms, b.p99_ms, i.p99_ms, 1);
     }
     println!(
-        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence, word-filter and welcome",
-        args.rate, args.seconds
+        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence, word-filter and welcome; medians of {} interleaved runs",
+        args.rate,
+        args.seconds,
+        args.repeat.max(1)
     );
     if let Some(dir) = &args.csv {
         std::fs::create_dir_all(dir)?;

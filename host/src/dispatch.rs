@@ -16,7 +16,7 @@
 //! # Fan-out
 //! Handing a message to a socket is a non-blocking write straight to the
 //! kernel (see `ws::outbound`). A channel message or broadcast to more than
-//! 1,024 sockets is cut into slices written by tasks of their own, so every
+//! 256 sockets is cut into slices written by tasks of their own, so every
 //! core writes; the next message waits for all of them, so each socket still
 //! gets its messages in order.
 
@@ -255,7 +255,7 @@ async fn deliver_chan(node: &Node, msg: ChanMessage) {
 
 /// Fan-outs bigger than this are written by several tasks at once, one per
 /// slice of this many sockets.
-const FAN_OUT_SLICE: usize = 1024;
+const FAN_OUT_SLICE: usize = 256;
 
 /// Hands `text` to `sockets`. A delivery is a non-blocking write per socket
 /// (see `ws::outbound`); a big fan-out is cut into slices written by tasks
