@@ -96,6 +96,10 @@ struct Args {
     /// Runs per server and socket count in `--only-sockets` (medians kept).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Run imhost without its plugin set in `--only-sockets` (what the
+    /// plugins cost).
+    #[arg(long)]
+    sockets_without_plugins: bool,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,

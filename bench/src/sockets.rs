@@ -194,9 +194,14 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         row("latency p99 ms", f.p99_ms, b.p99_ms, i.p99_ms, 1);
     }
     println!(
-        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence, word-filter and welcome; medians of {} interleaved runs",
+        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}; medians of {} interleaved runs",
         args.rate,
         args.seconds,
+        if args.sockets_without_plugins {
+            ", no plugins"
+        } else {
+            ", word-filter and welcome"
+        },
         args.repeat.max(1)
     );
     if let Some(dir) = &args.csv {
@@ -213,7 +218,9 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let plugins = tempfile::tempdir()?;
     let mut child = match server {
         Server::Imhost => {
-            install_plugin_set(plugins.path(), &args.guests)?;
+            if !args.sockets_without_plugins {
+                install_plugin_set(plugins.path(), &args.guests)?;
+            }
             spawn_imhost(
                 args,
                 addr,
@@ -238,7 +245,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let pid = child.id().context("child pid")?;
     let http = reqwest::Client::new();
     wait_serving(&http, addr).await?;
-    if server == Server::Imhost {
+    if server == Server::Imhost && !args.sockets_without_plugins {
         super::plugins::wait_plugins(&http, addr, 2).await?;
     }
     let rss_before = rss_bytes(pid)?;
