@@ -19,8 +19,24 @@ struct Cli {
     /// TOML file with any of the settings below (flags and variables win over it).
     #[arg(long, env = "IMHOST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// How log lines look on standard error: `text` for people, `json` (one
+    /// object per line) for log collectors. `RUST_LOG` sets the level
+    /// (default `imhost=info`).
+    #[arg(
+        long,
+        env = "IMHOST_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(flatten)]
     options: Options,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -30,6 +46,19 @@ enum Command {
         #[command(subcommand)]
         action: PluginCommand,
     },
+    /// Work with configuration files offline.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Reads FILE and checks it as the server would at start-up (with the
+    /// flags and `IMHOST_*` variables of this invocation over it); prints
+    /// `FILE: valid` or the first problem, naming its key, and exits 1.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -68,14 +97,30 @@ enum PluginCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Plugin { action }) = &cli.command {
-        return plugin_command(action).await;
+    match &cli.command {
+        Some(Command::Plugin { action }) => return plugin_command(action).await,
+        Some(Command::Config {
+            action: ConfigCommand::Check { file },
+        }) => {
+            Options::from_file(file)
+                .and_then(|from_file| cli.options.clone().or(from_file).resolve())
+                .with_context(|| format!("{}: invalid configuration", file.display()))?;
+            println!("{}: valid", file.display());
+            return Ok(());
+        }
+        None => {}
     }
-    tracing_subscriber::fmt()
+    // Logs go to standard error; standard output is left to the program's
+    // answers (`plugin check`, `config check`).
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("imhost=info")),
-        )
-        .init();
+        );
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 
     let file = match &cli.config {
         Some(path) => Options::from_file(path)?,

@@ -154,3 +154,70 @@ async fn a_bad_setting_stops_start_up_naming_the_key() {
     assert!(!status.success());
     assert!(output.contains("max_frame_bytez"), "{output}");
 }
+
+#[tokio::test]
+async fn logs_go_to_standard_error_as_json_when_asked() {
+    use tokio::io::AsyncBufReadExt;
+
+    let addr = free_addr();
+    let mut child = tokio::process::Command::new(imhost_tests::process::imhost_bin())
+        .args(["--listen", &addr.to_string(), "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start imhost");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let start_up = tokio::time::timeout(imhost_tests::DEADLINE, async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            let event: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if event["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("imhost serving"))
+            {
+                return event;
+            }
+        }
+        panic!("imhost exited before its start-up line");
+    })
+    .await
+    .expect("start-up line in time");
+    assert_eq!(start_up["level"], "INFO");
+    child.start_kill().expect("stop imhost");
+    let output = child.wait_with_output().await.expect("wait");
+    assert!(output.stdout.is_empty(), "nothing on standard output");
+}
+
+#[tokio::test]
+async fn config_check_validates_a_file_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "heartbeat_interval = \"15s\"\noutbound_queue = 64\n").expect("write");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "heartbeat_interval = \"30s\"\nheartbeat_timeout = \"10s\"\n",
+    )
+    .expect("write");
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "heartbeat_intervl = \"30s\"\n").expect("write");
+    let check = |file: &std::path::Path| {
+        std::process::Command::new(imhost_tests::process::imhost_bin())
+            .args(["config", "check"])
+            .arg(file)
+            .output()
+            .expect("run imhost config check")
+    };
+    let ok = check(&good);
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).ends_with("good.toml: valid\n"));
+    for (file, key) in [(&bad, "heartbeat_timeout"), (&unknown, "heartbeat_intervl")] {
+        let refused = check(file);
+        assert_eq!(refused.status.code(), Some(1));
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains(key), "{said}");
+    }
+}
