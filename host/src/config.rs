@@ -21,111 +21,191 @@ pub const WS_PATH: &str = "/ws";
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// Address to listen on for HTTP and WebSocket.
-    #[arg(long, env = "IMHOST_LISTEN", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// This node's name in the cluster; defaults to the listen address.
-    #[arg(long, env = "IMHOST_SERVER", value_name = "NAME")]
-    pub server: Option<String>,
-    /// Every node of the cluster, in the same order on every node.
+    /// Address to listen on for HTTP and WebSocket. [default: 127.0.0.1:6001]
     #[arg(
         long,
+        help_heading = "Node",
+        env = "IMHOST_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub listen: Option<SocketAddr>,
+    /// This node's name in the cluster. [default: the listen address]
+    #[arg(
+        long,
+        help_heading = "Cluster",
+        env = "IMHOST_SERVER",
+        value_name = "NAME"
+    )]
+    pub server: Option<String>,
+    /// Every node of the cluster, in the same order on every node. [default: this node
+    /// alone]
+    #[arg(
+        long,
+        help_heading = "Cluster",
         env = "IMHOST_SERVERS",
         value_name = "A,B,C",
         value_delimiter = ','
     )]
     pub servers: Option<Vec<String>>,
-    /// Redis URL; without it the node runs embedded (no cluster).
-    #[arg(long, env = "IMHOST_REDIS", value_name = "URL")]
+    /// Redis URL; without it the node runs embedded (no cluster). [default: none:
+    /// embedded mode]
+    #[arg(
+        long,
+        help_heading = "Cluster",
+        env = "IMHOST_REDIS",
+        value_name = "URL"
+    )]
     pub redis: Option<String>,
     /// Bearer key the business API requires; a random one is made when absent.
-    #[arg(long, env = "IMHOST_API_KEY", value_name = "KEY")]
+    /// [default: random, logged at start-up]
+    #[arg(
+        long,
+        help_heading = "Node",
+        env = "IMHOST_API_KEY",
+        value_name = "KEY"
+    )]
     pub api_key: Option<String>,
-    /// Directory of WebAssembly plugins.
-    #[arg(long, env = "IMHOST_PLUGINS", value_name = "DIR")]
+    /// Directory of WebAssembly plugins. [default: none]
+    #[arg(
+        long,
+        help_heading = "Plugins",
+        env = "IMHOST_PLUGINS",
+        value_name = "DIR"
+    )]
     pub plugins: Option<PathBuf>,
     /// Where compiled plugins are cached (owner-only; outside the plugin
-    /// directory); defaults to `$XDG_CACHE_HOME/imhost/plugins` or
-    /// `~/.cache/imhost/plugins`.
-    #[arg(long, env = "IMHOST_PLUGIN_CACHE", value_name = "DIR")]
+    /// directory). [default: $XDG_CACHE_HOME/imhost/plugins or ~/.cache/imhost/plugins]
+    #[arg(
+        long,
+        help_heading = "Plugins",
+        env = "IMHOST_PLUGIN_CACHE",
+        value_name = "DIR"
+    )]
     pub plugin_cache: Option<PathBuf>,
-    /// Compiled plugins kept in the cache besides the running ones (default 8).
-    #[arg(long, env = "IMHOST_PLUGIN_CACHE_KEEP", value_name = "N")]
+    /// Compiled plugins kept in the cache besides the running ones. [default: 8]
+    #[arg(
+        long,
+        help_heading = "Plugins",
+        env = "IMHOST_PLUGIN_CACHE_KEEP",
+        value_name = "N"
+    )]
     pub plugin_cache_keep: Option<usize>,
-    /// Serve a new plugin from the fast baseline compiler first, then swap in
-    /// the optimized build (default true).
-    #[arg(long, env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    /// Serve a new plugin from the fast baseline compiler first, then swap in the
+    /// optimized build. [default: true]
+    #[arg(long, help_heading = "Plugins", env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub plugin_tiering: Option<bool>,
-    /// Watch the plugin directory and reload on changes (default true); without
-    /// it, reload with SIGHUP or `POST /api/v1/plugins/reload`.
-    #[arg(long, env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    /// Watch the plugin directory and reload on changes; without it, reload with SIGHUP
+    /// or `POST /api/v1/plugins/reload`. [default: true]
+    #[arg(long, help_heading = "Plugins", env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub watch_plugins: Option<bool>,
-    /// Serve the demo chat page at `/` with its toy business backend (no API
-    /// key: anyone who reaches it can send as anyone). Refused on a listen
-    /// address that is not loopback, unless `demo_public` is set too.
-    #[arg(long, env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    /// Serve the demo chat page at `/` with its toy business backend (no API key:
+    /// anyone who reaches it can send as anyone). Refused on a listen address that is
+    /// not loopback, unless `demo_public` is set too. [default: false]
+    #[arg(long, help_heading = "Node", env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub demo: Option<bool>,
-    /// Allow `demo` on a non-loopback listen address (dangerous; logged).
-    #[arg(long, env = "IMHOST_DEMO_PUBLIC", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    /// Allow `demo` on a non-loopback listen address (dangerous; logged). [default:
+    /// false]
+    #[arg(long, help_heading = "Node", env = "IMHOST_DEMO_PUBLIC", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub demo_public: Option<bool>,
     /// Largest message a terminal may send, in bytes (closes the socket with 1009).
-    #[arg(long, env = "IMHOST_MAX_FRAME_BYTES", value_name = "BYTES")]
+    /// [default: 65536]
+    #[arg(
+        long,
+        help_heading = "Terminals",
+        env = "IMHOST_MAX_FRAME_BYTES",
+        value_name = "BYTES"
+    )]
     pub max_frame_bytes: Option<usize>,
     /// Messages queued per socket before the socket counts as a slow consumer.
-    #[arg(long, env = "IMHOST_OUTBOUND_QUEUE", value_name = "MESSAGES")]
+    /// [default: 256]
+    #[arg(
+        long,
+        help_heading = "Terminals",
+        env = "IMHOST_OUTBOUND_QUEUE",
+        value_name = "MESSAGES"
+    )]
     pub outbound_queue: Option<usize>,
-    /// How often the server pings each socket, e.g. `20s`.
-    #[arg(long, env = "IMHOST_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// How often the server pings each socket. [default: 20s]
+    #[arg(long, help_heading = "Terminals", env = "IMHOST_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub heartbeat_interval: Option<Duration>,
-    /// Silence after which a socket is closed and counted offline, e.g. `60s`.
-    #[arg(long, env = "IMHOST_HEARTBEAT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Silence after which a socket is closed and counted offline. [default: 60s]
+    #[arg(long, help_heading = "Terminals", env = "IMHOST_HEARTBEAT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub heartbeat_timeout: Option<Duration>,
-    /// How long a connect token stays valid, e.g. `10s`.
-    #[arg(long, env = "IMHOST_TOKEN_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// How long a connect token stays valid. [default: 10s]
+    #[arg(long, help_heading = "Terminals", env = "IMHOST_TOKEN_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub token_ttl: Option<Duration>,
-    /// Sockets this node accepts at once; defaults to what the open-file limit allows.
-    #[arg(long, env = "IMHOST_MAX_CONNECTIONS", value_name = "N")]
+    /// Sockets this node accepts at once. [default: open-file limit - 100]
+    #[arg(
+        long,
+        help_heading = "Terminals",
+        env = "IMHOST_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
     pub max_connections: Option<usize>,
-    /// Largest business API request body, in bytes.
-    #[arg(long, env = "IMHOST_MAX_BODY_BYTES", value_name = "BYTES")]
+    /// Largest business API request body, in bytes. [default: 1048576]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_MAX_BODY_BYTES",
+        value_name = "BYTES"
+    )]
     pub max_body_bytes: Option<usize>,
-    /// How long a node's liveness key lives without a refresh (cluster mode): a
-    /// node silent this long is taken for dead and its clients go offline.
-    #[arg(long, env = "IMHOST_NODE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// How long a node's liveness key lives without a refresh (cluster mode): a node
+    /// silent this long is taken for dead and its clients go offline. [default: 15s]
+    #[arg(long, help_heading = "Cluster", env = "IMHOST_NODE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub node_ttl: Option<Duration>,
-    /// How long a graceful shutdown waits for sockets to close, e.g. `10s`.
-    #[arg(long, env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// How long a graceful shutdown waits for sockets to close. [default: 10s]
+    #[arg(long, help_heading = "Node", env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub shutdown_grace: Option<Duration>,
-    /// Time a client gets to send a request's headers, counted from connect or
-    /// from the previous response on a kept-alive connection (so it is also the
-    /// keep-alive idle timeout), e.g. `10s`.
-    #[arg(long, env = "IMHOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Time a client gets to send a request's headers, counted from connect or from the
+    /// previous response on a kept-alive connection (so it is also the keep-alive idle
+    /// timeout). [default: 10s]
+    #[arg(long, help_heading = "HTTP", env = "IMHOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub header_read_timeout: Option<Duration>,
-    /// Time a business API request body may take to arrive, e.g. `30s`.
-    #[arg(long, env = "IMHOST_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Time a business API request body may take to arrive. [default: 30s]
+    #[arg(long, help_heading = "HTTP", env = "IMHOST_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
     pub body_read_timeout: Option<Duration>,
-    /// HTTP connections open at once (before any upgrade); defaults to what the
-    /// open-file limit allows.
-    #[arg(long, env = "IMHOST_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    /// HTTP connections open at once (before any upgrade). [default: open-file limit -
+    /// 100]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_MAX_HTTP_CONNECTIONS",
+        value_name = "N"
+    )]
     pub max_http_connections: Option<usize>,
     /// HTTP connections open at once from one client address, before any
-    /// upgrade (default 256; 0: no limit, e.g. behind a proxy).
-    #[arg(long, env = "IMHOST_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    /// upgrade; 0: no limit (set 0 behind a proxy). [default: 256]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_MAX_CONNECTIONS_PER_ADDRESS",
+        value_name = "N"
+    )]
     pub max_connections_per_address: Option<usize>,
-    /// WebSocket connects per second from one client address, in bursts of as
-    /// many (default 0: no limit); over it, 429 with `Retry-After`.
-    #[arg(long, env = "IMHOST_CONNECT_RATE_PER_ADDRESS", value_name = "N")]
+    /// WebSocket connects per second from one client address, in bursts of as many;
+    /// over it, 429 with `Retry-After`. [default: 0, no limit]
+    #[arg(
+        long,
+        help_heading = "Terminals",
+        env = "IMHOST_CONNECT_RATE_PER_ADDRESS",
+        value_name = "N"
+    )]
     pub connect_rate_per_address: Option<u32>,
-    /// Behind a proxy: the header whose last address is the client's, e.g.
-    /// `x-forwarded-for` (default: none, the peer address is the client's).
-    #[arg(long, env = "IMHOST_TRUSTED_PROXY_HEADER", value_name = "NAME")]
+    /// Behind a proxy: the header whose last address is the client's. [default: none]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_TRUSTED_PROXY_HEADER",
+        value_name = "NAME"
+    )]
     pub trusted_proxy_header: Option<String>,
 }
 

@@ -221,3 +221,70 @@ async fn config_check_validates_a_file_offline() {
         assert!(said.contains(key), "{said}");
     }
 }
+
+/// `docs/configuration.md` lists exactly the settings `imhost --help` shows,
+/// each with the same flag, variable and default.
+#[test]
+fn the_configuration_doc_matches_the_help() {
+    let help = std::process::Command::new(imhost_tests::process::imhost_bin())
+        .arg("--help")
+        .output()
+        .expect("imhost --help");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    // One entry per option: its lines joined.
+    let mut options: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("--") {
+            options.push(trimmed.to_owned());
+        } else if line.starts_with("          ")
+            && let Some(last) = options.last_mut()
+        {
+            last.push(' ');
+            last.push_str(trimmed);
+        }
+    }
+    let between = |text: &str, open: &str, close: char| -> Option<String> {
+        let start = text.find(open)? + open.len();
+        let len = text[start..].find(close)?;
+        Some(text[start..start + len].to_owned())
+    };
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .expect("docs/configuration.md");
+    let rows: Vec<Vec<String>> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            l.split(" | ")
+                .map(|c| c.trim_matches(['|', ' ']).to_owned())
+                .collect()
+        })
+        .collect();
+    let mut documented = 0;
+    for option in &options {
+        let flag = option.split_whitespace().next().expect("flag");
+        if ["--config", "--log-format", "--help", "--version"].contains(&flag) {
+            continue;
+        }
+        let default =
+            between(option, "[default: ", ']').unwrap_or_else(|| panic!("{flag} shows no default"));
+        let env =
+            between(option, "[env: ", '=').unwrap_or_else(|| panic!("{flag} has no variable"));
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        let row = rows
+            .iter()
+            .find(|r| r[0] == format!("`{key}`"))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no row for `{key}`"));
+        assert_eq!(row[1], format!("`{flag}`"), "{key}: flag");
+        assert_eq!(row[2], format!("`{env}`"), "{key}: variable");
+        assert_eq!(row[3], default, "{key}: default");
+        documented += 1;
+    }
+    assert_eq!(
+        documented,
+        rows.len(),
+        "docs/configuration.md has rows --help does not show"
+    );
+}
