@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod registry;

@@ -39,6 +39,8 @@ pub struct Inner {
     pub connect_rate: crate::ws::connect_rate::ConnectRate,
     /// How business operations send (the plugins hold the same one).
     pub outbox: crate::business::Outbox,
+    /// `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Node {

@@ -119,7 +119,16 @@ pub async fn run(
         Some(outbox.clone()),
         stats.clone(),
     ));
+    let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone(), plugins.clone()));
+    if config.redis.is_some() {
+        tokio::spawn(crate::metrics::run_redis_probe(
+            metrics.clone(),
+            backends.presence.clone(),
+            stop.drained().clone(),
+        ));
+    }
     let node = Node::new(Inner {
+        metrics,
         topology,
         registry: Registry::new(config.limits.outbound_queue, stats.clone()),
         presence: backends.presence,

@@ -8,17 +8,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         /// Monotonic counters, except `connections` which is a gauge.
         #[derive(Debug, Default)]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// Each counter's name and what it counts (its doc comment), for
+            /// the HELP lines of `/metrics`.
+            pub const HELP: &[(&str, &str)] = &[ $( (stringify!($name), concat!($($doc),*)) ),* ];
         }
 
         /// A point-in-time copy of [`Stats`], as served by the API.
         #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
         pub struct StatsSnapshot {
-            $( $(#[$doc])* pub $name: u64, )*
+            $( $(#[doc = $doc])* pub $name: u64, )*
         }
 
         impl Stats {

@@ -10,4 +10,5 @@ mod hardening;
 mod languages;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod plugins;

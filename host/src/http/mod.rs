@@ -43,6 +43,18 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(AppError))]
 pub struct Path<T>(pub T);
 
+/// `GET /metrics` (behind the API key): see [`crate::metrics`].
+async fn metrics(State(node): State<Node>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
 /// Every route of the node.
 pub fn router(node: Node) -> Router {
     let api = Router::new()
@@ -68,7 +80,15 @@ pub fn router(node: Node) -> Router {
         .layer(DefaultBodyLimit::max(node.config.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(node.clone(), read_body));
 
+    let metrics =
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(
+                node.clone(),
+                require_api_key,
+            ));
     let mut router = Router::new()
+        .merge(metrics)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route(WS_PATH, get(crate::ws::upgrade))

@@ -33,6 +33,8 @@ pub enum CallError {
 /// Counters of one loaded plugin version.
 #[derive(Debug, Default)]
 pub struct CallStats {
+    /// Calls per latency bucket ([`LATENCY_BUCKETS_US`], then the rest).
+    pub latency: [u64; LATENCY_BUCKETS_US.len() + 1],
     pub calls: u64,
     pub errors: u64,
     pub timeouts: u64,
@@ -44,6 +46,12 @@ pub struct CallStats {
     pub open_until: Option<Instant>,
     pub times_opened: u64,
 }
+
+/// Upper bounds, in microseconds, of the call-latency buckets kept per plugin
+/// (exported as a Prometheus histogram).
+pub const LATENCY_BUCKETS_US: [u64; 10] = [
+    10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
 
 /// One version of one plugin, ready to call.
 pub struct Prepared {
@@ -165,8 +173,12 @@ impl Prepared {
 
     fn record(&self, started: Instant, outcome: Result<(), &CallError>) {
         let mut stats = self.stats();
+        let took = started.elapsed();
         stats.calls += 1;
-        stats.busy_ns += started.elapsed().as_nanos() as u64;
+        stats.busy_ns += took.as_nanos() as u64;
+        let us = took.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        stats.latency[bucket] += 1;
         match outcome {
             Ok(()) => stats.consecutive_failures = 0,
             Err(err) => {

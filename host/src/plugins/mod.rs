@@ -157,6 +157,10 @@ pub struct PluginInfo {
     pub memory_limits: u64,
     pub traps: u64,
     pub time_spent_us: u64,
+    /// Calls per latency bucket (`loaded::LATENCY_BUCKETS_US`, then the rest);
+    /// served by `/metrics`, not by the plugins API.
+    #[serde(skip)]
+    pub latency: Vec<u64>,
     /// The last failed load of this name (the running version, if any, is older).
     pub last_error: Option<String>,
 }
@@ -189,6 +193,7 @@ impl PluginInfo {
             memory_limits: stats.memory_limits,
             traps: stats.traps,
             time_spent_us: stats.busy_ns / 1000,
+            latency: stats.latency.to_vec(),
             last_error: failure.map(|f| f.error.clone()),
         }
     }
@@ -211,6 +216,7 @@ impl PluginInfo {
             memory_limits: 0,
             traps: 0,
             time_spent_us: 0,
+            latency: Vec::new(),
             last_error: None,
         }
     }
