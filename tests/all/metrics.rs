@@ -92,6 +92,30 @@ async fn counters_plugins_and_latency_histograms_are_scraped() {
         Some(1.0)
     );
 
+    // Every series the example Grafana dashboard queries exists.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/deploy/grafana-dashboard.json"),
+    )
+    .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for expr in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+    {
+        for series in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("imhost_"))
+        {
+            assert!(
+                body.contains(&format!("# TYPE {} ", series.trim_end_matches("_bucket"))),
+                "the dashboard queries {series}, which /metrics does not serve"
+            );
+        }
+    }
+
     // Behind the API key, with the API's error body.
     let refused = host.http.get(url).send().await.expect("request");
     assert_eq!(refused.status(), 401);
