@@ -201,6 +201,18 @@ pub async fn run(
             "DEMO ON A PUBLIC ADDRESS: /demo/api sends as anyone without an API key; never do this in production"
         );
     }
+    if node
+        .config
+        .server
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|addr| addr.ip().is_unspecified())
+    {
+        warn!(
+            server = %node.config.server,
+            "connect URLs will name {}, which terminals cannot reach: set `server` (--server) to the host:port they connect to",
+            node.config.server
+        );
+    }
     if node.config.api_key_generated {
         warn!(api_key = %node.config.api_key, "no api_key configured; generated one for this run");
     }

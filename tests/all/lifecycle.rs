@@ -288,3 +288,24 @@ fn the_configuration_doc_matches_the_help() {
         "docs/configuration.md has rows --help does not show"
     );
 }
+
+#[tokio::test]
+async fn a_node_named_by_a_wildcard_address_is_warned_about() {
+    // With `--listen 0.0.0.0:P` and no `--server`, the node's name is
+    // `0.0.0.0:P`; named so explicitly here, so the test listens on
+    // loopback only.
+    let addr = free_addr();
+    let wildcard = format!("0.0.0.0:{}", addr.port());
+    let process = ImhostProcess::spawn(
+        addr,
+        &["--listen", &addr.to_string(), "--server", &wildcard],
+        &[],
+    );
+    imhost_tests::api::Api::new(addr).wait_serving().await;
+    process.signal("TERM");
+    let (_, output) = process.wait(Duration::from_secs(15)).await;
+    assert!(
+        output.contains("connect URLs will name 0.0.0.0"),
+        "{output}"
+    );
+}
