@@ -136,3 +136,26 @@ pub async fn client_info(node: &Node, client_id: ClientId) -> Result<ClientInfo,
 pub async fn channels(node: &Node) -> Result<Vec<ChannelInfo>, BusinessError> {
     Ok(node.presence.channels().await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_reach_terminals_as_the_values_sent() {
+        // A fuzz find (fuzz/regressions/api_bodies): without correctly
+        // rounded parsing, this came back as a different number.
+        for text in [
+            "26222244444444444444444",
+            "1e300",
+            "0.1",
+            "-2.5e-308",
+            "123",
+        ] {
+            let message: serde_json::Value = serde_json::from_str(text).expect("number");
+            let again: serde_json::Value =
+                serde_json::from_str(&message_text(&message)).expect("parses");
+            assert_eq!(again, message, "{text}");
+        }
+    }
+}
