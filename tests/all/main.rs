@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod connect;
 mod delivery;
+mod deploy;
 mod frames;
 mod hardening;
 mod languages;
