@@ -80,9 +80,15 @@ impl Outbound {
                     keep_unwritten(&mut self.unsent, &parts, written);
                     return Pushed::Queued;
                 }
-                // Refused, or broken (the task finds out when it writes or
-                // reads): queue it.
-                Err(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                // Broken (the peer reset or went away): nothing more can be
+                // sent, and queuing would only fill up and look like a slow
+                // consumer. Its task finds out when it reads.
+                Err(_) => {
+                    self.closed = true;
+                    self.queue = VecDeque::new();
+                    return Pushed::Closed;
+                }
             }
         }
         if self.queue.len() >= bound {
@@ -300,6 +306,29 @@ mod tests {
         }
         assert_eq!(out.queue.capacity(), 0, "memory given back");
         assert_eq!(out.unsent.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_broken_socket_is_closed_not_queued_up() {
+        let (server, terminal) = pair().await;
+        drop(terminal);
+        let mut out = Outbound::new(Some(server));
+        let text = Utf8Bytes::from("x");
+        // The first write after the peer left is accepted (and answered with
+        // a reset); a later one fails, and from then on nothing is queued.
+        let mut outcomes = Vec::new();
+        for _ in 0..100 {
+            let pushed = out.push(&text, 1000);
+            outcomes.push(pushed);
+            if pushed == Pushed::Closed {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(outcomes.last(), Some(&Pushed::Closed), "{outcomes:?}");
+        assert!(!outcomes.contains(&Pushed::Full));
+        assert!(out.queue.is_empty());
+        assert_eq!(out.push(&text, 1000), Pushed::Closed);
     }
 
     #[test]
