@@ -121,7 +121,7 @@ pub async fn run(args: &Args, seconds: u64) -> anyhow::Result<()> {
                     .unwrap_or_default()
                     .to_owned();
                 if let Ok(tcp) = TcpStream::connect(&host).await
-                    && let Ok((ws, _)) = tokio_tungstenite::client_async(url, tcp).await
+                    && let Ok(ws) = super::terminal(url, tcp).await
                 {
                     live.push_back((client, ws));
                 }
