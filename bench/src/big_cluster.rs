@@ -23,7 +23,10 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::sockets::now_us;
-use super::{API_KEY, Args, api, connect_url, free_addr, rss_bytes, spawn_imhost, wait_serving};
+use super::{
+    API_KEY, Args, api, cluster_addrs, connect_url, free_addr, rss_bytes, spawn_clustered,
+    start_redis, wait_serving,
+};
 
 const NODES: usize = 6;
 const BROADCASTS: usize = 3;
@@ -35,36 +38,13 @@ const CHANNEL: &str = "big";
 
 pub async fn run(args: &Args, total: usize) -> anyhow::Result<()> {
     let redis_port = free_addr()?.port();
-    let _redis = Command::new("redis-server")
-        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--maxclients", "1000"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start redis-server")?;
-    let addrs: Vec<SocketAddr> = (0..NODES).map(|_| free_addr()).collect::<Result<_, _>>()?;
-    let servers = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let _redis = start_redis(redis_port, &["--maxclients", "1000"])?;
+    let (addrs, servers) = cluster_addrs(NODES)?;
     let redis_url = format!("redis://127.0.0.1:{redis_port}/");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut nodes = Vec::new();
     for addr in &addrs {
-        let name = addr.to_string();
-        nodes.push(spawn_imhost(
-            args,
-            *addr,
-            &[
-                "--server",
-                &name,
-                "--servers",
-                &servers,
-                "--redis",
-                &redis_url,
-            ],
-        )?);
+        nodes.push(spawn_clustered(args, *addr, &servers, &redis_url, &[])?);
     }
     let http = reqwest::Client::new();
     for &addr in &addrs {
@@ -138,32 +118,26 @@ pub async fn run(args: &Args, total: usize) -> anyhow::Result<()> {
         .await?;
     }
 
-    let mut broadcast_sent = Vec::new();
-    for n in 0..BROADCASTS {
-        broadcast_sent.push(now_us());
-        api(
-            &http,
-            addrs[0],
-            "/broadcast",
-            serde_json::json!({"message": {"k": "b", "n": n, "t": now_us()}}),
-        )
-        .await?;
-        tokio::time::sleep(BROADCAST_GAP).await;
-    }
+    let broadcast_sent = send_spaced(
+        &http,
+        addrs[0],
+        "/broadcast",
+        BROADCASTS,
+        BROADCAST_GAP,
+        |n| serde_json::json!({"message": {"k": "b", "n": n, "t": now_us()}}),
+    )
+    .await?;
     // Let the last broadcast's tail drain before the channel phase.
     tokio::time::sleep(BROADCAST_GAP).await;
-    let mut channel_sent = Vec::new();
-    for n in 0..CHANNEL_MESSAGES {
-        channel_sent.push(now_us());
-        api(
-            &http,
-            addrs[0],
-            &format!("/channels/{CHANNEL}/messages"),
-            serde_json::json!({"sender": 0, "message": {"k": "c", "n": n, "t": now_us()}}),
-        )
-        .await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let channel_sent = send_spaced(
+        &http,
+        addrs[0],
+        &format!("/channels/{CHANNEL}/messages"),
+        CHANNEL_MESSAGES,
+        Duration::from_millis(500),
+        |n| serde_json::json!({"sender": 0, "message": {"k": "c", "n": n, "t": now_us()}}),
+    )
+    .await?;
 
     let mut all = Report::new();
     for (mut child, mut stdout) in holders {
@@ -219,7 +193,7 @@ pub async fn run(args: &Args, total: usize) -> anyhow::Result<()> {
         rate(&broadcast_sent, &last_broadcast_us, total)
     );
     println!(
-        "channel of {CHANNEL_MEMBERS} ({CHANNEL_MESSAGES}, 0.5 s apart): p50 {:.1} ms, p99 {:.1} ms, {:.0} deliveries/s",
+        "channel of {members_count} ({CHANNEL_MESSAGES}, 0.5 s apart): p50 {:.1} ms, p99 {:.1} ms, {:.0} deliveries/s",
         pct(&mut channel, 0.5),
         pct(&mut channel, 0.99),
         rate(
@@ -229,6 +203,25 @@ pub async fn run(args: &Args, total: usize) -> anyhow::Result<()> {
         )
     );
     Ok(())
+}
+
+/// Posts `count` bodies (made by `body` from their index) to `path` of
+/// `entry`, `gap` apart; returns when each was sent.
+async fn send_spaced(
+    http: &reqwest::Client,
+    entry: SocketAddr,
+    path: &str,
+    count: usize,
+    gap: Duration,
+    body: impl Fn(usize) -> serde_json::Value,
+) -> anyhow::Result<Vec<u64>> {
+    let mut sent = Vec::with_capacity(count);
+    for n in 0..count {
+        sent.push(now_us());
+        api(http, entry, path, body(n)).await?;
+        tokio::time::sleep(gap).await;
+    }
+    Ok(sent)
 }
 
 /// Whether client `id` is in the channel: every k-th client, so that

@@ -224,6 +224,45 @@ fn spawn_imhost(
         .with_context(|| format!("start {}", args.imhost.display()))
 }
 
+/// A `redis-server` of the bench's own on loopback `port`, keeping nothing on
+/// disk, with `extra` arguments; killed when the handle drops.
+fn start_redis(port: u16, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start redis-server")
+}
+
+/// One node of a cluster: named by its address, listing `servers` (comma
+/// separated, the same on every node), on `redis`, with `extra` arguments.
+fn spawn_clustered(
+    args: &Args,
+    addr: SocketAddr,
+    servers: &str,
+    redis: &str,
+    extra: &[&str],
+) -> anyhow::Result<tokio::process::Child> {
+    let name = addr.to_string();
+    let mut all = vec!["--server", &name, "--servers", servers, "--redis", redis];
+    all.extend_from_slice(extra);
+    spawn_imhost(args, addr, &all)
+}
+
+/// `n` free loopback addresses, and the `--servers` list naming them.
+fn cluster_addrs(n: usize) -> anyhow::Result<(Vec<SocketAddr>, String)> {
+    let addrs: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect::<Result<_, _>>()?;
+    let servers = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((addrs, servers))
+}
+
 async fn measure(args: &Args, target: Target) -> anyhow::Result<Figures> {
     let addr = free_addr()?;
     let mut child = match target {
@@ -522,18 +561,19 @@ mod baseline {
 /// Cross-node delivery through Redis against one embedded node.
 mod cluster {
     use std::net::SocketAddr;
-    use std::process::Stdio;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use anyhow::Context;
     use futures_util::StreamExt;
     use tokio::net::TcpStream;
-    use tokio::process::Command;
     use tokio::sync::{Mutex, Semaphore};
     use tokio_tungstenite::tungstenite::Message;
 
-    use super::{API_KEY, Args, api, connect_url, free_addr, spawn_imhost, wait_serving};
+    use super::{
+        API_KEY, Args, api, cluster_addrs, connect_url, free_addr, spawn_clustered, spawn_imhost,
+        start_redis, wait_serving,
+    };
 
     struct Run {
         per_sec: f64,
@@ -549,44 +589,13 @@ mod cluster {
         };
         let clustered = {
             let redis_port = free_addr()?.port();
-            let _redis = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &redis_port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("start redis-server")?;
-            let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
-            let servers = addrs
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
+            let _redis = start_redis(redis_port, &[])?;
+            let (addrs, servers) = cluster_addrs(3)?;
             let redis_url = format!("redis://127.0.0.1:{redis_port}/");
             tokio::time::sleep(Duration::from_millis(300)).await;
             let mut nodes = Vec::new();
             for addr in &addrs {
-                let name = addr.to_string();
-                nodes.push(spawn_imhost(
-                    args,
-                    *addr,
-                    &[
-                        "--server",
-                        &name,
-                        "--servers",
-                        &servers,
-                        "--redis",
-                        &redis_url,
-                    ],
-                )?);
+                nodes.push(spawn_clustered(args, *addr, &servers, &redis_url, &[])?);
             }
             run(args, &addrs).await.context("cluster run")?
         };

@@ -13,15 +13,17 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{Args, api, connect_url, free_addr, rss_bytes, spawn_imhost, wait_serving};
+use super::{
+    Args, api, cluster_addrs, connect_url, free_addr, rss_bytes, spawn_clustered, start_redis,
+    wait_serving,
+};
 
 const CHURN_PER_SECOND: usize = 20;
 const LIVE_TERMINALS: usize = 200;
@@ -29,39 +31,6 @@ const MESSAGES_PER_SECOND: usize = 200;
 
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn start_redis(port: u16) -> anyhow::Result<Child> {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start redis-server")
-}
-
-fn start_node(
-    args: &Args,
-    addr: SocketAddr,
-    servers: &str,
-    redis: &str,
-    plugins: &str,
-) -> anyhow::Result<Child> {
-    spawn_imhost(
-        args,
-        addr,
-        &[
-            "--server",
-            &addr.to_string(),
-            "--servers",
-            servers,
-            "--redis",
-            redis,
-            "--plugins",
-            plugins,
-        ],
-    )
 }
 
 pub async fn run(args: &Args, seconds: u64) -> anyhow::Result<()> {
@@ -73,17 +42,23 @@ pub async fn run(args: &Args, seconds: u64) -> anyhow::Result<()> {
     std::fs::write(plugins.path().join("tag.toml"), "[settings]\nversion = 0\n")?;
     let plugin_dir = plugins.path().to_string_lossy().into_owned();
     let redis_port = free_addr()?.port();
-    let mut redis = start_redis(redis_port)?;
+    let mut redis = start_redis(redis_port, &[])?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let redis_url = format!("redis://127.0.0.1:{redis_port}/");
-    let addrs = [free_addr()?, free_addr()?];
-    let servers = format!("{},{}", addrs[0], addrs[1]);
+    let (addrs, servers) = cluster_addrs(2)?;
+    let plugins_arg = ["--plugins", plugin_dir.as_str()];
     let mut nodes = Vec::new();
-    for addr in addrs {
-        nodes.push(start_node(args, addr, &servers, &redis_url, &plugin_dir)?);
+    for &addr in &addrs {
+        nodes.push(spawn_clustered(
+            args,
+            addr,
+            &servers,
+            &redis_url,
+            &plugins_arg,
+        )?);
     }
     let http = reqwest::Client::new();
-    for addr in addrs {
+    for &addr in &addrs {
         wait_serving(&http, addr).await?;
     }
 
@@ -158,7 +133,7 @@ pub async fn run(args: &Args, seconds: u64) -> anyhow::Result<()> {
             redis_restarted = true;
             println!("{:>6.0}s  restarting Redis (empty)", now.as_secs_f64());
             let _ = redis.kill().await;
-            redis = start_redis(redis_port)?;
+            redis = start_redis(redis_port, &[])?;
         }
         if !node_restarted && now >= end * 2 / 3 {
             node_restarted = true;
@@ -170,7 +145,7 @@ pub async fn run(args: &Args, seconds: u64) -> anyhow::Result<()> {
                     .await;
             }
             let _ = tokio::time::timeout(Duration::from_secs(15), nodes[1].wait()).await;
-            nodes[1] = start_node(args, addrs[1], &servers, &redis_url, &plugin_dir)?;
+            nodes[1] = spawn_clustered(args, addrs[1], &servers, &redis_url, &plugins_arg)?;
             wait_serving(&http, addrs[1]).await?;
         }
         if now - last_sample >= Duration::from_secs(5) || last_sample == Duration::ZERO {
