@@ -4,6 +4,7 @@
 //! the kernel only partly takes.
 
 use imhost::config::Options;
+use imhost::ws::frame::{self, CONTINUATION, PING, PONG, TEXT};
 use imhost_tests::DEADLINE;
 use imhost_tests::host::TestHost;
 use imhost_tests::plugins::{PluginDir, guests};
@@ -14,29 +15,11 @@ use tokio::net::TcpStream;
 
 use crate::hardening::{close_code, raw_socket};
 
-const TEXT: u8 = 0x1;
-const CONTINUATION: u8 = 0x0;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
+const KEY: [u8; 4] = [0x5a, 0x01, 0xc3, 0x77];
 
 /// A masked client frame of any length.
 fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [0x5au8, 0x01, 0xc3, 0x77];
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    out
+    frame::client_frame(fin, opcode, payload, Some(KEY))
 }
 
 /// Reads one server frame: its opcode and payload.

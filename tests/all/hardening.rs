@@ -238,19 +238,12 @@ pub(crate) async fn raw_socket(host: &TestHost, client: i64) -> TcpStream {
 
 /// One client frame: FIN, `opcode`, masked when `mask` is set.
 fn frame(opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let key = [0x12u8, 0x34, 0x56, 0x78];
-    let mut out = vec![
-        0x80 | opcode,
-        (payload.len() as u8) | if mask { 0x80 } else { 0 },
-    ];
-    if mask {
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
-    out
+    imhost::ws::frame::client_frame(
+        true,
+        opcode,
+        payload,
+        mask.then_some([0x12, 0x34, 0x56, 0x78]),
+    )
 }
 
 /// Reads server frames until a Close; returns its code.

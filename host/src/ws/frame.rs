@@ -25,7 +25,7 @@ mod opcode {
     pub const PONG: u8 = 0xA;
 }
 
-pub use opcode::{CLOSE, PING, PONG, TEXT};
+pub use opcode::{BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
 
 /// Control frames carry at most this many payload bytes.
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
@@ -370,6 +370,29 @@ pub fn header(opcode: u8, len: usize, out: &mut [u8; MAX_SERVER_HEADER]) -> usiz
     }
 }
 
+/// A client frame (what terminals send): `fin`, `opcode`, and the payload
+/// masked with `mask` when given (a client must mask; `None` makes the
+/// unmasked frame a server must refuse). The node never sends one; tests and
+/// load tools do.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut head = [0u8; MAX_SERVER_HEADER];
+    let n = header(opcode, payload.len(), &mut head);
+    if !fin {
+        head[0] &= 0x7f;
+    }
+    let mut out = Vec::with_capacity(n + 4 + payload.len());
+    out.extend_from_slice(&head[..n]);
+    match mask {
+        Some(key) => {
+            out[1] |= 0x80;
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
 /// A whole server frame (header and payload), for control frames and replies.
 pub fn encode(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut head = [0u8; MAX_SERVER_HEADER];
@@ -395,21 +418,7 @@ mod tests {
 
     /// A client frame: `fin`, `opcode`, masked with `KEY`.
     fn client(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&KEY);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
-        out
+        client_frame(fin, opcode, payload, Some(KEY))
     }
 
     /// Feeds `bytes` in pieces of `step` bytes; returns the events or the violation.
@@ -438,7 +447,7 @@ mod tests {
     #[test]
     fn messages_survive_any_split_across_reads() {
         let mut bytes = client(true, TEXT, "héllo wörld ✓".as_bytes());
-        bytes.extend(client(true, opcode::BINARY, &[1, 2, 3]));
+        bytes.extend(client(true, BINARY, &[1, 2, 3]));
         let long = "x".repeat(70_000);
         bytes.extend(client(true, TEXT, long.as_bytes()));
         bytes.extend(client(true, TEXT, b""));
@@ -458,9 +467,9 @@ mod tests {
         let mut bytes = client(false, TEXT, "frag".as_bytes());
         bytes.extend(client(true, PING, b"p"));
         // A character split across two fragments.
-        bytes.extend(client(false, opcode::CONTINUATION, &"mé".as_bytes()[..2]));
+        bytes.extend(client(false, CONTINUATION, &"mé".as_bytes()[..2]));
         bytes.extend(client(true, PONG, b""));
-        bytes.extend(client(true, opcode::CONTINUATION, &"mé".as_bytes()[2..]));
+        bytes.extend(client(true, CONTINUATION, &"mé".as_bytes()[2..]));
         assert_eq!(
             decode(&bytes),
             Ok(vec![
@@ -489,12 +498,7 @@ mod tests {
 
     #[test]
     fn protocol_violations_are_named() {
-        let unmasked = {
-            let mut f = client(true, TEXT, b"hi");
-            f[1] &= 0x7f;
-            f.drain(2..6);
-            f
-        };
+        let unmasked = client_frame(true, TEXT, b"hi", None);
         let rsv = {
             let mut f = client(true, TEXT, b"hi");
             f[0] |= 0x40;
@@ -529,7 +533,7 @@ mod tests {
             ),
             (
                 "lone continuation",
-                client(true, opcode::CONTINUATION, b"x"),
+                client(true, CONTINUATION, b"x"),
                 Violation::Protocol("continuation with no message"),
             ),
             (
@@ -588,7 +592,7 @@ mod tests {
             Err(Violation::TooBig)
         );
         let mut fragments = client(false, TEXT, &[b'a'; 60]);
-        fragments.extend(client(true, opcode::CONTINUATION, &[b'a'; 41]));
+        fragments.extend(client(true, CONTINUATION, &[b'a'; 41]));
         assert_eq!(decode_in_steps(&fragments, 9, 100), Err(Violation::TooBig));
         let exact = client(true, TEXT, &[b'a'; 100]);
         assert_eq!(
