@@ -154,9 +154,10 @@ struct StatsCollector {
 
 impl StatsCollector {
     fn new(stats: Arc<Stats>) -> Self {
-        let descs = Stats::HELP
-            .iter()
-            .map(|(name, help)| {
+        let descs = stats
+            .each()
+            .into_iter()
+            .map(|(name, help, _)| {
                 Desc::new(
                     stats_metric_name(name),
                     help.trim().to_owned(),
@@ -184,27 +185,16 @@ impl Collector for StatsCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let snapshot = serde_json::to_value(self.stats.snapshot()).unwrap_or_default();
-        Stats::HELP
-            .iter()
-            .map(|(name, help)| {
-                let value = snapshot[name].as_u64().unwrap_or(0) as f64;
-                let help = help.trim();
-                if STATS_GAUGES.contains(name) {
-                    family(
-                        stats_metric_name(name),
-                        help,
-                        MetricType::GAUGE,
-                        vec![gauge(value, vec![])],
-                    )
+        self.stats
+            .each()
+            .into_iter()
+            .map(|(name, help, value)| {
+                let (kind, metric) = if STATS_GAUGES.contains(&name) {
+                    (MetricType::GAUGE, gauge(value as f64, vec![]))
                 } else {
-                    family(
-                        stats_metric_name(name),
-                        help,
-                        MetricType::COUNTER,
-                        vec![counter(value, vec![])],
-                    )
-                }
+                    (MetricType::COUNTER, counter(value as f64, vec![]))
+                };
+                family(stats_metric_name(name), help.trim(), kind, vec![metric])
             })
             .collect()
     }

@@ -16,9 +16,11 @@ macro_rules! counters {
         }
 
         impl Stats {
-            /// Each counter's name and what it counts (its doc comment), for
-            /// the HELP lines of `/metrics`.
-            pub const HELP: &[(&str, &str)] = &[ $( (stringify!($name), concat!($($doc),*)) ),* ];
+            /// Every counter: its name, what it counts (its doc comment) and
+            /// its value now, for `/metrics`.
+            pub fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![ $( (stringify!($name), concat!($($doc),*), self.$name.load(Ordering::Relaxed)) ),* ]
+            }
         }
 
         /// A point-in-time copy of [`Stats`], as served by the API.

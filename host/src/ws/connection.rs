@@ -42,7 +42,7 @@ pub async fn serve(
         let limits = Limits {
             max_message: limits.max_frame_bytes,
             max_batch_bytes: limits.max_body_bytes,
-            max_unsent: super::write_buffer_limit(limits.max_body_bytes),
+            max_unsent: super::max_unsent_bytes(limits.max_body_bytes),
         };
         let terminal = Inbound {
             node: &node,

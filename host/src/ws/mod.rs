@@ -47,7 +47,7 @@ use crate::stats::Stats;
 /// bytes per byte, `\u00XX`), and a write batch stops at `max_body_bytes`; so
 /// 8 × `max_body_bytes` holds a batch and the frame after it. Inbound plugin
 /// replies over `max_body_bytes` are refused before they get here.
-pub fn write_buffer_limit(max_body_bytes: usize) -> usize {
+pub fn max_unsent_bytes(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(8).max(1 << 20)
 }
 
