@@ -35,7 +35,9 @@ pub type ConnId = u64;
 pub enum CloseReason {
     /// The outbound queue filled up: 1013 (try again later).
     SlowConsumer,
-    /// No frame or pong within the heartbeat timeout: 1008.
+    /// No frame or pong within the heartbeat timeout: 1001, not 1008 (policy),
+    /// because a terminal that sees it (one that slept through its pings)
+    /// should reconnect, and clients do not reconnect on 1008.
     HeartbeatTimeout,
     /// The terminal sent a message over the size limit: 1009.
     Oversize,
@@ -65,9 +67,9 @@ impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
             CloseReason::SlowConsumer => 1013,
-            CloseReason::HeartbeatTimeout | CloseReason::ForcedOffline => 1008,
+            CloseReason::ForcedOffline => 1008,
             CloseReason::Oversize => 1009,
-            CloseReason::Shutdown => 1001,
+            CloseReason::Shutdown | CloseReason::HeartbeatTimeout => 1001,
             CloseReason::ProtocolError => 1002,
             CloseReason::InvalidData => 1007,
         }

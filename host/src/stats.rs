@@ -88,6 +88,8 @@ counters! {
     connects_rate_limited,
     /// Connects refused with 503 while an auth plugin was still loading.
     connects_plugins_loading,
+    /// Keep-alive probes (empty text frames) terminals sent and the node answered.
+    keepalive_probes,
 }
 
 impl Stats {

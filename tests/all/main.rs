@@ -8,6 +8,7 @@ mod delivery;
 mod deploy;
 mod frames;
 mod hardening;
+mod js_client;
 mod languages;
 mod lifecycle;
 mod limits;

@@ -75,6 +75,13 @@ struct Inbound<'a> {
 
 impl Terminal for Inbound<'_> {
     async fn on_text(&self, text: String) -> Option<String> {
+        // The keep-alive probe (docs/http-api.md): browsers cannot see pings,
+        // so a terminal that wants to notice a dead link sends an empty text
+        // frame and waits for the empty one this answers. Never a plugin's.
+        if text.is_empty() {
+            Stats::incr(&self.node.stats.keepalive_probes);
+            return Some(text);
+        }
         if !self.node.plugins.current().has(Hook::Inbound) {
             Stats::incr(&self.node.stats.inbound_ignored);
             return None;
