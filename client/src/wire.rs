@@ -268,6 +268,25 @@ pub fn receipt_filtered(content: &str, reason: &str) -> String {
     .unwrap_or_default()
 }
 
+/// Whether `text` is a receipt this module wrote ([`receipt`] or
+/// [`receipt_filtered`]): exactly those keys, with one of the known receipt
+/// texts. Receipts echo what the sender wrote and skip the filter chain, on
+/// whichever node they arrive.
+pub fn is_receipt(text: &str) -> bool {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Receipt {
+        #[serde(rename = "content")]
+        _content: String,
+        receipt: String,
+        #[serde(default, rename = "reason")]
+        _reason: Option<String>,
+    }
+    serde_json::from_str::<Receipt>(text).is_ok_and(|r| {
+        [RECEIPT_DELIVERED, RECEIPT_OFFLINE, RECEIPT_FILTERED].contains(&r.receipt.as_str())
+    })
+}
+
 /// The text a sender gets back as a receipt: `{"content":"<content>","receipt":"…"}`,
 /// where the delivered JSON text is embedded as a JSON string.
 pub fn receipt(content: &str, text: &str) -> String {
@@ -340,6 +359,18 @@ mod tests {
             groups,
             vec![("b", vec![1, 4]), ("c", vec![2]), ("a", vec![3])]
         );
+    }
+
+    #[test]
+    fn receipts_are_told_from_messages() {
+        assert!(is_receipt(&receipt(r#"{"t":1}"#, RECEIPT_DELIVERED)));
+        assert!(is_receipt(&receipt_filtered("x", "word-filter: no")));
+        assert!(!is_receipt(&receipt("x", "some other text")));
+        assert!(!is_receipt(
+            r#"{"content":"x","receipt":"发送成功","more":1}"#
+        ));
+        assert!(!is_receipt(r#"{"t":1}"#));
+        assert!(!is_receipt("not json"));
     }
 
     #[test]

@@ -24,8 +24,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use imhost_client::ClientId;
 use imhost_client::wire::{
-    ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, receipt,
-    receipt_filtered,
+    ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, is_receipt,
+    receipt, receipt_filtered,
 };
 use std::sync::Arc;
 
@@ -120,6 +120,16 @@ async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
         ),
         ServerMessage::ForceOffline { .. } => return Ready::Deliver(message),
     };
+    // A receipt crossing nodes arrives as a direct message; it echoes what
+    // the sender wrote and was filtered, or not, on its way out. Filtering it
+    // again would lose the receipt of a dropped message whenever sender and
+    // receiver live on different nodes.
+    if let ServerMessage::Direct(d) = &message
+        && !d.receipt
+        && is_receipt(content)
+    {
+        return Ready::Deliver(message);
+    }
     let outcome = node
         .plugins
         .filter(Outgoing {

@@ -17,6 +17,7 @@
 //! - [`plugins`] — WebAssembly plugins: runtime, hooks, hot reload.
 //! - [`shutdown`] — how tasks learn the node is stopping.
 //! - [`stats`] — counters.
+//! - [`status`] — the reports behind the live status page.
 //! - [`token`] — connect tokens.
 #![warn(clippy::print_stdout)]
 
@@ -32,5 +33,6 @@ pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
 pub mod token;
 pub mod ws;

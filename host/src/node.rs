@@ -41,6 +41,8 @@ pub struct Inner {
     pub outbox: crate::business::Outbox,
     /// `GET /metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This node's status reports for `GET /status`.
+    pub status: crate::status::Board,
 }
 
 impl Node {

@@ -144,6 +144,7 @@ pub async fn run(
         outbox,
         max_connections,
         config,
+        status: crate::status::Board::default(),
     });
 
     // Plugins load in the background: the node serves at once, `/readyz`
@@ -171,6 +172,7 @@ pub async fn run(
         node.config.limits.heartbeat_timeout,
         stop.stopping().clone(),
     ));
+    tokio::spawn(crate::status::run(node.clone(), stop.drained().clone()));
     let dispatcher = tokio::spawn(crate::dispatch::run(node.clone(), inbox));
     let app = crate::http::router(node.clone());
     let limits = crate::http::listener::ListenerLimits {

@@ -8,6 +8,7 @@ use imhost_client::helper::{EventKind, ImHelper};
 use imhost_client::wire::{Keys, TokenValue};
 use imhost_tests::api::API_KEY;
 use imhost_tests::cluster::Cluster;
+use imhost_tests::plugins::{PluginDir, guests};
 use imhost_tests::redis::RedisServer;
 use imhost_tests::sse::EventStream;
 use imhost_tests::terminal::{Terminal, code};
@@ -117,6 +118,32 @@ async fn messages_receipts_channels_and_broadcast_cross_nodes() {
     let mut expected = vec![a, b];
     expected.sort_unstable();
     assert_eq!(members, expected, "c left the room with its last device");
+}
+
+#[tokio::test]
+async fn a_dropped_messages_receipt_reaches_a_sender_on_another_node() {
+    // The receipt echoes the dropped text; crossing nodes it arrives as a
+    // direct message, and the receiving node's filter must not drop it too.
+    let dir = PluginDir::new();
+    dir.install(
+        "word-filter",
+        guests::WORD_FILTER,
+        "[settings]\nwords = [\"darn\"]\naction = \"drop\"\n",
+    );
+    let plugins = dir.path().to_str().expect("path").to_owned();
+    let redis = RedisServer::start().await;
+    let cluster = Cluster::start_with(&redis, 2, &["--plugins", &plugins]).await;
+    let (a, b) = (cluster.client_on(0, 10), cluster.client_on(1, 10));
+    let mut ta = cluster.node(0).terminal(a).await;
+    let _tb = cluster.node(1).terminal(b).await;
+    cluster.node(0).send(a, &[b], json!("darn it"), true).await;
+    let receipt = ta.next_json().await;
+    assert_eq!(receipt["receipt"], "消息被拦截", "{receipt}");
+    assert_eq!(receipt["content"], r#""darn it""#);
+    assert_eq!(
+        receipt["reason"], "word-filter: contains a filtered word",
+        "{receipt}"
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! One test binary (wasmtime's `tests/all` layout) so everything links once.
 
 mod api;
+mod browser;
 mod cluster;
 mod connect;
 mod delivery;
@@ -14,3 +15,4 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod plugins;
+mod status;

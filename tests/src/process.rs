@@ -110,3 +110,25 @@ impl ImhostProcess {
         (output.status, text)
     }
 }
+
+/// Runs `npm test` in `dir` (relative to the repository root) with the binary
+/// under test as `IMHOST_BIN` and `envs`, failing with everything it printed.
+pub fn npm_test(dir: &str, envs: &[(&str, &str)]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(dir);
+    let output = std::process::Command::new("npm")
+        .args(["test", "--silent"])
+        .current_dir(&dir)
+        .env("IMHOST_BIN", imhost_bin())
+        .envs(envs.iter().copied())
+        .output()
+        .expect("npm not found: scripts/test installs Node.js 20+");
+    assert!(
+        output.status.success(),
+        "npm test in {} failed:\n{}\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -139,4 +139,14 @@ pub trait Presence: Send + Sync {
     async fn ping(&self) -> Result<(), ClusterError> {
         Ok(())
     }
+    /// Publishes this node's status report (`crate::status`), kept for `ttl`.
+    /// Embedded, there is no one to tell.
+    async fn publish_status(&self, _report: &str, _ttl: Duration) -> Result<(), ClusterError> {
+        Ok(())
+    }
+    /// The latest status report of each of `servers`, in that order (`None`
+    /// for a node with none). Embedded, none are stored.
+    async fn statuses(&self, _servers: &[String]) -> Result<Vec<Option<String>>, ClusterError> {
+        Ok(Vec::new())
+    }
 }

@@ -1,17 +1,20 @@
 //! The HTTP face of a node: the business API (`/api/v1`, SPEC section 3), the
-//! terminal upgrade (`/ws`), health, and the demo page when enabled.
+//! terminal upgrade (`/ws`), health, metrics, the status page, and the demo
+//! page when enabled.
 //!
 //! # Layout
 //! - [`error`]: `AppError`, the one place errors become responses.
 //! - `api`: thin handlers over [`crate::business`].
 //! - `events`: the Server-Sent Events stream of online/offline events.
 //! - `demo`: the chat page and its toy business backend (`--demo`).
+//! - `status`: the live status page and its report stream.
 
 mod api;
 mod demo;
 pub mod error;
 mod events;
 pub mod listener;
+mod status;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
@@ -80,15 +83,16 @@ pub fn router(node: Node) -> Router {
         .layer(DefaultBodyLimit::max(node.config.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(node.clone(), read_body));
 
-    let metrics =
-        Router::new()
-            .route("/metrics", get(metrics))
-            .route_layer(middleware::from_fn_with_state(
-                node.clone(),
-                require_api_key,
-            ));
+    let keyed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status/events", get(status::events))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            require_api_key,
+        ));
     let mut router = Router::new()
-        .merge(metrics)
+        .merge(keyed)
+        .route("/status", get(status::page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route(WS_PATH, get(crate::ws::upgrade))

@@ -40,6 +40,11 @@ impl From<redis::RedisError> for ClusterError {
     }
 }
 
+/// Where a node's status report lives (imhost's own key, beside FreeIM's).
+fn status_key(keys: &Keys, server: &str) -> String {
+    format!("{}Status{server}", keys.prefix())
+}
+
 /// One client's sockets on this node.
 struct LocalClient {
     sockets: u64,
@@ -181,6 +186,28 @@ impl Presence for RedisPresence {
         let mut conn = self.helper.connection();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
+    }
+
+    async fn publish_status(&self, report: &str, ttl: Duration) -> Result<(), ClusterError> {
+        let key = status_key(self.helper.keys(), &self.me);
+        let mut conn = self.helper.connection();
+        let _: () = conn.set_ex(key, report, ttl.as_secs().max(1)).await?;
+        Ok(())
+    }
+
+    async fn statuses(&self, servers: &[String]) -> Result<Vec<Option<String>>, ClusterError> {
+        if servers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = servers
+            .iter()
+            .map(|s| status_key(self.helper.keys(), s))
+            .collect();
+        let mut conn = self.helper.connection();
+        // MGET, not GET, even for one key: the answer is always a list.
+        let reports: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        Ok(reports)
     }
 
     async fn issue_token(&self, value: &TokenValue, ttl: Duration) -> Result<String, ClusterError> {
