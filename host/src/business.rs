@@ -69,7 +69,10 @@ pub async fn connect_url(
         .await?;
     let server = node.topology.node_for(client_id).to_owned();
     Ok(ConnectUrlResponse {
-        url: format!("ws://{server}{WS_PATH}?token={token}"),
+        url: format!(
+            "{}://{server}{WS_PATH}?token={token}",
+            node.config.public_scheme
+        ),
         server,
     })
 }

@@ -7,10 +7,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
+use tokio_rustls::rustls;
 
 /// The WebSocket path terminals connect to. FreeIM derives its Redis prefix from
 /// it, so it is fixed rather than configurable.
@@ -207,6 +209,33 @@ pub struct Options {
         value_name = "NAME"
     )]
     pub trusted_proxy_header: Option<String>,
+    /// PEM certificate chain: serve HTTPS and WSS on the listen port (with `tls_key`).
+    /// [default: none: plain HTTP and WS]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_TLS_CERT",
+        value_name = "FILE"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1). [default: none]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_TLS_KEY",
+        value_name = "FILE"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Scheme of the connect URLs terminals get (`ws` or `wss`): `wss` behind a proxy
+    /// that terminates TLS. The host part is the node's name (`server`). [default: wss
+    /// with `tls_cert`, else ws]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_PUBLIC_SCHEME",
+        value_name = "SCHEME"
+    )]
+    pub public_scheme: Option<String>,
 }
 
 /// The resolved configuration a node runs with.
@@ -229,6 +258,11 @@ pub struct Config {
     pub trusted_proxy_header: Option<String>,
     /// `demo` on a non-loopback address, forced.
     pub demo_public: bool,
+    /// Set with `tls_cert` and `tls_key`: the certificate is loaded and
+    /// checked when the configuration is resolved.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `ws` or `wss`: what connect URLs say.
+    pub public_scheme: &'static str,
     pub limits: Limits,
 }
 
@@ -352,6 +386,9 @@ impl Options {
                 .connect_rate_per_address
                 .or(lower.connect_rate_per_address),
             trusted_proxy_header: self.trusted_proxy_header.or(lower.trusted_proxy_header),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            public_scheme: self.public_scheme.or(lower.public_scheme),
         }
     }
 
@@ -441,7 +478,27 @@ impl Options {
                 .unwrap_or(defaults.connect_rate_per_address),
         };
         limits.check()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(load_tls(cert, key)?)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key", "is needed with `tls_cert`")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "is needed with `tls_key`")),
+        };
+        let public_scheme = match self.public_scheme.as_deref() {
+            None if tls.is_some() => "wss",
+            None => "ws",
+            Some("ws") => "ws",
+            Some("wss") => "wss",
+            Some(other) => {
+                return Err(invalid(
+                    "public_scheme",
+                    format!("must be `ws` or `wss`, not {other:?}"),
+                ));
+            }
+        };
         Ok(Config {
+            tls,
+            public_scheme,
             listen,
             server,
             servers,
@@ -464,6 +521,34 @@ impl Options {
             limits,
         })
     }
+}
+
+/// Reads a PEM certificate chain and its private key into a rustls server
+/// configuration (TLS 1.2 and 1.3, HTTP/1.1 by ALPN).
+fn load_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| invalid("tls_cert", format!("{}: {err}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "tls_cert",
+            format!("{}: no certificate in it", cert.display()),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|err| invalid("tls_key", format!("{}: {err}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| invalid("tls_cert", err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|err| invalid("tls_key", format!("does not fit the certificate: {err}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 impl Limits {

@@ -20,10 +20,10 @@ use std::time::Instant;
 
 use futures_util::task::AtomicWaker;
 use imhost_client::ClientId;
-use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
 
 use crate::ws::outbound::{Outbound, Pushed};
+use crate::ws::transport::Transport;
 
 use crate::stats::Stats;
 
@@ -117,7 +117,7 @@ pub mod signal {
 }
 
 impl SocketHandle {
-    fn new(now_ms: u64, stream: Option<Arc<TcpStream>>) -> Self {
+    fn new(now_ms: u64, stream: Option<Arc<Transport>>) -> Self {
         Self {
             out: Mutex::new(Outbound::new(stream)),
             flags: AtomicU8::new(0),
@@ -248,7 +248,7 @@ impl Registry {
 
     /// Adds a socket for `client`, writing to `stream` (`None`: everything
     /// is queued for the socket's task; unit tests); returns its id and handle.
-    pub fn register(&self, client: ClientId, stream: Option<Arc<TcpStream>>) -> Registration {
+    pub fn register(&self, client: ClientId, stream: Option<Arc<Transport>>) -> Registration {
         let handle = Arc::new(SocketHandle::new(self.now_ms(), stream));
         let mut clients = self.lock();
         clients.next_conn += 1;

@@ -183,6 +183,7 @@ pub async fn run(
             .unwrap_or_else(connection_capacity),
         max_per_address: node.config.limits.max_connections_per_address,
         header_read_timeout: node.config.limits.header_read_timeout,
+        tls: node.config.tls.clone(),
     };
     let mut server = tokio::spawn(crate::http::listener::serve(
         listener,
@@ -195,8 +196,18 @@ pub async fn run(
     // One line a person reads; the same facts as fields would only repeat it.
     info!(
         demo = node.config.demo,
-        "imhost serving on http://{local} (WebSocket ws://{local}{WS_PATH}), {mode} mode as {}, up to {max_connections} connections",
-        node.config.server
+        "imhost serving on {http}://{local} (WebSocket {ws}://{local}{WS_PATH}), {mode} mode as {}, up to {max_connections} connections",
+        node.config.server,
+        http = if node.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        ws = if node.config.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        },
     );
     if node.config.demo_public {
         warn!(

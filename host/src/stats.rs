@@ -88,6 +88,8 @@ counters! {
     connects_rate_limited,
     /// Connects refused with 503 while an auth plugin was still loading.
     connects_plugins_loading,
+    /// TLS handshakes that failed or timed out (`tls_cert` set).
+    tls_handshakes_failed,
     /// Keep-alive probes (empty text frames) terminals sent and the node answered.
     keepalive_probes,
 }

@@ -16,3 +16,4 @@ mod limits;
 mod metrics;
 mod plugins;
 mod status;
+mod tls;

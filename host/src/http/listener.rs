@@ -17,6 +17,10 @@
 //!   logged at most once a second, and the loop backs off briefly instead of
 //!   spinning.
 //!
+//! - **TLS** (`--tls-cert`): the handshake runs in the connection's task,
+//!   under the header-read timeout, before hyper sees the connection; a failed
+//!   one is counted (`tls_handshakes_failed`) and logged at debug.
+//!
 //! HTTP/1.1 only: terminals and business backends speak it, and HTTP/2's
 //! version sniffing would read the first bytes with no timeout.
 
@@ -50,8 +54,10 @@ pub struct ListenerLimits {
     pub max_per_address: usize,
     /// Time a connection gets to deliver a request's headers, counted from
     /// when the server starts waiting for them (connect, or the previous
-    /// response on a kept-alive connection).
+    /// response on a kept-alive connection). A TLS handshake gets as long.
     pub header_read_timeout: Duration,
+    /// Serve TLS with this configuration.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Serves `router` on `listener` until `stop` fires, then asks every HTTP
@@ -71,6 +77,7 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let http = Arc::new(http);
+    let tls = limits.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut last_error_log: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -105,6 +112,9 @@ pub async fn serve(
         let http = http.clone();
         let router = router.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
+        let stats = stats.clone();
+        let handshake_timeout = limits.header_read_timeout;
         connections.spawn(async move {
             let _permit = permit;
             let _address_slot = address_slot;
@@ -113,24 +123,59 @@ pub async fn serve(
                 request.extensions_mut().insert(ConnectInfo(remote));
                 router.clone().oneshot(request)
             });
-            let connection = http
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let Some(tls) = tls else {
+                return serve_http(&http, TokioIo::new(stream), service, &stop, remote).await;
             };
-            if let Err(err) = result {
-                debug!(%remote, cause = %err, "HTTP connection ended with an error");
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(handshake_timeout, tls.accept(stream)) => accepted,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok(Ok(stream)) => {
+                    serve_http(&http, TokioIo::new(stream), service, &stop, remote).await;
+                }
+                Ok(Err(err)) => {
+                    Stats::incr(&stats.tls_handshakes_failed);
+                    debug!(%remote, cause = %err, "TLS handshake failed");
+                }
+                Err(_) => {
+                    Stats::incr(&stats.tls_handshakes_failed);
+                    debug!(%remote, "TLS handshake timed out");
+                }
             }
         });
     }
     connections.close();
     connections
+}
+
+/// Serves HTTP on one connection (plain or TLS) until it ends, or, once
+/// `stop` fires, until its request in flight is answered.
+async fn serve_http<I, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    stop: &CancellationToken,
+    remote: std::net::SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!(%remote, cause = %err, "HTTP connection ended with an error");
+    }
 }
 
 /// Connections open per client address, so that one address cannot take

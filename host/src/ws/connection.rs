@@ -5,12 +5,12 @@
 
 use bytes::Bytes;
 use imhost_client::api::PresenceEvent;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::Session;
 use super::socket::{self, Limits, Terminal};
+use super::transport::Transport;
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
 use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
@@ -20,7 +20,7 @@ use crate::stats::Stats;
 
 /// Runs a socket from registration to the offline event.
 pub async fn serve(
-    stream: TcpStream,
+    stream: Transport,
     read_ahead: Bytes,
     node: Node,
     session: Session,

@@ -18,6 +18,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::transport::Transport;
+
 use crate::http::AppError;
 
 /// A checked WebSocket opening handshake, ready to be answered.
@@ -82,13 +84,21 @@ impl Handshake {
     }
 }
 
-/// The upgraded connection's TCP stream and the bytes hyper read past the
-/// request. `None` when it is not a plain TCP stream (the accept loop always
-/// gives hyper one, so this is a bug if it happens).
-pub async fn take_stream(on_upgrade: OnUpgrade) -> Option<(TcpStream, Bytes)> {
+/// The upgraded connection's transport (its TCP stream, with the TLS
+/// connection when it has one) and the bytes hyper read past the request.
+/// `None` when it is neither (the accept loop always gives hyper one of the
+/// two, so this is a bug if it happens).
+pub async fn take_stream(on_upgrade: OnUpgrade) -> Option<(Transport, Bytes)> {
     let upgraded = on_upgrade.await.ok()?;
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
-    Some((parts.io.into_inner(), parts.read_buf))
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Some((Transport::Plain(parts.io.into_inner()), parts.read_buf)),
+        Err(upgraded) => upgraded,
+    };
+    let parts = upgraded
+        .downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+        .ok()?;
+    let (tcp, conn) = parts.io.into_inner().into_inner();
+    Some((Transport::tls(tcp, conn), parts.read_buf))
 }
 
 /// Whether a comma-separated header holds `token`, ignoring case.

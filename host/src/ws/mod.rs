@@ -21,6 +21,7 @@ mod handshake;
 pub mod heartbeat;
 pub mod outbound;
 mod socket;
+pub mod transport;
 
 use std::net::SocketAddr;
 
@@ -105,7 +106,7 @@ pub async fn upgrade(
             Some((stream, read_ahead)) => {
                 connection::serve(stream, read_ahead, node, session, slot).await;
             }
-            None => error!("an upgraded connection is not a TCP stream; dropped"),
+            None => error!("an upgraded connection is neither TCP nor TLS over TCP; dropped"),
         }
     });
     Ok(response)

@@ -10,16 +10,18 @@
 //! as the socket becomes writable, up to 64 messages per `writev`.
 //!
 //! Every write happens under the socket's mutex, so frames never interleave;
-//! a partly written frame's rest is kept in `unsent` and goes first.
+//! a partly written frame's rest is kept in `unsent` and goes first. With TLS
+//! the "kernel" is the [`Transport`], which may hold encrypted records the
+//! kernel refused: they count as pending like `unsent`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
 
 use super::frame;
+use super::transport::Transport;
 
 /// How many queued messages one `writev` carries at most.
 pub const WRITE_BATCH: usize = 64;
@@ -43,7 +45,7 @@ pub enum Pushed {
 #[derive(Debug)]
 pub struct Outbound {
     /// `None` only for sockets made in unit tests: everything is queued.
-    stream: Option<Arc<TcpStream>>,
+    stream: Option<Arc<Transport>>,
     queue: VecDeque<Utf8Bytes>,
     /// Bytes the kernel has not taken yet, in order; they go before the queue.
     unsent: Vec<u8>,
@@ -52,7 +54,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(stream: Option<Arc<TcpStream>>) -> Self {
+    pub fn new(stream: Option<Arc<Transport>>) -> Self {
         Self {
             stream,
             queue: VecDeque::new(),
@@ -75,7 +77,15 @@ impl Outbound {
             let n = frame::header(frame::TEXT, text.len(), &mut head);
             let parts = [&head[..n], text.as_bytes()];
             match stream.try_write_vectored(&[IoSlice::new(parts[0]), IoSlice::new(parts[1])]) {
-                Ok(written) if written == n + text.len() => return Pushed::Written,
+                // TLS may still hold records the kernel refused: the task
+                // must write them.
+                Ok(written) if written == n + text.len() => {
+                    return if stream.has_pending_output() {
+                        Pushed::Queued
+                    } else {
+                        Pushed::Written
+                    };
+                }
                 Ok(written) => {
                     keep_unwritten(&mut self.unsent, &parts, written);
                     return Pushed::Queued;
@@ -98,9 +108,11 @@ impl Outbound {
         Pushed::Queued
     }
 
-    /// Whether bytes wait for the kernel (unsent or queued).
+    /// Whether bytes wait for the kernel (unsent, queued, or held by TLS).
     pub fn has_pending(&self) -> bool {
-        !self.unsent.is_empty() || !self.queue.is_empty()
+        !self.unsent.is_empty()
+            || !self.queue.is_empty()
+            || self.stream.as_ref().is_some_and(|s| s.has_pending_output())
     }
 
     /// How many bytes of partly written frames wait.
@@ -165,12 +177,12 @@ impl Outbound {
             // A burst is over: give its memory back.
             self.queue = VecDeque::new();
         }
-        Ok(true)
+        stream.flush_pending()
     }
 
     /// One `writev` of the first queued messages; what the kernel refuses of
     /// a frame is kept in `unsent`. Returns whether the kernel took it all.
-    fn write_batch(&mut self, stream: &TcpStream, max_batch_bytes: usize) -> io::Result<bool> {
+    fn write_batch(&mut self, stream: &Transport, max_batch_bytes: usize) -> io::Result<bool> {
         let mut heads = [[0u8; frame::MAX_SERVER_HEADER]; WRITE_BATCH];
         let mut head_lens = [0usize; WRITE_BATCH];
         let mut count = 0;
@@ -251,7 +263,7 @@ mod tests {
 
     /// A connected loopback pair: the server side (with a small send
     /// buffer) and the terminal side.
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+    async fn pair() -> (Arc<Transport>, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -265,7 +277,7 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_send_buffer_size(4096)
             .expect("sndbuf");
-        (Arc::new(server), terminal)
+        (Arc::new(Transport::Plain(server)), terminal)
     }
 
     #[tokio::test]

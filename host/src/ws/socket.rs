@@ -1,7 +1,8 @@
 //! The socket core: one terminal's WebSocket after the handshake, driven by
 //! readiness.
 //!
-//! An idle socket costs its task, its `TcpStream` and its [`SocketHandle`]:
+//! An idle socket costs its task, its `TcpStream` (in a [`Transport`], which
+//! adds TLS when the node serves it) and its [`SocketHandle`]:
 //! - **Reads** wait for readability, then read into one 64 KiB buffer per
 //!   worker thread and decode from there ([`frame::Decoder`]). Only a frame
 //!   cut off by the end of a read leaves bytes behind in the socket.
@@ -29,10 +30,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::frame::{self, Decoder, Event, Violation};
+use super::transport::Transport;
 use crate::registry::{CloseReason, Registry, SocketHandle, signal};
 
 /// The per-thread read buffer's size: a read takes at most this much.
@@ -92,7 +93,7 @@ enum Wake {
 /// Serves the socket until it ends. `stream` is the one `handle` writes to;
 /// `read_ahead` are bytes hyper read past the handshake.
 pub async fn run<T: Terminal>(
-    stream: Arc<TcpStream>,
+    stream: Arc<Transport>,
     read_ahead: Bytes,
     handle: &SocketHandle,
     registry: &Registry,
@@ -149,6 +150,9 @@ pub async fn run<T: Terminal>(
             }
             Wake::Read => match read(&stream, &mut decoder) {
                 Ok(Some((decoded, events))) => {
+                    // Reading TLS may have queued records (alerts, key
+                    // updates) the kernel did not take yet.
+                    want_write |= stream.has_pending_output();
                     // Boxed: most sockets never send anything, and inlined
                     // this future would grow every idle socket's task.
                     match Box::pin(handle_input(decoded, events, handle, registry, terminal)).await
@@ -173,7 +177,7 @@ pub async fn run<T: Terminal>(
 /// when the readiness was spurious.
 #[allow(clippy::type_complexity)]
 fn read(
-    stream: &TcpStream,
+    stream: &Transport,
     decoder: &mut Decoder,
 ) -> io::Result<Option<(Result<usize, Violation>, Vec<Event>)>> {
     READ_BUFFER.with_borrow_mut(|buffer| match stream.try_read(buffer) {
@@ -241,7 +245,7 @@ async fn handle_input<T: Terminal>(
 
 /// Ends the socket as `end` says: sends the close frame it calls for, then
 /// waits (bounded) for the bytes to leave and the terminal to answer.
-async fn finish(stream: &TcpStream, end: End, handle: &SocketHandle) -> End {
+async fn finish(stream: &Transport, end: End, handle: &SocketHandle) -> End {
     let drain_for = match end {
         End::Gone => return end,
         End::Terminal(_) => CLOSE_TIMEOUT,
@@ -267,7 +271,7 @@ async fn finish(stream: &TcpStream, end: End, handle: &SocketHandle) -> End {
     if !matches!(sent, Ok(Ok(()))) {
         return end;
     }
-    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    stream.shutdown_write();
     if matches!(end, End::Server(_)) {
         // Wait for the terminal's Close (or EOF), so closing the socket with
         // unread bytes does not reset the connection under it.
@@ -277,7 +281,7 @@ async fn finish(stream: &TcpStream, end: End, handle: &SocketHandle) -> End {
 }
 
 /// Reads and drops input until the terminal closes its side.
-async fn discard_until_eof(stream: &TcpStream) -> io::Result<()> {
+async fn discard_until_eof(stream: &Transport) -> io::Result<()> {
     loop {
         stream.readable().await?;
         let read = READ_BUFFER.with_borrow_mut(|buffer| stream.try_read(buffer));
