@@ -5,19 +5,14 @@
 
 use imhost_tests::api::API_KEY;
 use imhost_tests::cluster::Cluster;
-use imhost_tests::plugins::{PluginDir, guests};
+use imhost_tests::plugins::PluginDir;
 use imhost_tests::process::npm_test;
 use imhost_tests::redis::RedisServer;
 
 #[tokio::test]
 async fn three_pages_chat_across_two_nodes_and_the_status_page_shows_them() {
-    let dir = PluginDir::new();
-    dir.install(
-        "word-filter",
-        guests::WORD_FILTER,
-        "[settings]\nwords = [\"darn\"]\naction = \"drop\"\n",
-    );
-    let plugins = dir.path().to_str().expect("path").to_owned();
+    let dir = PluginDir::dropping(&["darn"]);
+    let plugins = dir.arg();
     let redis = RedisServer::start().await;
     let cluster = Cluster::start_with(&redis, 2, &["--demo", "--plugins", &plugins]).await;
     let nodes = format!(

@@ -8,7 +8,7 @@ use imhost_client::helper::{EventKind, ImHelper};
 use imhost_client::wire::{Keys, TokenValue};
 use imhost_tests::api::API_KEY;
 use imhost_tests::cluster::Cluster;
-use imhost_tests::plugins::{PluginDir, guests};
+use imhost_tests::plugins::PluginDir;
 use imhost_tests::redis::RedisServer;
 use imhost_tests::sse::EventStream;
 use imhost_tests::terminal::{Terminal, code};
@@ -124,13 +124,8 @@ async fn messages_receipts_channels_and_broadcast_cross_nodes() {
 async fn a_dropped_messages_receipt_reaches_a_sender_on_another_node() {
     // The receipt echoes the dropped text; crossing nodes it arrives as a
     // direct message, and the receiving node's filter must not drop it too.
-    let dir = PluginDir::new();
-    dir.install(
-        "word-filter",
-        guests::WORD_FILTER,
-        "[settings]\nwords = [\"darn\"]\naction = \"drop\"\n",
-    );
-    let plugins = dir.path().to_str().expect("path").to_owned();
+    let dir = PluginDir::dropping(&["darn"]);
+    let plugins = dir.arg();
     let redis = RedisServer::start().await;
     let cluster = Cluster::start_with(&redis, 2, &["--plugins", &plugins]).await;
     let (a, b) = (cluster.client_on(0, 10), cluster.client_on(1, 10));

@@ -112,6 +112,17 @@ async fn api(http: &reqwest::Client, node: &ImhostProcess, path: &str, body: Val
     response.json().await.expect("json")
 }
 
+/// `GET /api/v1{path}` over HTTPS; `None` when it cannot be had (yet).
+async fn api_get(http: &reqwest::Client, node: &ImhostProcess, path: &str) -> Option<Value> {
+    let response = http
+        .get(format!("https://{}/api/v1{path}", node.addr))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
 type TlsTerminal =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
@@ -161,13 +172,7 @@ async fn api_metrics_and_terminals_work_over_tls() {
     );
     let mut ws = connect(&cert, &node, url).await;
     imhost_tests::eventually("socket counted", || async {
-        let r = http
-            .get(format!("https://{}/api/v1/clients/7", node.addr))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .ok()?;
-        let info: Value = r.json().await.ok()?;
+        let info = api_get(&http, &node, "/clients/7").await?;
         (info["online"] == true).then_some(())
     })
     .await;
@@ -240,13 +245,7 @@ async fn plain_http_on_a_tls_port_is_refused_and_counted() {
         .await
         .expect("write");
     imhost_tests::eventually("the failed handshake counted", || async {
-        let r = http
-            .get(format!("https://{}/api/v1/stats", node.addr))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .ok()?;
-        let stats: Value = r.json().await.ok()?;
+        let stats = api_get(&http, &node, "/stats").await?;
         (stats["tls_handshakes_failed"] == 1).then_some(())
     })
     .await;

@@ -47,6 +47,27 @@ impl PluginDir {
         }
     }
 
+    /// A directory holding only the word filter, set to drop messages with
+    /// any of `words` (a dropped direct message gets a "filtered" receipt).
+    pub fn dropping(words: &[&str]) -> PluginDir {
+        let dir = PluginDir::new();
+        let words: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+        dir.install(
+            "word-filter",
+            guests::WORD_FILTER,
+            &format!(
+                "[settings]\nwords = [{}]\naction = \"drop\"\n",
+                words.join(", ")
+            ),
+        );
+        dir
+    }
+
+    /// The directory, as the `--plugins` argument of a node process.
+    pub fn arg(&self) -> String {
+        self.dir.path().to_str().expect("UTF-8 path").to_owned()
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
