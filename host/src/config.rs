@@ -236,6 +236,15 @@ pub struct Options {
         value_name = "SCHEME"
     )]
     pub public_scheme: Option<String>,
+    /// Serve `GET /metrics` on this address (a private interface) instead of the
+    /// listen port. [default: none: /metrics on the listen port]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration a node runs with.
@@ -263,6 +272,8 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `ws` or `wss`: what connect URLs say.
     pub public_scheme: &'static str,
+    /// Where `/metrics` is served when not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub limits: Limits,
 }
 
@@ -389,6 +400,7 @@ impl Options {
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
             public_scheme: self.public_scheme.or(lower.public_scheme),
+            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
         }
     }
 
@@ -496,9 +508,16 @@ impl Options {
                 ));
             }
         };
+        if self.metrics_listen == Some(listen) {
+            return Err(invalid(
+                "metrics_listen",
+                "must differ from `listen` (leave it unset to serve /metrics there)",
+            ));
+        }
         Ok(Config {
             tls,
             public_scheme,
+            metrics_listen: self.metrics_listen,
             listen,
             server,
             servers,

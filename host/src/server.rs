@@ -185,6 +185,21 @@ pub async fn run(
         header_read_timeout: node.config.limits.header_read_timeout,
         tls: node.config.tls.clone(),
     };
+    if let Some(addr) = node.config.metrics_listen {
+        let listener =
+            bind(addr).with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?;
+        let router = crate::http::metrics_router(node.clone());
+        let stopping = stop.stopping().clone();
+        info!("metrics on http://{addr}/metrics");
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stopping.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                warn!(cause = %err, "the metrics listener failed");
+            }
+        });
+    }
     let mut server = tokio::spawn(crate::http::listener::serve(
         listener,
         app,

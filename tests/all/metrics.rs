@@ -7,14 +7,9 @@ use imhost_tests::plugins::{PluginDir, guests};
 use imhost_tests::redis::RedisServer;
 use serde_json::json;
 
-/// `GET /metrics` with the API key; the content type and the body.
+/// `GET /metrics`, as Prometheus does (no key); the content type and the body.
 async fn scrape(http: &reqwest::Client, url: String) -> (String, String) {
-    let response = http
-        .get(url)
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .expect("scrape");
+    let response = http.get(url).send().await.expect("scrape");
     assert_eq!(response.status(), 200);
     let kind = response.headers()["content-type"]
         .to_str()
@@ -115,10 +110,38 @@ async fn counters_plugins_and_latency_histograms_are_scraped() {
             );
         }
     }
+}
 
-    // Behind the API key, with the API's error body.
-    let refused = host.http.get(url).send().await.expect("request");
-    assert_eq!(refused.status(), 401);
+#[tokio::test]
+async fn metrics_listen_moves_metrics_off_the_public_port() {
+    let private = imhost_tests::process::free_addr();
+    let host = TestHost::start(Options {
+        metrics_listen: Some(private),
+        ..Options::default()
+    })
+    .await;
+    let (_, body) = scrape(&host.http, format!("http://{private}/metrics")).await;
+    assert!(body.contains("imhost_connections 0"), "{body}");
+    let public = host
+        .http
+        .get(format!("http://{}/metrics", host.addr))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(public.status(), 404, "not on the listen port any more");
+    let other = host
+        .http
+        .get(format!("http://{private}/api/v1/stats"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        other.status(),
+        404,
+        "the metrics port serves /metrics alone"
+    );
 }
 
 #[tokio::test]

@@ -46,8 +46,9 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(AppError))]
 pub struct Path<T>(pub T);
 
-/// `GET /metrics` (behind the API key): see [`crate::metrics`].
-async fn metrics(State(node): State<Node>) -> Response {
+/// `GET /metrics` (no key, as Prometheus scrapes it; SPEC section 7): see
+/// [`crate::metrics`]. On the listen port unless `metrics_listen` moves it.
+pub async fn metrics(State(node): State<Node>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -84,14 +85,16 @@ pub fn router(node: Node) -> Router {
         .layer(middleware::from_fn_with_state(node.clone(), read_body));
 
     let keyed = Router::new()
-        .route("/metrics", get(metrics))
         .route("/status/events", get(status::events))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,
         ));
-    let mut router = Router::new()
-        .merge(keyed)
+    let mut router = Router::new().merge(keyed);
+    if node.config.metrics_listen.is_none() {
+        router = router.route("/metrics", get(metrics));
+    }
+    let mut router = router
         .route("/status", get(status::page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -105,6 +108,14 @@ pub fn router(node: Node) -> Router {
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())
         })
+        .with_state(node)
+}
+
+/// The router of the metrics listener (`metrics_listen`): `/metrics` alone.
+pub fn metrics_router(node: Node) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { AppError::NotFound("no such route".into()) })
         .with_state(node)
 }
 
