@@ -12,9 +12,14 @@
 //! Both use the pooling allocator (instances reuse pre-reserved slots, so a
 //! warm-up is a few page faults, not an mmap) and epoch interruption: one
 //! ticker thread advances both engines every [`EPOCH_TICK`], and a call's
-//! deadline is counted in ticks.
+//! deadline is counted in ticks. The ticker runs only while plugin code does
+//! (a [`Ticking`] guard is held around every call and instantiation): an idle
+//! node would otherwise wake a thousand times a second for nothing, and under
+//! load the ticks cost about 3 % of the node's CPU. A deadline counts ticks
+//! from the call's start, so parking between calls does not change it.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -72,7 +77,33 @@ pub fn engine(tier: Tier) -> &'static Engine {
     })
 }
 
-/// One thread advances the epoch of every engine built so far.
+/// Plugin calls and instantiations running now, in the whole process.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// Wakes the parked ticker; the mutex makes the check-then-wait atomic.
+static WAKE_LOCK: Mutex<()> = Mutex::new(());
+static WAKE: Condvar = Condvar::new();
+
+/// Held while plugin code runs: the epoch ticker ticks while any is held.
+#[must_use = "the ticker stops when the guard is dropped"]
+pub struct Ticking(());
+
+/// Starts (or keeps) the epoch ticking until the guard drops.
+pub fn ticking() -> Ticking {
+    if RUNNING.fetch_add(1, Ordering::SeqCst) == 0 {
+        let _parked = WAKE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        WAKE.notify_one();
+    }
+    Ticking(())
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One thread advances the epoch of every engine built so far, while plugin
+/// code runs.
 fn start_ticker() {
     static TICKER: OnceLock<()> = OnceLock::new();
     TICKER.get_or_init(|| {
@@ -80,6 +111,12 @@ fn start_ticker() {
             .name("imhost-epoch".into())
             .spawn(|| {
                 loop {
+                    {
+                        let mut parked = WAKE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+                        while RUNNING.load(Ordering::SeqCst) == 0 {
+                            parked = WAKE.wait(parked).unwrap_or_else(|p| p.into_inner());
+                        }
+                    }
                     // Only engines already built: ticking must not build one.
                     for tier in [Tier::Baseline, Tier::Optimized] {
                         if let Some(engine) = cell(tier).get() {

@@ -117,6 +117,7 @@ impl InstancePool {
         let mut store = Store::new(engine(self.tier), self.new_state());
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks());
+        let _ticking = super::engine::ticking();
         match self.pre.instantiate_async(&mut store).await {
             Ok(instance) => Ok(Warm { store, instance }),
             Err(err) => Err((store, err)),

@@ -224,6 +224,7 @@ macro_rules! hook_call {
                     };
                     warm.store
                         .set_epoch_deadline(self.instances.deadline_ticks());
+                    let _ticking = super::engine::ticking();
                     let called = match indices.load(&mut warm.store, &warm.instance) {
                         Ok(guest) => guest.$call(&mut warm.store, arg).await,
                         Err(err) => Err(err),

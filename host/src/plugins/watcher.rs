@@ -7,10 +7,15 @@
 //! editors that write in place (several events, then quiet; a half-written
 //! file fails to compile and the old version keeps running until the next
 //! event) and for deploys that rename a finished file into place.
+//!
+//! Only changes count ([`is_change`]): a rescan reads every plugin file, and
+//! reads raise access events, so a watcher that woke on them rescanned
+//! itself about twenty times a second, forever, on an idle node.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +33,7 @@ pub async fn run(plugins: Arc<PluginHost>, stop: CancellationToken) {
     };
     let (poke, mut poked) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|event| is_change(&event.kind)) {
             let _ = poke.try_send(());
         }
     });
@@ -58,5 +63,43 @@ pub async fn run(plugins: Arc<PluginHost>, stop: CancellationToken) {
             }
         }
         plugins.reload().await;
+    }
+}
+
+/// Whether an event may have changed the directory's contents: anything but
+/// an access, except the close of a file opened for writing (an editor's
+/// in-place save ends with it).
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+
+    #[test]
+    fn reads_are_not_changes_and_writes_are() {
+        for read in [
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(!is_change(&EventKind::Access(read)), "{read:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert!(is_change(&change), "{change:?}");
+        }
     }
 }
