@@ -115,7 +115,7 @@ pub trait Presence: Send + Sync {
     async fn disconnected(&self, client: &TokenValue) -> Result<u64, ClusterError>;
     /// Sockets `client` holds in the cluster.
     async fn connections(&self, client: ClientId) -> Result<u64, ClusterError>;
-    /// Every client with at least one socket.
+    /// Every client with at least one socket, in id order.
     async fn online(&self) -> Result<Vec<ClientId>, ClusterError>;
     /// Adds clients to a channel (idempotent).
     async fn join(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError>;
