@@ -19,7 +19,7 @@
 //! delivered messages/s and the latency from API call to terminal (p50, p99).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +54,10 @@ struct Args {
     /// The imhost binary to measure.
     #[arg(long, default_value = "target/release/imhost")]
     imhost: PathBuf,
+    /// A second imhost binary, measured in the same interleaved runs as
+    /// `--imhost` in `--only-sockets` (an A/B of two builds).
+    #[arg(long, value_name = "BIN")]
+    imhost_b: Option<PathBuf>,
     /// Receivers for the cluster scenario.
     #[arg(long, default_value_t = 300)]
     receivers: usize,
@@ -213,7 +217,17 @@ fn spawn_imhost(
     addr: SocketAddr,
     extra: &[&str],
 ) -> anyhow::Result<tokio::process::Child> {
-    tokio::process::Command::new(&args.imhost)
+    spawn_imhost_bin(&args.imhost, args, addr, extra)
+}
+
+/// [`spawn_imhost`] of another binary than `--imhost`.
+fn spawn_imhost_bin(
+    bin: &Path,
+    args: &Args,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(bin)
         .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -221,7 +235,7 @@ fn spawn_imhost(
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("start {}", args.imhost.display()))
+        .with_context(|| format!("start {}", bin.display()))
 }
 
 /// A `redis-server` of the bench's own on loopback `port`, keeping nothing on

@@ -30,24 +30,38 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Args, api, connect_url, free_addr, rss_bytes, spawn_imhost, wait_serving};
+use super::{Args, api, connect_url, free_addr, rss_bytes, wait_serving};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Server {
     Floor,
     Baseline,
     Imhost,
+    /// The `--imhost-b` build, for an A/B of two builds in one run.
+    ImhostB,
 }
 
 impl Server {
-    const ALL: [Server; 3] = [Server::Floor, Server::Baseline, Server::Imhost];
+    /// The servers of this run, in the order each round measures them.
+    fn all(args: &Args) -> Vec<Server> {
+        let mut all = vec![Server::Floor, Server::Baseline, Server::Imhost];
+        if args.imhost_b.is_some() {
+            all.push(Server::ImhostB);
+        }
+        all
+    }
 
     fn name(self) -> &'static str {
         match self {
             Server::Floor => "floor",
             Server::Baseline => "baseline",
             Server::Imhost => "imhost",
+            Server::ImhostB => "imhost-b",
         }
+    }
+
+    fn is_imhost(self) -> bool {
+        matches!(self, Server::Imhost | Server::ImhostB)
     }
 }
 
@@ -107,8 +121,10 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
     for &n in &args.socket_counts {
         // Repeated, interleaved, and the median of each figure kept: on two
         // cores shared with the load generator one run varies by ±15 %.
-        let mut all: Vec<(Server, Vec<Run>)> =
-            Server::ALL.iter().map(|&s| (s, Vec::new())).collect();
+        let mut all: Vec<(Server, Vec<Run>)> = Server::all(args)
+            .into_iter()
+            .map(|s| (s, Vec::new()))
+            .collect();
         for _ in 0..args.repeat.max(1) {
             for (server, runs) in &mut all {
                 let run = measure(args, *server, n, args.rate)
@@ -130,7 +146,7 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
     let sweep_n = args.socket_counts.iter().copied().min().unwrap_or(1000);
     if !args.no_sweep {
         for &rate in &[25_000u64, 50_000, 100_000, 200_000] {
-            for server in Server::ALL {
+            for server in Server::all(args) {
                 let run = measure(args, server, sweep_n, rate).await?;
                 csv_latency.push_str(&format!(
                     "{},{rate},{:.2},{:.2},{:.0}\n",
@@ -143,55 +159,52 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         }
     }
 
-    println!(
-        "\n{:<34}{:>11}{:>11}{:>11}{:>9}{:>9}",
-        "sockets", "floor", "baseline", "imhost", "/floor", "/base"
+    let with_b = args.imhost_b.is_some();
+    print!(
+        "\n{:<34}{:>11}{:>11}{:>11}",
+        "sockets", "floor", "baseline", "imhost"
     );
+    if with_b {
+        print!("{:>11}", "imhost-b");
+    }
+    print!("{:>9}{:>9}", "/floor", "/base");
+    if with_b {
+        print!("{:>9}{:>9}", "b/floor", "b/a");
+    }
+    println!();
+    /// A row of the table: its name, how to read it from a run, its digits.
+    type Figure = (&'static str, fn(&Run) -> f64, usize);
+    let figures: [Figure; 6] = [
+        ("connects/s", |r| r.connects_per_sec, 0),
+        ("RSS bytes per idle connection", |r| r.bytes_per_conn, 0),
+        ("server CPU µs per delivery", |r| r.cpu_us_per_delivery, 2),
+        ("deliveries/s", |r| r.deliveries_per_sec, 0),
+        ("latency p50 ms", |r| r.p50_ms, 1),
+        ("latency p99 ms", |r| r.p99_ms, 1),
+    ];
     for (n, runs) in &rows {
-        let get = |s: Server| &runs.iter().find(|(k, _)| *k == s).expect("measured").1;
-        let (f, b, i) = (
-            get(Server::Floor),
-            get(Server::Baseline),
-            get(Server::Imhost),
-        );
-        let row = |name: &str, f: f64, b: f64, i: f64, digits: usize| {
-            println!(
-                "{:<34}{f:>11.digits$}{b:>11.digits$}{i:>11.digits$}{:>9.2}{:>9.2}",
-                format!("{name} @{n}"),
-                i / f,
-                i / b
+        let get = |s: Server| runs.iter().find(|(k, _)| *k == s).map(|(_, run)| run);
+        for (name, figure, digits) in figures {
+            let value = |s: Server| get(s).map_or(f64::NAN, figure);
+            let (f, b, i) = (
+                value(Server::Floor),
+                value(Server::Baseline),
+                value(Server::Imhost),
             );
-        };
-        row(
-            "connects/s",
-            f.connects_per_sec,
-            b.connects_per_sec,
-            i.connects_per_sec,
-            0,
-        );
-        row(
-            "RSS bytes per idle connection",
-            f.bytes_per_conn,
-            b.bytes_per_conn,
-            i.bytes_per_conn,
-            0,
-        );
-        row(
-            "server CPU µs per delivery",
-            f.cpu_us_per_delivery,
-            b.cpu_us_per_delivery,
-            i.cpu_us_per_delivery,
-            2,
-        );
-        row(
-            "deliveries/s",
-            f.deliveries_per_sec,
-            b.deliveries_per_sec,
-            i.deliveries_per_sec,
-            0,
-        );
-        row("latency p50 ms", f.p50_ms, b.p50_ms, i.p50_ms, 1);
-        row("latency p99 ms", f.p99_ms, b.p99_ms, i.p99_ms, 1);
+            print!(
+                "{:<34}{f:>11.digits$}{b:>11.digits$}{i:>11.digits$}",
+                format!("{name} @{n}")
+            );
+            let ib = value(Server::ImhostB);
+            if with_b {
+                print!("{ib:>11.digits$}");
+            }
+            print!("{:>9.2}{:>9.2}", i / f, i / b);
+            if with_b {
+                print!("{:>9.2}{:>9.2}", ib / f, ib / i);
+            }
+            println!();
+        }
     }
     println!(
         "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}; medians of {} interleaved runs",
@@ -217,11 +230,16 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let addr = free_addr()?;
     let plugins = tempfile::tempdir()?;
     let mut child = match server {
-        Server::Imhost => {
+        Server::Imhost | Server::ImhostB => {
             if !args.sockets_without_plugins {
                 install_plugin_set(plugins.path(), &args.guests)?;
             }
-            spawn_imhost(
+            let bin = match (server, &args.imhost_b) {
+                (Server::ImhostB, Some(bin)) => bin,
+                _ => &args.imhost,
+            };
+            super::spawn_imhost_bin(
+                bin,
                 args,
                 addr,
                 &[
@@ -245,7 +263,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let pid = child.id().context("child pid")?;
     let http = reqwest::Client::new();
     wait_serving(&http, addr).await?;
-    if server == Server::Imhost && !args.sockets_without_plugins {
+    if server.is_imhost() && !args.sockets_without_plugins {
         super::plugins::wait_plugins(&http, addr, 2).await?;
     }
     let rss_before = rss_bytes(pid)?;
@@ -255,7 +273,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let mut urls = Vec::with_capacity(n);
     for i in 0..n {
         urls.push(match server {
-            Server::Imhost => connect_url(&http, addr, i as i64 + 1).await?,
+            Server::Imhost | Server::ImhostB => connect_url(&http, addr, i as i64 + 1).await?,
             _ => format!("ws://{addr}/ws"),
         });
     }
@@ -305,7 +323,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let cpu_before = cpu_us(pid)?;
     let started = Instant::now();
     match server {
-        Server::Imhost => {
+        Server::Imhost | Server::ImhostB => {
             // On schedule, up to 8 calls in flight: one round trip per
             // message must not be what limits the offered rate.
             let mut next = tokio::time::Instant::now();

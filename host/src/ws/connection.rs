@@ -29,9 +29,9 @@ pub async fn serve(
     let client = session.client.client_id;
     let span = debug_span!("socket", client);
     async move {
-        // Shared: deliveries write to it from other tasks (see `outbound`).
-        let stream = std::sync::Arc::new(stream);
-        let registration = node.registry.register(client, Some(stream.clone()));
+        // In the handle: deliveries write to it from other tasks (see
+        // `outbound`).
+        let registration = node.registry.register(client, Some(stream));
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);
@@ -49,7 +49,6 @@ pub async fn serve(
             session: &session,
         };
         let end = socket::run(
-            stream,
             read_ahead,
             &registration.handle,
             &node.registry,

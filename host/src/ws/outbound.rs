@@ -2,12 +2,13 @@
 //! task: the queue, the bytes the kernel refused, and the writes themselves.
 //!
 //! Delivering writes straight to the kernel when nothing waits ahead of the
-//! message: one `writev` of a header on the stack and the shared message
-//! bytes, from the delivering thread, with no queue, no wake-up and no task
-//! switch. That is the common case, and it costs what the raw-write floor
-//! costs. Only when the kernel refuses (or bytes already wait) does the
-//! message go to the bounded queue, and the socket's task, woken, drains it
-//! as the socket becomes writable, up to 64 messages per `writev`.
+//! message: one `write()` of the frame built on the stack (a `writev` of the
+//! header and the shared message bytes when it is big), from the delivering
+//! thread, with no queue, no wake-up and no task switch. That is the common
+//! case, and it costs what the raw-write floor costs. Only when the kernel
+//! refuses (or bytes already wait) does the message go to the bounded
+//! queue, and the socket's task, woken, drains it as the socket becomes
+//! writable, up to 64 messages per `writev`.
 //!
 //! Every write happens under the socket's mutex, so frames never interleave;
 //! a partly written frame's rest is kept in `unsent` and goes first. With TLS
@@ -16,8 +17,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::Arc;
-
 use tungstenite::Utf8Bytes;
 
 use super::frame;
@@ -42,10 +41,13 @@ pub enum Pushed {
 }
 
 /// See the module docs.
-#[derive(Debug)]
+///
+/// The stream itself lives beside it in the socket's handle, outside the
+/// mutex (the socket's task reads from it without locking), and every
+/// method that writes is given it: `None` only for sockets made in unit
+/// tests, where everything is queued.
+#[derive(Debug, Default)]
 pub struct Outbound {
-    /// `None` only for sockets made in unit tests: everything is queued.
-    stream: Option<Arc<Transport>>,
     queue: VecDeque<Utf8Bytes>,
     /// Bytes the kernel has not taken yet, in order; they go before the queue.
     unsent: Vec<u8>,
@@ -54,29 +56,20 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(stream: Option<Arc<Transport>>) -> Self {
-        Self {
-            stream,
-            queue: VecDeque::new(),
-            unsent: Vec::new(),
-            closed: false,
-        }
-    }
-
     /// Hands `text` to the socket: written at once when nothing waits ahead
     /// of it, else queued unless `bound` messages wait already.
-    pub fn push(&mut self, text: &Utf8Bytes, bound: usize) -> Pushed {
+    pub fn push(&mut self, stream: Option<&Transport>, text: &Utf8Bytes, bound: usize) -> Pushed {
         if self.closed {
             return Pushed::Closed;
         }
         if self.queue.is_empty()
             && self.unsent.is_empty()
-            && let Some(stream) = &self.stream
+            && let Some(stream) = stream
         {
             let mut head = [0u8; frame::MAX_SERVER_HEADER];
             let n = frame::header(frame::TEXT, text.len(), &mut head);
             let parts = [&head[..n], text.as_bytes()];
-            match stream.try_write_vectored(&[IoSlice::new(parts[0]), IoSlice::new(parts[1])]) {
+            match write_frame(stream, &parts) {
                 // TLS may still hold records the kernel refused: the task
                 // must write them.
                 Ok(written) if written == n + text.len() => {
@@ -109,10 +102,10 @@ impl Outbound {
     }
 
     /// Whether bytes wait for the kernel (unsent, queued, or held by TLS).
-    pub fn has_pending(&self) -> bool {
+    pub fn has_pending(&self, stream: Option<&Transport>) -> bool {
         !self.unsent.is_empty()
             || !self.queue.is_empty()
-            || self.stream.as_ref().is_some_and(|s| s.has_pending_output())
+            || stream.is_some_and(Transport::has_pending_output)
     }
 
     /// How many bytes of partly written frames wait.
@@ -122,12 +115,12 @@ impl Outbound {
 
     /// Sends a whole frame (a control frame or a reply) after whatever is
     /// unsent; it may go before queued messages, never inside a frame.
-    pub fn send(&mut self, bytes: &[u8]) {
+    pub fn send(&mut self, stream: Option<&Transport>, bytes: &[u8]) {
         if self.closed {
             return;
         }
         if self.unsent.is_empty()
-            && let Some(stream) = &self.stream
+            && let Some(stream) = stream
         {
             match stream.try_write(bytes) {
                 Ok(n) if n == bytes.len() => {}
@@ -152,9 +145,13 @@ impl Outbound {
     /// Moves unsent bytes, then queued messages (at most `WRITE_BATCH` and
     /// `max_batch_bytes` per `writev`), to the kernel as far as it takes
     /// them. Returns whether nothing is left.
-    pub fn flush(&mut self, max_batch_bytes: usize) -> io::Result<bool> {
-        let Some(stream) = self.stream.clone() else {
-            return Ok(!self.has_pending());
+    pub fn flush(
+        &mut self,
+        stream: Option<&Transport>,
+        max_batch_bytes: usize,
+    ) -> io::Result<bool> {
+        let Some(stream) = stream else {
+            return Ok(!self.has_pending(None));
         };
         while !self.unsent.is_empty() {
             match stream.try_write(&self.unsent) {
@@ -169,7 +166,7 @@ impl Outbound {
         // Drained: give the buffer back.
         self.unsent = Vec::new();
         while !self.queue.is_empty() {
-            if !self.write_batch(&stream, max_batch_bytes)? {
+            if !self.write_batch(stream, max_batch_bytes)? {
                 return Ok(false);
             }
         }
@@ -232,6 +229,23 @@ impl Outbound {
     }
 }
 
+/// Frames up to this size (header included) are copied into one buffer on
+/// the stack and sent with one `write()`; bigger ones go by `writev`, which
+/// costs the kernel more per call than copying a chat message does here.
+const SMALL_FRAME: usize = 512;
+
+/// Writes a frame given as its header and payload, without blocking.
+fn write_frame(stream: &Transport, parts: &[&[u8]; 2]) -> io::Result<usize> {
+    let len = parts[0].len() + parts[1].len();
+    if len <= SMALL_FRAME {
+        let mut frame = [0u8; SMALL_FRAME];
+        frame[..parts[0].len()].copy_from_slice(parts[0]);
+        frame[parts[0].len()..len].copy_from_slice(parts[1]);
+        return stream.try_write(&frame[..len]);
+    }
+    stream.try_write_vectored(&[IoSlice::new(parts[0]), IoSlice::new(parts[1])])
+}
+
 /// Appends what is left of `parts` after `written` bytes to `unsent`.
 fn keep_unwritten(unsent: &mut Vec<u8>, parts: &[&[u8]], mut written: usize) {
     for part in parts {
@@ -250,20 +264,20 @@ mod tests {
 
     #[test]
     fn without_a_stream_everything_queues_up_to_the_bound() {
-        let mut out = Outbound::new(None);
+        let mut out = Outbound::default();
         let text = Utf8Bytes::from("x");
-        assert_eq!(out.push(&text, 2), Pushed::Queued);
-        assert_eq!(out.push(&text, 2), Pushed::Queued);
-        assert_eq!(out.push(&text, 2), Pushed::Full);
+        assert_eq!(out.push(None, &text, 2), Pushed::Queued);
+        assert_eq!(out.push(None, &text, 2), Pushed::Queued);
+        assert_eq!(out.push(None, &text, 2), Pushed::Full);
         out.close_with(b"close");
-        assert_eq!(out.push(&text, 2), Pushed::Closed);
+        assert_eq!(out.push(None, &text, 2), Pushed::Closed);
         assert!(out.queue.is_empty());
         assert_eq!(out.unsent, b"close");
     }
 
     /// A connected loopback pair: the server side (with a small send
     /// buffer) and the terminal side.
-    async fn pair() -> (Arc<Transport>, tokio::net::TcpStream) {
+    async fn pair() -> (Transport, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -277,7 +291,7 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_send_buffer_size(4096)
             .expect("sndbuf");
-        (Arc::new(Transport::Plain(server)), terminal)
+        (Transport::Plain(server), terminal)
     }
 
     #[tokio::test]
@@ -285,20 +299,21 @@ mod tests {
         use tokio::io::AsyncReadExt;
 
         let (server, mut terminal) = pair().await;
-        let mut out = Outbound::new(Some(server.clone()));
+        let stream = Some(&server);
+        let mut out = Outbound::default();
         let first = Utf8Bytes::from("hello");
-        assert_eq!(out.push(&first, 100), Pushed::Written);
-        assert!(!out.has_pending());
+        assert_eq!(out.push(stream, &first, 100), Pushed::Written);
+        assert!(!out.has_pending(stream));
         // Nobody reads: the kernel fills up, takes part of a frame, then
         // refuses; the rest waits in order.
         let big = Utf8Bytes::from("z".repeat(3000));
         let mut pushed = 1;
-        while !out.has_pending() {
-            out.push(&big, 1000);
+        while !out.has_pending(stream) {
+            out.push(stream, &big, 1000);
             pushed += 1;
         }
         for _ in 0..20 {
-            assert_eq!(out.push(&big, 1000), Pushed::Queued);
+            assert_eq!(out.push(stream, &big, 1000), Pushed::Queued);
             pushed += 1;
         }
         let expected = 7 + (pushed - 1) * (4 + 3000);
@@ -307,7 +322,7 @@ mod tests {
             terminal.read_exact(&mut got).await.expect("read");
             got
         });
-        while !out.flush(1 << 20).expect("flush") {
+        while !out.flush(stream, 1 << 20).expect("flush") {
             server.writable().await.expect("writable");
         }
         let got = reader.await.expect("reader");
@@ -324,13 +339,14 @@ mod tests {
     async fn a_broken_socket_is_closed_not_queued_up() {
         let (server, terminal) = pair().await;
         drop(terminal);
-        let mut out = Outbound::new(Some(server));
+        let stream = Some(&server);
+        let mut out = Outbound::default();
         let text = Utf8Bytes::from("x");
         // The first write after the peer left is accepted (and answered with
         // a reset); a later one fails, and from then on nothing is queued.
         let mut outcomes = Vec::new();
         for _ in 0..100 {
-            let pushed = out.push(&text, 1000);
+            let pushed = out.push(stream, &text, 1000);
             outcomes.push(pushed);
             if pushed == Pushed::Closed {
                 break;
@@ -340,7 +356,7 @@ mod tests {
         assert_eq!(outcomes.last(), Some(&Pushed::Closed), "{outcomes:?}");
         assert!(!outcomes.contains(&Pushed::Full));
         assert!(out.queue.is_empty());
-        assert_eq!(out.push(&text, 1000), Pushed::Closed);
+        assert_eq!(out.push(stream, &text, 1000), Pushed::Closed);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The socket core: one terminal's WebSocket after the handshake, driven by
 //! readiness.
 //!
-//! An idle socket costs its task, its `TcpStream` (in a [`Transport`], which
-//! adds TLS when the node serves it) and its [`SocketHandle`]:
+//! An idle socket costs its task and its [`SocketHandle`], which holds its
+//! `TcpStream` (in a [`Transport`], which adds TLS when the node serves it):
 //! - **Reads** wait for readability, then read into one 64 KiB buffer per
 //!   worker thread and decode from there ([`frame::Decoder`]). Only a frame
 //!   cut off by the end of a read leaves bytes behind in the socket.
@@ -25,7 +25,6 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -90,16 +89,18 @@ enum Wake {
     Read,
 }
 
-/// Serves the socket until it ends. `stream` is the one `handle` writes to;
-/// `read_ahead` are bytes hyper read past the handshake.
+/// Serves the socket `handle` holds until it ends; `read_ahead` are bytes
+/// hyper read past the handshake.
 pub async fn run<T: Terminal>(
-    stream: Arc<Transport>,
     read_ahead: Bytes,
     handle: &SocketHandle,
     registry: &Registry,
     limits: Limits,
     terminal: &T,
 ) -> End {
+    let Some(stream) = handle.stream() else {
+        return End::Gone;
+    };
     let mut decoder = Decoder::new(limits.max_message);
     let early = (!read_ahead.is_empty()).then(|| {
         let mut events = Vec::new();
@@ -111,7 +112,7 @@ pub async fn run<T: Terminal>(
     if let Some((decoded, events)) = early
         && let Some(end) = Box::pin(handle_input(decoded, events, handle, registry, terminal)).await
     {
-        return Box::pin(finish(&stream, end, handle)).await;
+        return Box::pin(finish(stream, end, handle)).await;
     }
     // Messages may have been queued between registration and now.
     let mut want_write = true;
@@ -143,12 +144,12 @@ pub async fn run<T: Terminal>(
             Wake::Write => {
                 let mut out = handle.out();
                 if std::mem::take(&mut want_ping) {
-                    out.send(&frame::encode(frame::PING, b""));
+                    out.send(Some(stream), &frame::encode(frame::PING, b""));
                 }
-                out.flush(limits.max_batch_bytes)
+                out.flush(Some(stream), limits.max_batch_bytes)
                     .map(|done| want_write = !done)
             }
-            Wake::Read => match read(&stream, &mut decoder) {
+            Wake::Read => match read(stream, &mut decoder) {
                 Ok(Some((decoded, events))) => {
                     // Reading TLS may have queued records (alerts, key
                     // updates) the kernel did not take yet.
@@ -157,7 +158,7 @@ pub async fn run<T: Terminal>(
                     // this future would grow every idle socket's task.
                     match Box::pin(handle_input(decoded, events, handle, registry, terminal)).await
                     {
-                        Some(end) => return Box::pin(finish(&stream, end, handle)).await,
+                        Some(end) => return Box::pin(finish(stream, end, handle)).await,
                         None => Ok(()),
                     }
                 }
@@ -170,7 +171,7 @@ pub async fn run<T: Terminal>(
         }
     }
     let reason = handle.close_reason().unwrap_or(CloseReason::Shutdown);
-    Box::pin(finish(&stream, End::Server(reason), handle)).await
+    Box::pin(finish(stream, End::Server(reason), handle)).await
 }
 
 /// Reads what is there into the thread's buffer and decodes it. `Ok(None)`
@@ -220,13 +221,16 @@ async fn handle_input<T: Terminal>(
         match event {
             Event::Text(text) => {
                 if let Some(reply) = terminal.on_text(text).await {
-                    handle
-                        .out()
-                        .send(&frame::encode(frame::TEXT, reply.as_bytes()));
+                    handle.out().send(
+                        handle.stream(),
+                        &frame::encode(frame::TEXT, reply.as_bytes()),
+                    );
                 }
             }
             Event::Binary { .. } => terminal.on_ignored(),
-            Event::Ping(payload) => handle.out().send(&frame::encode(frame::PONG, &payload)),
+            Event::Ping(payload) => handle
+                .out()
+                .send(handle.stream(), &frame::encode(frame::PONG, &payload)),
             Event::Pong => {}
             Event::Close(code) => {
                 // RFC 6455 5.5.1: answer with a Close echoing the code.
@@ -262,7 +266,7 @@ async fn finish(stream: &Transport, end: End, handle: &SocketHandle) -> End {
     };
     let sent = tokio::time::timeout(drain_for, async {
         // Only what is unsent is left: `close_with` dropped the queue.
-        while !handle.out().flush(0)? {
+        while !handle.out().flush(Some(stream), 0)? {
             stream.writable().await?;
         }
         io::Result::Ok(())
