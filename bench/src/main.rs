@@ -58,6 +58,9 @@ struct Args {
     /// `--imhost` in `--only-sockets` (an A/B of two builds).
     #[arg(long, value_name = "BIN")]
     imhost_b: Option<PathBuf>,
+    /// The guest plugins of `--imhost-b` (default: `--guests`).
+    #[arg(long, value_name = "DIR")]
+    guests_b: Option<PathBuf>,
     /// Receivers for the cluster scenario.
     #[arg(long, default_value_t = 300)]
     receivers: usize,

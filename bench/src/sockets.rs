@@ -231,13 +231,15 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let plugins = tempfile::tempdir()?;
     let mut child = match server {
         Server::Imhost | Server::ImhostB => {
-            if !args.sockets_without_plugins {
-                install_plugin_set(plugins.path(), &args.guests)?;
-            }
-            let bin = match (server, &args.imhost_b) {
-                (Server::ImhostB, Some(bin)) => bin,
-                _ => &args.imhost,
+            let (bin, guests) = match (server, &args.imhost_b) {
+                (Server::ImhostB, Some(bin)) => {
+                    (bin, args.guests_b.as_ref().unwrap_or(&args.guests))
+                }
+                _ => (&args.imhost, &args.guests),
             };
+            if !args.sockets_without_plugins {
+                install_plugin_set(plugins.path(), guests)?;
+            }
             super::spawn_imhost_bin(
                 bin,
                 args,

@@ -16,11 +16,11 @@
 //! # Fan-out
 //! Handing a message to a socket is a non-blocking write straight to the
 //! kernel (see `ws::outbound`). A channel message or broadcast to more than
-//! a thousand sockets is cut into one slice per worker thread, so every core
-//! writes; the next message waits for all of them, so each socket still
-//! gets its messages in order. Smaller fan-outs are written by the
-//! dispatcher itself: on the benchmark's 1,000 sockets, four tasks a message
-//! cost more in task switches than they saved.
+//! 1,024 sockets is cut into one slice per worker thread, each written by a
+//! task of its own, so every core writes; the next message waits for all of
+//! them, so each socket still gets its messages in order. Smaller fan-outs
+//! are written by the dispatcher itself: at 1,000 sockets, slices of 256 on
+//! four tasks cost more in task switches than they saved.
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -271,19 +271,25 @@ const MIN_FAN_OUT_SLICE: usize = 1024;
 
 /// Hands `text` to `sockets`. A delivery is a non-blocking write per socket
 /// (see `ws::outbound`). A big fan-out is cut into one slice per worker
-/// thread: all but one are written by tasks of their own, so every core
-/// writes, and the last here. All slices finish before the next message is
-/// applied, which keeps each socket's messages in order.
+/// thread, each written by a task of its own, so every core writes. None is
+/// written here: tokio runs the task spawned last on this worker next (its
+/// LIFO slot, which other workers cannot steal from), so a slice written
+/// here first would hold that task back until it is done. All slices finish
+/// before the next message is applied, which keeps each socket's messages
+/// in order.
 async fn fan_out(node: &Node, mut sockets: Vec<Arc<SocketHandle>>, text: Utf8Bytes) {
+    if sockets.len() <= MIN_FAN_OUT_SLICE {
+        node.registry.push_all(sockets, &text);
+        return;
+    }
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let slice = MIN_FAN_OUT_SLICE.max(sockets.len().div_ceil(workers.max(1)));
     let mut slices = JoinSet::new();
-    while sockets.len() > slice {
-        let rest = sockets.split_off(sockets.len() - slice);
+    while !sockets.is_empty() {
+        let rest = sockets.split_off(sockets.len().saturating_sub(slice));
         let (registry, text) = (node.registry.clone(), text.clone());
         slices.spawn(async move { registry.push_all(rest, &text) });
     }
-    node.registry.push_all(sockets, &text);
     while let Some(done) = slices.join_next().await {
         if let Err(err) = done {
             Stats::incr(&node.stats.dispatch_errors);

@@ -12,15 +12,21 @@
 //! Both use the pooling allocator (instances reuse pre-reserved slots, so a
 //! warm-up is a few page faults, not an mmap) and epoch interruption: one
 //! ticker thread advances both engines every [`EPOCH_TICK`], and a call's
-//! deadline is counted in ticks. The ticker runs only while plugin code does
-//! (a [`Ticking`] guard is held around every call and instantiation): an idle
-//! node would otherwise wake a thousand times a second for nothing, and under
-//! load the ticks cost about 3 % of the node's CPU. A deadline counts ticks
-//! from the call's start, so parking between calls does not change it.
+//! deadline is counted in ticks. The ticker advances the epoch only while
+//! plugin code runs (a [`Ticking`] guard is held around every call and
+//! instantiation, which costs the call an atomic increment and nothing
+//! else). In between it dozes, looking every [`DOZE`] for running code, and
+//! after [`PARK_AFTER`] without any it parks until the next call wakes it:
+//! - an idle node does not wake for it at all;
+//! - a busy node pays at most a hundred wake-ups a second for it, not a
+//!   thousand (ticking on between calls) nor one per call (parking between
+//!   calls: a futex wake and a context switch each, 3 % of a node's CPU in a
+//!   connect storm with two plugin calls per connect);
+//! - a runaway call is interrupted at most [`DOZE`] after its deadline.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wasmtime::component::Linker;
@@ -77,8 +83,15 @@ pub fn engine(tier: Tier) -> &'static Engine {
     })
 }
 
+/// While no plugin code runs, how often the ticker looks for some.
+const DOZE: Duration = Duration::from_millis(10);
+/// The ticker parks after this long without plugin code running.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Plugin calls and instantiations running now, in the whole process.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The ticker waits for [`WAKE`] (set under [`WAKE_LOCK`]).
+static PARKED: AtomicBool = AtomicBool::new(false);
 /// Wakes the parked ticker; the mutex makes the check-then-wait atomic.
 static WAKE_LOCK: Mutex<()> = Mutex::new(());
 static WAKE: Condvar = Condvar::new();
@@ -89,7 +102,11 @@ pub struct Ticking(());
 
 /// Starts (or keeps) the epoch ticking until the guard drops.
 pub fn ticking() -> Ticking {
-    if RUNNING.fetch_add(1, Ordering::SeqCst) == 0 {
+    // With the ticker's store of PARKED and load of RUNNING (both SeqCst),
+    // either it sees this call running and does not park, or this sees it
+    // parked and wakes it.
+    RUNNING.fetch_add(1, Ordering::SeqCst);
+    if PARKED.load(Ordering::SeqCst) {
         let _parked = WAKE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         WAKE.notify_one();
     }
@@ -110,13 +127,22 @@ fn start_ticker() {
         std::thread::Builder::new()
             .name("imhost-epoch".into())
             .spawn(|| {
+                let mut idle_since: Option<Instant> = None;
                 loop {
-                    {
+                    if RUNNING.load(Ordering::SeqCst) == 0 {
+                        let idle = *idle_since.get_or_insert_with(Instant::now);
+                        if idle.elapsed() < PARK_AFTER {
+                            std::thread::sleep(DOZE);
+                            continue;
+                        }
                         let mut parked = WAKE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+                        PARKED.store(true, Ordering::SeqCst);
                         while RUNNING.load(Ordering::SeqCst) == 0 {
                             parked = WAKE.wait(parked).unwrap_or_else(|p| p.into_inner());
                         }
+                        PARKED.store(false, Ordering::SeqCst);
                     }
+                    idle_since = None;
                     // Only engines already built: ticking must not build one.
                     for tier in [Tier::Baseline, Tier::Optimized] {
                         if let Some(engine) = cell(tier).get() {
@@ -153,6 +179,11 @@ fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
         // ready: trap messages without wasm offsets are a fair price for a
         // smaller artifact that is quicker to hand over.
         config.generate_address_map(false);
+    }
+    if std::env::var_os("IMHOST_WASM_PROFILER").is_some_and(|v| v == "perfmap") {
+        // /tmp/perf-PID.map, so `perf report` names plugin functions
+        // (docs/operations.md, "Profiling").
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
     if pooling {
         let mut pool = PoolingAllocationConfig::default();

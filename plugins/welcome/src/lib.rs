@@ -10,6 +10,8 @@
 //! The greeting is the JSON `{"type":"welcome","text":"…"}` from the system
 //! sender (0).
 
+use std::sync::OnceLock;
+
 use imhost_sdk::events::{Events, Presence, PresenceEvent};
 use serde::Deserialize;
 use serde_json::json;
@@ -34,9 +36,12 @@ impl Events for Welcome {
         if event.kind != Presence::Online || event.devices != 1 {
             return;
         }
-        let settings: Settings = match imhost_sdk::host::config() {
+        // Parsed at the instance's first call: settings are fixed for the
+        // life of a loaded plugin (a changed manifest loads it anew).
+        static SETTINGS: OnceLock<Result<Settings, String>> = OnceLock::new();
+        let settings = match SETTINGS.get_or_init(imhost_sdk::host::config) {
             Ok(s) => s,
-            Err(err) => return imhost_sdk::host::warn(&err),
+            Err(err) => return imhost_sdk::host::warn(err),
         };
         let text = settings
             .text
@@ -46,11 +51,11 @@ impl Events for Welcome {
         if let Err(err) = imhost_sdk::host::send_message(0, &[event.client_id], &greeting, false) {
             imhost_sdk::host::warn(&format!("greeting not sent: {err}"));
         }
-        if let Some(channel) = settings.channel {
+        if let Some(channel) = &settings.channel {
             let note =
                 json!({"type": "joined", "client": event.client_id, "metadata": event.metadata})
                     .to_string();
-            if let Err(err) = imhost_sdk::host::send_channel(0, &channel, &note) {
+            if let Err(err) = imhost_sdk::host::send_channel(0, channel, &note) {
                 imhost_sdk::host::warn(&format!("channel not told: {err}"));
             }
         }

@@ -16,6 +16,8 @@
 //! structure are never altered; a message that is not JSON is treated as one
 //! string.
 
+use std::sync::OnceLock;
+
 use imhost_sdk::filter::{Filter, Message, Verdict};
 use serde::Deserialize;
 use serde_json::Value;
@@ -43,31 +45,61 @@ fn default_mask() -> char {
     '*'
 }
 
-/// Words lower-cased once, as character vectors.
+/// Words lower-cased once, as character vectors (for masking) and as
+/// strings (for the quick check).
 struct Words {
     words: Vec<Vec<char>>,
+    lowered: Vec<String>,
     action: Action,
     mask: char,
 }
 
 fn lower(c: char) -> char {
     // Single-character lowering keeps positions aligned with the original text.
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
     c.to_lowercase().next().unwrap_or(c)
 }
 
 impl Words {
+    /// The settings, parsed at the instance's first call: they are fixed for
+    /// the life of a loaded plugin (a changed manifest loads it anew).
+    fn get() -> Result<&'static Words, String> {
+        static WORDS: OnceLock<Result<Words, String>> = OnceLock::new();
+        WORDS
+            .get_or_init(Words::load)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     fn load() -> Result<Words, String> {
         let settings: Settings = imhost_sdk::host::config()?;
+        let words: Vec<Vec<char>> = settings
+            .words
+            .iter()
+            .filter(|w| !w.is_empty())
+            .map(|w| w.chars().map(lower).collect())
+            .collect();
         Ok(Words {
-            words: settings
-                .words
-                .iter()
-                .filter(|w| !w.is_empty())
-                .map(|w| w.chars().map(lower).collect())
-                .collect(),
+            lowered: words.iter().map(|w| w.iter().collect()).collect(),
+            words,
             action: settings.action,
             mask: settings.mask,
         })
+    }
+
+    /// Whether no word can be in `content`, decided on the raw text. Without
+    /// a backslash, every string of a JSON text appears in it verbatim, so a
+    /// word the raw text (lower-cased as matching does) does not contain is
+    /// in none of its strings. Most messages are clean, and pass without a
+    /// JSON parse; one with an escape takes the full path.
+    fn clearly_absent(&self, content: &str) -> bool {
+        if content.contains('\\') {
+            return false;
+        }
+        let lowered: String = content.chars().map(lower).collect();
+        !self.lowered.iter().any(|w| lowered.contains(w.as_str()))
     }
 
     /// Masks every occurrence in `text`; returns whether anything matched.
@@ -118,13 +150,16 @@ struct WordFilter;
 
 impl Filter for WordFilter {
     fn check(message: Message) -> Verdict {
-        let words = match Words::load() {
+        let words = match Words::get() {
             Ok(words) => words,
             Err(err) => {
                 imhost_sdk::host::warn(&err);
                 return Verdict::Deliver;
             }
         };
+        if words.clearly_absent(&message.content) {
+            return Verdict::Deliver;
+        }
         let mut value: Value = serde_json::from_str(&message.content)
             .unwrap_or_else(|_| Value::String(message.content.clone()));
         if !words.mask_value(&mut value) {

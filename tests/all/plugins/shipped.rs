@@ -9,7 +9,7 @@ async fn word_filter_masks_case_and_unicode_aware() {
     dir.install(
         "word-filter",
         guests::WORD_FILTER,
-        "[settings]\nwords = [\"darn\", \"笨蛋\", \"ÉCOLE\"]\n",
+        "[settings]\nwords = [\"darn\", \"笨蛋\", \"ÉCOLE\", \"q\\\"t\"]\n",
     );
     let host = host_with(&dir).await;
     let row = host
@@ -36,6 +36,10 @@ async fn word_filter_masks_case_and_unicode_aware() {
     );
     host.send(0, &[1], json!({"text": "clean"}), false).await;
     assert_eq!(t.next_json().await, json!({"text": "clean"}));
+    // A word that only appears once the JSON escapes are read (the raw text
+    // holds `q\"t`): the quick check on the raw text must not pass it.
+    host.send(0, &[1], json!({"text": "a q\"t b"}), false).await;
+    assert_eq!(t.next_json().await, json!({"text": "a *** b"}));
     // Channel messages and broadcasts pass the chain too.
     host.ok("/channels/c/join", json!({"client_ids": [1]}))
         .await;
