@@ -175,6 +175,12 @@ impl SocketHandle {
         self.stream.as_ref()
     }
 
+    /// Sends a whole frame (a control frame or a reply); see
+    /// [`Outbound::send`].
+    pub fn send(&self, frame: &[u8]) {
+        self.out().send(self.stream(), frame);
+    }
+
     /// Notes that a frame arrived now.
     pub fn heard(&self, now_ms: u64) {
         self.last_heard.store(now_ms, Ordering::Relaxed);

@@ -182,7 +182,7 @@ fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
     }
     if std::env::var_os("IMHOST_WASM_PROFILER").is_some_and(|v| v == "perfmap") {
         // /tmp/perf-PID.map, so `perf report` names plugin functions
-        // (docs/operations.md, "Profiling").
+        // (docs/operations.md, "Profiling plugins").
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
     if pooling {

@@ -221,16 +221,11 @@ async fn handle_input<T: Terminal>(
         match event {
             Event::Text(text) => {
                 if let Some(reply) = terminal.on_text(text).await {
-                    handle.out().send(
-                        handle.stream(),
-                        &frame::encode(frame::TEXT, reply.as_bytes()),
-                    );
+                    handle.send(&frame::encode(frame::TEXT, reply.as_bytes()));
                 }
             }
             Event::Binary { .. } => terminal.on_ignored(),
-            Event::Ping(payload) => handle
-                .out()
-                .send(handle.stream(), &frame::encode(frame::PONG, &payload)),
+            Event::Ping(payload) => handle.send(&frame::encode(frame::PONG, &payload)),
             Event::Pong => {}
             Event::Close(code) => {
                 // RFC 6455 5.5.1: answer with a Close echoing the code.
