@@ -103,10 +103,20 @@ struct Args {
     /// Runs per server and socket count in `--only-sockets` (medians kept).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run imhost without its plugin set in `--only-sockets` (what the
-    /// plugins cost).
+    /// The plugins imhost runs with in `--only-sockets`, comma-separated,
+    /// from `word-filter` and `welcome` (each with its shipped manifest).
+    #[arg(long, value_delimiter = ',', default_value = "word-filter,welcome")]
+    sockets_plugins: Vec<String>,
+    /// Run imhost without plugins in `--only-sockets` (what the plugins
+    /// cost): `--sockets-plugins` with none.
     #[arg(long)]
     sockets_without_plugins: bool,
+    /// The plugins of the second imhost in `--only-sockets` (`none` for
+    /// none; default: as the first). With it, the second imhost runs even
+    /// without `--imhost-b`: what a plugin set costs, measured in the same
+    /// interleaved runs.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    sockets_plugins_b: Option<Vec<String>>,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,

@@ -45,7 +45,7 @@ impl Server {
     /// The servers of this run, in the order each round measures them.
     fn all(args: &Args) -> Vec<Server> {
         let mut all = vec![Server::Floor, Server::Baseline, Server::Imhost];
-        if args.imhost_b.is_some() {
+        if has_b(args) {
             all.push(Server::ImhostB);
         }
         all
@@ -69,6 +69,10 @@ impl Server {
 #[derive(Debug, Default, Clone)]
 struct Run {
     connects_per_sec: f64,
+    /// Server CPU over the connect phase (its pauses included: work a
+    /// connect leaves queued, such as a plugin's greeting, is its cost), per
+    /// connect.
+    cpu_us_per_connect: f64,
     bytes_per_conn: f64,
     /// (connections, RSS growth in bytes) during the connect phase.
     memory_curve: Vec<(usize, u64)>,
@@ -87,6 +91,7 @@ fn median(runs: &[Run]) -> Run {
     };
     Run {
         connects_per_sec: mid(|r| r.connects_per_sec),
+        cpu_us_per_connect: mid(|r| r.cpu_us_per_connect),
         bytes_per_conn: mid(|r| r.bytes_per_conn),
         memory_curve: runs[0].memory_curve.clone(),
         cpu_us_per_delivery: mid(|r| r.cpu_us_per_delivery),
@@ -116,6 +121,12 @@ fn cpu_us(pid: u32) -> anyhow::Result<u64> {
 }
 
 pub async fn compare(args: &Args) -> anyhow::Result<()> {
+    for name in plugin_set(args, Server::Imhost)
+        .into_iter()
+        .chain(plugin_set(args, Server::ImhostB))
+    {
+        guest_file(name)?;
+    }
     let mut rows = Vec::new();
     let mut csv_memory = String::from("server,connections,rss_bytes\n");
     for &n in &args.socket_counts {
@@ -159,7 +170,7 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         }
     }
 
-    let with_b = args.imhost_b.is_some();
+    let with_b = has_b(args);
     print!(
         "\n{:<34}{:>11}{:>11}{:>11}",
         "sockets", "floor", "baseline", "imhost"
@@ -174,8 +185,9 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
     println!();
     /// A row of the table: its name, how to read it from a run, its digits.
     type Figure = (&'static str, fn(&Run) -> f64, usize);
-    let figures: [Figure; 6] = [
+    let figures: [Figure; 7] = [
         ("connects/s", |r| r.connects_per_sec, 0),
+        ("server CPU µs per connect", |r| r.cpu_us_per_connect, 1),
         ("RSS bytes per idle connection", |r| r.bytes_per_conn, 0),
         ("server CPU µs per delivery", |r| r.cpu_us_per_delivery, 2),
         ("deliveries/s", |r| r.deliveries_per_sec, 0),
@@ -210,10 +222,17 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}; medians of {} interleaved runs",
         args.rate,
         args.seconds,
-        if args.sockets_without_plugins {
-            ", no plugins"
-        } else {
-            ", word-filter and welcome"
+        {
+            let describe = |server| match plugin_set(args, server).as_slice() {
+                [] => "no plugins".to_owned(),
+                set => set.join(" and "),
+            };
+            let (a, b) = (describe(Server::Imhost), describe(Server::ImhostB));
+            if has_b(args) && a != b {
+                format!(", {a} (imhost-b: {b})")
+            } else {
+                format!(", {a}")
+            }
         },
         args.repeat.max(1)
     );
@@ -231,15 +250,14 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let plugins = tempfile::tempdir()?;
     let mut child = match server {
         Server::Imhost | Server::ImhostB => {
-            let (bin, guests) = match (server, &args.imhost_b) {
-                (Server::ImhostB, Some(bin)) => {
-                    (bin, args.guests_b.as_ref().unwrap_or(&args.guests))
-                }
+            let (bin, guests) = match server {
+                Server::ImhostB => (
+                    args.imhost_b.as_ref().unwrap_or(&args.imhost),
+                    args.guests_b.as_ref().unwrap_or(&args.guests),
+                ),
                 _ => (&args.imhost, &args.guests),
             };
-            if !args.sockets_without_plugins {
-                install_plugin_set(plugins.path(), guests)?;
-            }
+            install_plugin_set(plugins.path(), guests, &plugin_set(args, server))?;
             super::spawn_imhost_bin(
                 bin,
                 args,
@@ -265,8 +283,9 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let pid = child.id().context("child pid")?;
     let http = reqwest::Client::new();
     wait_serving(&http, addr).await?;
-    if server.is_imhost() && !args.sockets_without_plugins {
-        super::plugins::wait_plugins(&http, addr, 2).await?;
+    let plugin_count = plugin_set(args, server).len();
+    if server.is_imhost() && plugin_count > 0 {
+        super::plugins::wait_plugins(&http, addr, plugin_count).await?;
     }
     let rss_before = rss_bytes(pid)?;
 
@@ -286,7 +305,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let checkpoints: Vec<usize> = (1..=8).map(|k| n * k / 8).collect();
     let mut memory_curve = Vec::new();
     let mut sockets = Vec::with_capacity(n);
-    let started = Instant::now();
+    let cpu_connect_before = cpu_us(pid)?;
     let mut connect_time = Duration::ZERO;
     let mut done = 0;
     for &upto in &checkpoints {
@@ -309,7 +328,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(300)).await;
         memory_curve.push((done, rss_bytes(pid)?.saturating_sub(rss_before)));
     }
-    let _ = started;
+    let cpu_us_per_connect = (cpu_us(pid)? - cpu_connect_before) as f64 / n as f64;
     let connects_per_sec = n as f64 / connect_time.as_secs_f64();
     let bytes_per_conn = memory_curve.last().map_or(0, |m| m.1) as f64 / n as f64;
 
@@ -382,6 +401,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let _ = child.wait().await;
     Ok(Run {
         connects_per_sec,
+        cpu_us_per_connect,
         bytes_per_conn,
         memory_curve,
         cpu_us_per_delivery: cpu as f64 / deliveries as f64,
@@ -391,9 +411,41 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     })
 }
 
-/// word-filter and welcome, with their shipped manifests.
-fn install_plugin_set(dir: &Path, guests: &Path) -> anyhow::Result<()> {
-    for (file, name) in [("word_filter", "word-filter"), ("welcome", "welcome")] {
+/// Whether a second imhost runs: another build, or other plugins.
+fn has_b(args: &Args) -> bool {
+    args.imhost_b.is_some() || args.sockets_plugins_b.is_some()
+}
+
+/// The plugins `server` runs with: `--sockets-plugins` (none with
+/// `--sockets-without-plugins`), or `--sockets-plugins-b` for the second
+/// imhost when given.
+fn plugin_set(args: &Args, server: Server) -> Vec<&str> {
+    let names = match (server, &args.sockets_plugins_b) {
+        (Server::ImhostB, Some(names)) => names,
+        _ if args.sockets_without_plugins => return Vec::new(),
+        _ => &args.sockets_plugins,
+    };
+    names
+        .iter()
+        .map(|name| name.trim())
+        .filter(|name| !name.is_empty() && *name != "none")
+        .collect()
+}
+
+/// The guest's file name (without `.wasm`) of a plugin the scenario knows.
+fn guest_file(name: &str) -> anyhow::Result<&'static str> {
+    Ok(match name {
+        "word-filter" => "word_filter",
+        "welcome" => "welcome",
+        other => bail!("--sockets-plugins: unknown plugin {other} (word-filter, welcome)"),
+    })
+}
+
+/// Installs `set` (names from word-filter and welcome) with their shipped
+/// manifests.
+fn install_plugin_set(dir: &Path, guests: &Path, set: &[&str]) -> anyhow::Result<()> {
+    for name in set {
+        let file = guest_file(name)?;
         std::fs::copy(
             guests.join(format!("{file}.wasm")),
             dir.join(format!("{name}.wasm")),

@@ -13,6 +13,18 @@
 //! as many messages are in the filter stage as the chain's smallest instance
 //! pool allows (each call then finds a warm instance).
 //!
+//! # Who a message is for, worked out on arrival
+//! A message's audience on this node is resolved when it leaves the inbox,
+//! before any filter runs: the sockets of a channel's members or of a
+//! broadcast, or whether any receiver of a direct message is connected here.
+//! A message nobody here would get (a channel without members on this node, a
+//! direct message to clients connected elsewhere, with no receipt to send)
+//! is done with at once, without a filter call: filters decide what may be
+//! delivered, and here nothing would be. In a cluster every node receives
+//! every channel message, so only the nodes that hold members pay for the
+//! filter chain. Resolving in arrival order also keeps a membership change
+//! and the messages after it in order.
+//!
 //! # Fan-out
 //! Handing a message to a socket is a non-blocking write straight to the
 //! kernel (see `ws::outbound`). A channel message or broadcast to more than
@@ -43,13 +55,24 @@ use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Delivery, SocketHandle};
 use crate::stats::Stats;
 
+/// A message with its audience on this node, resolved on arrival.
+enum Arrived {
+    Direct(DirectMessage),
+    /// A channel message or broadcast, with the sockets it goes to here.
+    Chan {
+        message: ChanMessage,
+        sockets: Vec<Arc<SocketHandle>>,
+    },
+    ForceOffline(ClientId),
+}
+
 /// A message through the filter stage, ready to apply.
 enum Ready {
     /// Deliver as it is (content possibly replaced by a filter).
-    Deliver(ServerMessage),
+    Deliver(Arrived),
     /// A filter dropped it.
     Dropped {
-        message: ServerMessage,
+        message: Arrived,
         plugin: String,
         reason: String,
     },
@@ -72,6 +95,9 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
             },
             message = inbox.recv(), if open && room => match message {
                 Some(message) => {
+                    let Some(message) = resolve(&node, message).await else {
+                        continue;
+                    };
                     if filtering.is_empty() && !has_filter(&node) {
                         apply(&node, Ready::Deliver(message)).await;
                     } else {
@@ -100,6 +126,9 @@ fn filter_concurrency(node: &Node) -> usize {
 /// Acts on one message addressed to this node, filters included (for callers
 /// outside the dispatcher, such as benchmarks).
 pub async fn handle(node: &Node, message: ServerMessage) {
+    let Some(message) = resolve(node, message).await else {
+        return;
+    };
     let ready = if has_filter(node) {
         filter_stage(node, message).await
     } else {
@@ -108,11 +137,39 @@ pub async fn handle(node: &Node, message: ServerMessage) {
     apply(node, ready).await;
 }
 
+/// Who on this node `message` reaches; `None` when nobody here would get
+/// anything from it (see the module docs).
+async fn resolve(node: &Node, message: ServerMessage) -> Option<Arrived> {
+    match message {
+        ServerMessage::Direct(d) => {
+            let receipts = d.receipt && d.sender != 0;
+            (receipts || node.registry.any_connected(&d.receivers)).then_some(Arrived::Direct(d))
+        }
+        ServerMessage::Chan(message) => {
+            let sockets = match &message.chan {
+                None => node.registry.all_sockets(message.sender),
+                Some(chan) => match node.presence.delivery_members(chan).await {
+                    Ok(members) => node
+                        .registry
+                        .sockets_of(members.iter().copied(), message.sender),
+                    Err(err) => {
+                        Stats::incr(&node.stats.dispatch_errors);
+                        warn!(cause = %err, chan, "channel message not delivered");
+                        return None;
+                    }
+                },
+            };
+            (!sockets.is_empty()).then_some(Arrived::Chan { message, sockets })
+        }
+        ServerMessage::ForceOffline { client_id } => Some(Arrived::ForceOffline(client_id)),
+    }
+}
+
 /// Runs the filter chain over a message's content.
-async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
+async fn filter_stage(node: &Node, message: Arrived) -> Ready {
     let (sender, target, content) = match &message {
-        ServerMessage::Direct(d) => (d.sender, Target::Direct(d.receivers.clone()), &d.content),
-        ServerMessage::Chan(c) => (
+        Arrived::Direct(d) => (d.sender, Target::Direct(d.receivers.clone()), &d.content),
+        Arrived::Chan { message: c, .. } => (
             c.sender,
             match &c.chan {
                 Some(chan) => Target::Channel(chan.clone()),
@@ -120,13 +177,13 @@ async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
             },
             &c.content,
         ),
-        ServerMessage::ForceOffline { .. } => return Ready::Deliver(message),
+        Arrived::ForceOffline(_) => return Ready::Deliver(message),
     };
     // A receipt crossing nodes arrives as a direct message; it echoes what
     // the sender wrote and was filtered, or not, on its way out. Filtering it
     // again would lose the receipt of a dropped message whenever sender and
     // receiver live on different nodes.
-    if let ServerMessage::Direct(d) = &message
+    if let Arrived::Direct(d) = &message
         && !d.receipt
         && is_receipt(content)
     {
@@ -148,8 +205,11 @@ async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
             }
             Stats::incr(&node.stats.filtered_replaced);
             Ready::Deliver(match message {
-                ServerMessage::Direct(d) => ServerMessage::Direct(DirectMessage { content, ..d }),
-                ServerMessage::Chan(c) => ServerMessage::Chan(ChanMessage { content, ..c }),
+                Arrived::Direct(d) => Arrived::Direct(DirectMessage { content, ..d }),
+                Arrived::Chan { message, sockets } => Arrived::Chan {
+                    message: ChanMessage { content, ..message },
+                    sockets,
+                },
                 other => other,
             })
         }
@@ -168,16 +228,18 @@ async fn filter_stage(node: &Node, message: ServerMessage) -> Ready {
 /// Applies a message that went through the filter stage.
 async fn apply(node: &Node, ready: Ready) {
     match ready {
-        Ready::Deliver(ServerMessage::Direct(direct)) => deliver_direct(node, direct).await,
-        Ready::Deliver(ServerMessage::Chan(chan)) => deliver_chan(node, chan).await,
-        Ready::Deliver(ServerMessage::ForceOffline { client_id }) => {
+        Ready::Deliver(Arrived::Direct(direct)) => deliver_direct(node, direct).await,
+        Ready::Deliver(Arrived::Chan { message, sockets }) => {
+            fan_out(node, sockets, Utf8Bytes::from(message.content)).await;
+        }
+        Ready::Deliver(Arrived::ForceOffline(client_id)) => {
             let closed = node
                 .registry
                 .close_client(client_id, CloseReason::ForcedOffline);
             Stats::add(&node.stats.forced_offline, closed as u64);
         }
         Ready::Dropped {
-            message: ServerMessage::Direct(direct),
+            message: Arrived::Direct(direct),
             plugin,
             reason,
         } => {
@@ -240,28 +302,6 @@ async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content
     {
         Stats::incr(&node.stats.dispatch_errors);
         warn!(cause = %err, sender, "receipt not sent");
-    }
-}
-
-async fn deliver_chan(node: &Node, msg: ChanMessage) {
-    let ChanMessage {
-        sender,
-        chan,
-        content,
-    } = msg;
-    let text = Utf8Bytes::from(content);
-    match &chan {
-        None => fan_out(node, node.registry.all_sockets(sender), text).await,
-        Some(chan) => match node.presence.delivery_members(chan).await {
-            Ok(members) => {
-                let sockets = node.registry.sockets_of(members.iter().copied(), sender);
-                fan_out(node, sockets, text).await;
-            }
-            Err(err) => {
-                Stats::incr(&node.stats.dispatch_errors);
-                warn!(cause = %err, chan, "channel message not delivered");
-            }
-        },
     }
 }
 

@@ -331,6 +331,12 @@ impl Registry {
         self.lock().by_id.get(&client).map_or(0, SmallVec::len)
     }
 
+    /// Whether any of `clients` has a socket on this node.
+    pub fn any_connected(&self, clients: &[ClientId]) -> bool {
+        let clients_here = self.lock();
+        clients.iter().any(|id| clients_here.by_id.contains_key(id))
+    }
+
     /// Clients with at least one socket on this node.
     pub fn clients(&self) -> Vec<ClientId> {
         self.lock().by_id.keys().copied().collect()

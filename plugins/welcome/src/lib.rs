@@ -13,8 +13,7 @@
 use std::sync::OnceLock;
 
 use imhost_sdk::events::{Events, Presence, PresenceEvent};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +26,34 @@ struct Settings {
 
 fn default_text() -> String {
     "Welcome, {client}!".into()
+}
+
+/// The greeting, serialized straight from borrowed fields: it runs on every
+/// connect, so no intermediate JSON tree.
+#[derive(Serialize)]
+struct Greeting<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// What the channel is told.
+#[derive(Serialize)]
+struct Joined<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    client: i64,
+    metadata: Option<&'a str>,
+}
+
+/// `template` with `{client}` and `{metadata}` filled in.
+fn fill(template: &str, event: &PresenceEvent) -> String {
+    if !template.contains('{') {
+        return template.to_owned();
+    }
+    template
+        .replace("{client}", &event.client_id.to_string())
+        .replace("{metadata}", event.metadata.as_deref().unwrap_or(""))
 }
 
 struct Welcome;
@@ -43,18 +70,23 @@ impl Events for Welcome {
             Ok(s) => s,
             Err(err) => return imhost_sdk::host::warn(err),
         };
-        let text = settings
-            .text
-            .replace("{client}", &event.client_id.to_string())
-            .replace("{metadata}", event.metadata.as_deref().unwrap_or(""));
-        let greeting = json!({"type": "welcome", "text": text}).to_string();
+        let text = fill(&settings.text, &event);
+        let greeting = Greeting {
+            kind: "welcome",
+            text: &text,
+        };
+        // Serializing borrowed strings and integers cannot fail.
+        let greeting = serde_json::to_string(&greeting).unwrap_or_default();
         if let Err(err) = imhost_sdk::host::send_message(0, &[event.client_id], &greeting, false) {
             imhost_sdk::host::warn(&format!("greeting not sent: {err}"));
         }
         if let Some(channel) = &settings.channel {
-            let note =
-                json!({"type": "joined", "client": event.client_id, "metadata": event.metadata})
-                    .to_string();
+            let note = Joined {
+                kind: "joined",
+                client: event.client_id,
+                metadata: event.metadata.as_deref(),
+            };
+            let note = serde_json::to_string(&note).unwrap_or_default();
             if let Err(err) = imhost_sdk::host::send_channel(0, channel, &note) {
                 imhost_sdk::host::warn(&format!("channel not told: {err}"));
             }
