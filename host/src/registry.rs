@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use futures_util::task::AtomicWaker;
@@ -97,10 +97,13 @@ impl CloseReason {
 /// socket task is woken only when its flags change.
 #[derive(Debug)]
 pub struct SocketHandle {
-    /// What the socket's bytes travel on; `None` only in unit tests.
-    /// Inline, not behind another pointer: delivery reaches it from the
-    /// handle, one cache line less per socket per message.
-    stream: Option<Transport>,
+    /// What the socket's bytes travel on, set once the upgrade hands it over
+    /// (never, in unit tests). The socket is registered before its `101`
+    /// goes out, so a message sent the moment the terminal sees its connect
+    /// succeed is queued until then instead of missing the socket. Inline,
+    /// not behind another pointer: delivery reaches it from the handle, one
+    /// cache line less per socket per message.
+    stream: OnceLock<Transport>,
     out: Mutex<Outbound>,
     /// [`signal`] bits the socket task has not seen yet.
     flags: AtomicU8,
@@ -124,7 +127,7 @@ pub mod signal {
 impl SocketHandle {
     fn new(now_ms: u64, stream: Option<Transport>) -> Self {
         Self {
-            stream,
+            stream: stream.map_or_else(OnceLock::new, OnceLock::from),
             out: Mutex::default(),
             flags: AtomicU8::new(0),
             close_reason: AtomicU8::new(0),
@@ -170,9 +173,17 @@ impl SocketHandle {
         lock(&self.out)
     }
 
-    /// The stream the outbound side writes to (`None` only in unit tests).
+    /// The stream the outbound side writes to (`None` until attached).
     pub fn stream(&self) -> Option<&Transport> {
-        self.stream.as_ref()
+        self.stream.get()
+    }
+
+    /// Gives the socket its stream, once the upgrade has handed it over.
+    /// What was queued before waits for the socket's task, and a later push
+    /// does not write past it: a push writes at once only when nothing is
+    /// queued. False when it already had one.
+    pub fn attach(&self, stream: Transport) -> bool {
+        self.stream.set(stream).is_ok()
     }
 
     /// Sends a whole frame (a control frame or a reply); see

@@ -213,3 +213,16 @@ async fn terminal_frames_are_ignored() {
     host.send(0, &[1], json!("after"), false).await;
     assert_eq!(t.next_text().await, r#""after""#);
 }
+
+#[tokio::test]
+async fn a_message_sent_the_moment_a_connect_succeeds_is_delivered() {
+    // The socket is registered before its 101 goes out: a message the
+    // backend sends as soon as the terminal is connected must not miss a
+    // registration still on its way. Many connects, to meet the race.
+    let host = TestHost::default().await;
+    for client in 1..=40 {
+        let mut t = host.terminal(client).await;
+        host.send(0, &[client], json!({"to": client}), false).await;
+        assert_eq!(t.next_json().await, json!({"to": client}));
+    }
+}

@@ -15,11 +15,13 @@ use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
 use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::CloseReason;
+use crate::registry::{CloseReason, Registration};
 use crate::stats::Stats;
 
-/// Runs a socket from registration to the offline event.
+/// Runs a socket, registered before its upgrade, from its stream's arrival
+/// to the offline event.
 pub async fn serve(
+    registration: Registration,
     stream: Transport,
     read_ahead: Bytes,
     node: Node,
@@ -30,8 +32,8 @@ pub async fn serve(
     let span = debug_span!("socket", client);
     async move {
         // In the handle: deliveries write to it from other tasks (see
-        // `outbound`).
-        let registration = node.registry.register(client, Some(stream));
+        // `outbound`). A fresh handle has none yet, so this cannot fail.
+        registration.handle.attach(stream);
         let conn = registration.conn;
         Stats::incr(&node.stats.connections);
         Stats::incr(&node.stats.connections_opened);

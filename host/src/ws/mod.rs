@@ -100,13 +100,21 @@ pub async fn upgrade(
     let client = identify(&node, &query, &headers, seen_from).await?;
     let session = Session { client };
     let (response, on_upgrade) = handshake.accept();
+    // Registered before the `101` goes out: a message sent as soon as the
+    // terminal sees its connect succeed is queued for the socket, not lost
+    // to a registration still on its way.
+    let client_id = session.client.client_id;
+    let registration = node.registry.register(client_id, None);
     let tasks = node.shutdown.tasks().clone();
     tasks.spawn(async move {
         match handshake::take_stream(on_upgrade).await {
             Some((stream, read_ahead)) => {
-                connection::serve(stream, read_ahead, node, session, slot).await;
+                connection::serve(registration, stream, read_ahead, node, session, slot).await;
             }
-            None => error!("an upgraded connection is neither TCP nor TLS over TCP; dropped"),
+            None => {
+                node.registry.unregister(client_id, registration.conn);
+                error!("an upgrade did not complete, or its connection is neither TCP nor TLS over TCP; dropped");
+            }
         }
     });
     Ok(response)
