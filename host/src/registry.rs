@@ -125,9 +125,9 @@ pub mod signal {
 }
 
 impl SocketHandle {
-    fn new(now_ms: u64, stream: Option<Transport>) -> Self {
+    fn new(now_ms: u64) -> Self {
         Self {
-            stream: stream.map_or_else(OnceLock::new, OnceLock::from),
+            stream: OnceLock::new(),
             out: Mutex::default(),
             flags: AtomicU8::new(0),
             close_reason: AtomicU8::new(0),
@@ -276,10 +276,12 @@ impl Registry {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Adds a socket for `client`, writing to `stream` (`None`: everything
-    /// is queued for the socket's task; unit tests); returns its id and handle.
-    pub fn register(&self, client: ClientId, stream: Option<Transport>) -> Registration {
-        let handle = Arc::new(SocketHandle::new(self.now_ms(), stream));
+    /// Adds a socket for `client`, its stream to be attached when the
+    /// upgrade hands it over ([`SocketHandle::attach`]; until then, or
+    /// without one in unit tests, everything is queued for the socket's
+    /// task); returns its id and handle.
+    pub fn register(&self, client: ClientId) -> Registration {
+        let handle = Arc::new(SocketHandle::new(self.now_ms()));
         let mut clients = self.lock();
         clients.next_conn += 1;
         let conn = clients.next_conn;
@@ -452,11 +454,11 @@ mod tests {
     #[test]
     fn echo_rule_skips_a_single_device_sender() {
         let reg = registry(4);
-        let a = reg.register(1, None);
+        let a = reg.register(1);
         let text = Utf8Bytes::from("hi");
         assert_eq!(reg.deliver(1, &text, 1), Delivery::EchoSkipped);
         assert_eq!(reg.deliver(2, &text, 1), Delivery::NotConnected);
-        let b = reg.register(1, None);
+        let b = reg.register(1);
         assert_eq!(reg.deliver(1, &text, 1), Delivery::Queued(2));
         assert_eq!(queued(&a.handle), vec![text.clone()]);
         assert_eq!(queued(&b.handle), vec![text]);
@@ -465,8 +467,8 @@ mod tests {
     #[test]
     fn a_full_queue_closes_that_socket_only() {
         let reg = registry(1);
-        let slow = reg.register(1, None);
-        let fast = reg.register(2, None);
+        let slow = reg.register(1);
+        let fast = reg.register(2);
         let text = Utf8Bytes::from("x");
         reg.push_all(reg.sockets_of([1, 2], 0), &text);
         queued(&fast.handle);
@@ -481,12 +483,12 @@ mod tests {
     #[test]
     fn the_first_close_reason_wins() {
         let reg = registry(1);
-        let a = reg.register(1, None);
+        let a = reg.register(1);
         assert!(a.handle.close(CloseReason::ForcedOffline));
         assert!(!a.handle.close(CloseReason::Shutdown));
         assert_eq!(a.handle.close_reason(), Some(CloseReason::ForcedOffline));
         for reason in CloseReason::ALL {
-            let b = reg.register(2, None);
+            let b = reg.register(2);
             b.handle.close(reason);
             assert_eq!(b.handle.close_reason(), Some(reason));
         }
@@ -495,8 +497,8 @@ mod tests {
     #[test]
     fn heartbeat_rounds_ping_the_live_and_close_the_silent() {
         let reg = registry(1);
-        let silent = reg.register(1, None);
-        let live = reg.register(2, None);
+        let silent = reg.register(1);
+        let live = reg.register(2);
         assert_eq!((silent.conn, live.conn), (1, 2));
         silent.handle.heard(1_000);
         live.handle.heard(5_000);
@@ -515,14 +517,14 @@ mod tests {
     #[test]
     fn unregister_tracks_remaining_devices_and_shutdown_closes_late_sockets() {
         let reg = registry(1);
-        let a = reg.register(9, None);
-        let b = reg.register(9, None);
+        let a = reg.register(9);
+        let b = reg.register(9);
         assert_eq!(reg.unregister(9, a.conn), 1);
         reg.close_all(CloseReason::Shutdown);
         assert_eq!(b.handle.close_reason(), Some(CloseReason::Shutdown));
         assert_eq!(reg.unregister(9, b.conn), 0);
         assert!(reg.clients().is_empty());
-        let late = reg.register(10, None);
+        let late = reg.register(10);
         assert_eq!(late.handle.close_reason(), Some(CloseReason::Shutdown));
     }
 }

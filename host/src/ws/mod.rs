@@ -104,7 +104,7 @@ pub async fn upgrade(
     // terminal sees its connect succeed is queued for the socket, not lost
     // to a registration still on its way.
     let client_id = session.client.client_id;
-    let registration = node.registry.register(client_id, None);
+    let registration = node.registry.register(client_id);
     let tasks = node.shutdown.tasks().clone();
     tasks.spawn(async move {
         match handshake::take_stream(on_upgrade).await {
