@@ -17,8 +17,8 @@
 //! from send to terminal (p50, p99) and deliveries/s. A rate sweep at the
 //! smallest N gives latency against offered rate. Ratios are against the
 //! floor and the baseline of the same run; each figure is the median of
-//! `--repeat` interleaved runs. `--csv DIR` writes the curves for
-//! `scripts/bench-plot.py`.
+//! `--repeat` interleaved runs, each round starting with the next server.
+//! `--csv DIR` writes the curves for `scripts/bench-plot.py`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -136,8 +136,13 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
             .into_iter()
             .map(|s| (s, Vec::new()))
             .collect();
-        for _ in 0..args.repeat.max(1) {
-            for (server, runs) in &mut all {
+        // Each round starts with the next server: a run leaves its closed
+        // connections in TIME_WAIT for a minute, which makes the kernel's
+        // connect and lookup work a little dearer for whoever runs after it.
+        let servers = all.len();
+        for round in 0..args.repeat.max(1) {
+            for k in 0..servers {
+                let (server, runs) = &mut all[(round + k) % servers];
                 let run = measure(args, *server, n, args.rate)
                     .await
                     .with_context(|| format!("{} with {n} sockets", server.name()))?;
