@@ -3,14 +3,14 @@
 //! inbound plugins when one is loaded, in the socket's task, so one
 //! terminal's frames are handled in order.
 
-use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
 use imhost_client::api::PresenceEvent;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{debug, error, warn};
 
 use super::Session;
+use super::handshake;
 use super::socket::{self, Limits, Terminal};
-use super::transport::Transport;
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
 use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
@@ -18,54 +18,55 @@ use crate::plugins::manifest::Hook;
 use crate::registry::{CloseReason, Registration};
 use crate::stats::Stats;
 
-/// Runs a socket, registered before its upgrade, from its stream's arrival
-/// to the offline event.
+/// Runs a socket, registered before its upgrade, from the upgrade's
+/// completion to the offline event.
 pub async fn serve(
+    on_upgrade: OnUpgrade,
     registration: Registration,
-    stream: Transport,
-    read_ahead: Bytes,
     node: Node,
     session: Session,
     _slot: OwnedSemaphorePermit,
 ) {
     let client = session.client.client_id;
-    let span = debug_span!("socket", client);
-    async move {
-        // In the handle: deliveries write to it from other tasks (see
-        // `outbound`). A fresh handle has none yet, so this cannot fail.
-        registration.handle.attach(stream);
-        let conn = registration.conn;
-        Stats::incr(&node.stats.connections);
-        Stats::incr(&node.stats.connections_opened);
-        presence_changed(&node, &session, PresenceKind::Online).await;
-        debug!(conn, "connected");
-
-        let limits = &node.config.limits;
-        let limits = Limits {
-            max_message: limits.max_frame_bytes,
-            max_batch_bytes: limits.max_body_bytes,
-            max_unsent: super::max_unsent_bytes(limits.max_body_bytes),
-        };
-        let terminal = Inbound {
-            node: &node,
-            session: &session,
-        };
-        let end = socket::run(
-            read_ahead,
-            &registration.handle,
-            &node.registry,
-            limits,
-            &terminal,
-        )
-        .await;
-
+    let conn = registration.conn;
+    let Some((stream, read_ahead)) = handshake::take_stream(on_upgrade).await else {
         node.registry.unregister(client, conn);
-        Stats::decr(&node.stats.connections);
-        presence_changed(&node, &session, PresenceKind::Offline).await;
-        debug!(conn, ?end, "disconnected");
-    }
-    .instrument(span)
-    .await
+        error!(
+            "an upgrade did not complete, or its connection is neither TCP nor TLS over TCP; dropped"
+        );
+        return;
+    };
+    // In the handle: deliveries write to it from other tasks (see
+    // `outbound`). A fresh handle has none yet, so this cannot fail.
+    registration.handle.attach(stream);
+    Stats::incr(&node.stats.connections);
+    Stats::incr(&node.stats.connections_opened);
+    presence_changed(&node, &session, PresenceKind::Online).await;
+    debug!(conn, "connected");
+
+    let limits = &node.config.limits;
+    let limits = Limits {
+        max_message: limits.max_frame_bytes,
+        max_batch_bytes: limits.max_body_bytes,
+        max_unsent: super::max_unsent_bytes(limits.max_body_bytes),
+    };
+    let terminal = Inbound {
+        node: &node,
+        session: &session,
+    };
+    let end = socket::run(
+        read_ahead,
+        &registration.handle,
+        &node.registry,
+        limits,
+        &terminal,
+    )
+    .await;
+
+    node.registry.unregister(client, conn);
+    Stats::decr(&node.stats.connections);
+    presence_changed(&node, &session, PresenceKind::Offline).await;
+    debug!(conn, ?end, "disconnected");
 }
 
 /// What a terminal's messages do: go to the inbound plugins, if any.

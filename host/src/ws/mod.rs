@@ -30,7 +30,7 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use imhost_client::wire::TokenValue;
-use tracing::{debug, error};
+use tracing::{Instrument, debug, debug_span};
 
 use self::handshake::Handshake;
 
@@ -106,17 +106,11 @@ pub async fn upgrade(
     let client_id = session.client.client_id;
     let registration = node.registry.register(client_id);
     let tasks = node.shutdown.tasks().clone();
-    tasks.spawn(async move {
-        match handshake::take_stream(on_upgrade).await {
-            Some((stream, read_ahead)) => {
-                connection::serve(registration, stream, read_ahead, node, session, slot).await;
-            }
-            None => {
-                node.registry.unregister(client_id, registration.conn);
-                error!("an upgrade did not complete, or its connection is neither TCP nor TLS over TCP; dropped");
-            }
-        }
-    });
+    // One async fn for the socket's whole life, spawned as it is: an async
+    // block around it would hold a second copy of everything it moves in,
+    // in every idle socket's task.
+    let span = debug_span!("socket", client = client_id);
+    tasks.spawn(connection::serve(on_upgrade, registration, node, session, slot).instrument(span));
     Ok(response)
 }
 
