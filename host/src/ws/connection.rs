@@ -19,54 +19,65 @@ use crate::registry::{CloseReason, Registration};
 use crate::stats::Stats;
 
 /// Runs a socket, registered before its upgrade, from the upgrade's
-/// completion to the offline event.
-pub async fn serve(
+/// completion to the offline event; holds its connection slot until then.
+///
+/// A plain fn returning an async block, not an `async fn`, for the reason
+/// [`socket::run`] gives: this future is most of an idle socket's task.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+pub fn serve(
     on_upgrade: OnUpgrade,
     registration: Registration,
     node: Node,
     session: Session,
-    _slot: OwnedSemaphorePermit,
-) {
-    let client = session.client.client_id;
-    let conn = registration.conn;
-    let Some((stream, read_ahead)) = handshake::take_stream(on_upgrade).await else {
-        node.registry.unregister(client, conn);
-        error!(
-            "an upgrade did not complete, or its connection is neither TCP nor TLS over TCP; dropped"
-        );
-        return;
-    };
-    // In the handle: deliveries write to it from other tasks (see
-    // `outbound`). A fresh handle has none yet, so this cannot fail.
-    registration.handle.attach(stream);
-    Stats::incr(&node.stats.connections);
-    Stats::incr(&node.stats.connections_opened);
-    presence_changed(&node, &session, PresenceKind::Online).await;
-    debug!(conn, "connected");
+    slot: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> {
+    async move {
+        let Some((stream, read_ahead)) = handshake::take_stream(on_upgrade).await else {
+            node.registry
+                .unregister(session.client.client_id, registration.conn);
+            error!(
+                "an upgrade did not complete, or its connection is neither TCP nor TLS over TCP; dropped"
+            );
+            return;
+        };
+        // In the handle: deliveries write to it from other tasks (see
+        // `outbound`). A fresh handle has none yet, so this cannot fail.
+        registration.handle.attach(stream);
+        Stats::incr(&node.stats.connections);
+        Stats::incr(&node.stats.connections_opened);
+        presence_changed(&node, &session, PresenceKind::Online).await;
+        debug!(conn = registration.conn, "connected");
 
-    let limits = &node.config.limits;
-    let limits = Limits {
-        max_message: limits.max_frame_bytes,
-        max_batch_bytes: limits.max_body_bytes,
-        max_unsent: super::max_unsent_bytes(limits.max_body_bytes),
-    };
-    let terminal = Inbound {
-        node: &node,
-        session: &session,
-    };
-    let end = socket::run(
-        read_ahead,
-        &registration.handle,
-        &node.registry,
-        limits,
-        &terminal,
-    )
-    .await;
+        let limits = &node.config.limits;
+        let limits = Limits {
+            max_message: limits.max_frame_bytes,
+            max_batch_bytes: limits.max_body_bytes,
+            max_unsent: super::max_unsent_bytes(limits.max_body_bytes),
+        };
+        let terminal = Inbound {
+            node: &node,
+            session: &session,
+        };
+        let end = socket::run(
+            read_ahead,
+            &registration.handle,
+            &node.registry,
+            limits,
+            &terminal,
+        )
+        .await;
 
-    node.registry.unregister(client, conn);
-    Stats::decr(&node.stats.connections);
-    presence_changed(&node, &session, PresenceKind::Offline).await;
-    debug!(conn, ?end, "disconnected");
+        node.registry
+            .unregister(session.client.client_id, registration.conn);
+        Stats::decr(&node.stats.connections);
+        presence_changed(&node, &session, PresenceKind::Offline).await;
+        debug!(conn = registration.conn, ?end, "disconnected");
+        // The socket counted against the node's cap until now.
+        drop(slot);
+    }
 }
 
 /// What a terminal's messages do: go to the inbound plugins, if any.

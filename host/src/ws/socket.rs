@@ -91,66 +91,84 @@ enum Wake {
 
 /// Serves the socket `handle` holds until it ends; `read_ahead` are bytes
 /// hyper read past the handshake.
-pub async fn run<T: Terminal>(
+///
+/// A plain fn returning an async block, not an `async fn`: an async fn's
+/// future keeps its arguments twice (as passed, and as moved into its body),
+/// and this future lives in every idle socket's task. Read-ahead bytes are
+/// decoded here, before the future is made, and what they held waits boxed:
+/// they are rare, and the future should not carry room for them.
+pub fn run<'a, T: Terminal>(
     read_ahead: Bytes,
-    handle: &SocketHandle,
-    registry: &Registry,
+    handle: &'a SocketHandle,
+    registry: &'a Registry,
     limits: Limits,
-    terminal: &T,
-) -> End {
-    let Some(stream) = handle.stream() else {
-        return End::Gone;
-    };
+    terminal: &'a T,
+) -> impl Future<Output = End> + 'a {
     let mut decoder = Decoder::new(limits.max_message);
     let early = (!read_ahead.is_empty()).then(|| {
         let mut events = Vec::new();
-        (decoder.feed(&read_ahead, &mut events), events)
+        Box::new((decoder.feed(&read_ahead, &mut events), events))
     });
     // `read_ahead` may hold on to hyper's whole read buffer (kilobytes), even
     // when empty: it must not live as long as the socket.
     drop(read_ahead);
-    if let Some((decoded, events)) = early
-        && let Some(end) = Box::pin(handle_input(decoded, events, handle, registry, terminal)).await
-    {
-        return Box::pin(finish(stream, end, handle)).await;
-    }
-    // Messages may have been queued between registration and now.
-    let mut want_write = true;
-    let mut want_ping = false;
-    loop {
-        // Without this, a socket whose queue is refilled as fast as the
-        // kernel takes it would never give its worker thread back.
-        tokio::task::consume_budget().await;
-        let wake = poll_fn(|cx| {
-            let signals = handle.take_signals(cx);
-            want_write |= signals & signal::QUEUED != 0;
-            want_ping |= signals & signal::PING != 0;
-            if handle.close_reason().is_some() {
-                return Poll::Ready(Wake::Close);
-            }
-            if (want_write || want_ping) && stream.poll_write_ready(cx).is_ready() {
-                return Poll::Ready(Wake::Write);
-            }
-            if handle.out().unsent_len() <= limits.max_unsent
-                && stream.poll_read_ready(cx).is_ready()
+    async move {
+        let Some(stream) = handle.stream() else {
+            return End::Gone;
+        };
+        if let Some(early) = early {
+            let (decoded, events) = *early;
+            if let Some(end) =
+                Box::pin(handle_input(decoded, events, handle, registry, terminal)).await
             {
-                return Poll::Ready(Wake::Read);
+                return Box::pin(finish(stream, end, handle)).await;
             }
-            Poll::Pending
-        })
-        .await;
-        let outcome = match wake {
-            Wake::Close => break,
-            Wake::Write => {
-                let mut out = handle.out();
-                if std::mem::take(&mut want_ping) {
-                    out.send(Some(stream), &frame::encode(frame::PING, b""));
+        }
+        // Messages may have been queued between registration and now.
+        let mut want_write = true;
+        let mut want_ping = false;
+        loop {
+            // Without this, a socket whose queue is refilled as fast as the
+            // kernel takes it would never give its worker thread back.
+            tokio::task::consume_budget().await;
+            let wake = poll_fn(|cx| {
+                let signals = handle.take_signals(cx);
+                want_write |= signals & signal::QUEUED != 0;
+                want_ping |= signals & signal::PING != 0;
+                if handle.close_reason().is_some() {
+                    return Poll::Ready(Wake::Close);
                 }
-                out.flush(Some(stream), limits.max_batch_bytes)
-                    .map(|done| want_write = !done)
-            }
-            Wake::Read => match read(stream, &mut decoder) {
-                Ok(Some((decoded, events))) => {
+                if (want_write || want_ping) && stream.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Write);
+                }
+                if handle.out().unsent_len() <= limits.max_unsent
+                    && stream.poll_read_ready(cx).is_ready()
+                {
+                    return Poll::Ready(Wake::Read);
+                }
+                Poll::Pending
+            })
+            .await;
+            let outcome = match wake {
+                Wake::Close => break,
+                Wake::Write => {
+                    let mut out = handle.out();
+                    if std::mem::take(&mut want_ping) {
+                        out.send(Some(stream), &frame::encode(frame::PING, b""));
+                    }
+                    out.flush(Some(stream), limits.max_batch_bytes)
+                        .map(|done| want_write = !done)
+                }
+                Wake::Read => {
+                    // Bound before the await below, not matched on in place:
+                    // a matched value would be kept across it, in every
+                    // socket's future.
+                    let input = read(stream, &mut decoder);
+                    let (decoded, events) = match input {
+                        Ok(Some(input)) => input,
+                        Ok(None) => continue,
+                        Err(_) => return End::Gone,
+                    };
                     // Reading TLS may have queued records (alerts, key
                     // updates) the kernel did not take yet.
                     want_write |= stream.has_pending_output();
@@ -162,16 +180,14 @@ pub async fn run<T: Terminal>(
                         None => Ok(()),
                     }
                 }
-                Ok(None) => Ok(()),
-                Err(err) => Err(err),
-            },
-        };
-        if outcome.is_err() {
-            return End::Gone;
+            };
+            if outcome.is_err() {
+                return End::Gone;
+            }
         }
+        let reason = handle.close_reason().unwrap_or(CloseReason::Shutdown);
+        Box::pin(finish(stream, End::Server(reason), handle)).await
     }
-    let reason = handle.close_reason().unwrap_or(CloseReason::Shutdown);
-    Box::pin(finish(stream, End::Server(reason), handle)).await
 }
 
 /// Reads what is there into the thread's buffer and decodes it. `Ok(None)`
