@@ -106,9 +106,9 @@ pub async fn upgrade(
     let client_id = session.client.client_id;
     let registration = node.registry.register(client_id);
     let tasks = node.shutdown.tasks().clone();
-    // One async fn for the socket's whole life, spawned as it is: an async
-    // block around it would hold a second copy of everything it moves in,
-    // in every idle socket's task.
+    // `connection::serve` is the socket's whole life, spawned as it is: an
+    // async block around it would hold a second copy of everything it moves
+    // in, in every idle socket's task.
     let span = debug_span!("socket", client = client_id);
     tasks.spawn(connection::serve(on_upgrade, registration, node, session, slot).instrument(span));
     Ok(response)
