@@ -214,6 +214,40 @@ fn link_advice(error: &str) -> String {
     }
 }
 
+/// Makes the cache's key, or reads the one another process made first.
+///
+/// Nodes and `imhost plugin compile` runs sharing a new cache may open it at
+/// the same moment, so the key appears whole or not at all: it is written to
+/// a file of this process's own, then hard-linked to `key_path`, which fails
+/// if another process linked its key first (and then that one is used).
+fn create_key(dir: &Path, key_path: &Path) -> std::io::Result<Vec<u8>> {
+    let key: [u8; 32] = rand::random();
+    let draft = dir.join(format!(
+        "key.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let written = options.open(&draft).and_then(|mut file| {
+        file.write_all(&key)?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&draft, key_path));
+    // The draft goes either way; the key, if linked, stays under its name.
+    let _ = std::fs::remove_file(&draft);
+    match linked {
+        Ok(()) => Ok(key.to_vec()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(key_path),
+        Err(err) => Err(err),
+    }
+}
+
 /// Compiled artifacts on disk: see the module docs.
 #[derive(Clone)]
 pub struct ArtifactCache {
@@ -237,28 +271,7 @@ impl ArtifactCache {
         let key_path = dir.join("key");
         let key = match std::fs::read(&key_path) {
             Ok(key) => key,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; 32] = rand::random();
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                match options.open(&key_path) {
-                    Ok(mut file) => {
-                        file.write_all(&key)?;
-                        file.sync_all()?;
-                        key.to_vec()
-                    }
-                    // Another process made it first: use theirs.
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                        std::fs::read(&key_path)?
-                    }
-                    Err(err) => return Err(err),
-                }
-            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create_key(dir, &key_path)?,
             Err(err) => return Err(err),
         };
         let key: [u8; 32] = key.try_into().map_err(|_| {
@@ -549,4 +562,44 @@ pub fn compile_into_cache(
         .store(&hash, tier, &artifact)
         .map_err(|e| LoadError::Compiler(format!("cannot write the artifact: {e}")))?;
     Ok((hash, compiled.exported))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many openers of one new cache at once (nodes starting together, or
+    /// parallel `imhost plugin compile` runs) all get the same, whole key.
+    #[test]
+    fn a_new_cache_opened_at_once_by_many_has_one_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cache = dir.path().join("cache");
+            let barrier = std::sync::Barrier::new(8);
+            let keys: Vec<[u8; 32]> = std::thread::scope(|scope| {
+                let openers: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            ArtifactCache::open(&cache).map(|c| c.key)
+                        })
+                    })
+                    .collect();
+                openers
+                    .into_iter()
+                    .map(|t| t.join().expect("opener").expect("open"))
+                    .collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]), "keys differ");
+            let left: Vec<_> = std::fs::read_dir(&cache)
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(
+                left,
+                vec![std::ffi::OsString::from("key")],
+                "drafts left behind"
+            );
+        }
+    }
 }
