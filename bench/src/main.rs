@@ -117,6 +117,11 @@ struct Args {
     /// interleaved runs.
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     sockets_plugins_b: Option<Vec<String>>,
+    /// The bare axum baseline of `--only-sockets` sends each new socket a
+    /// greeting frame, as imhost's `welcome` plugin does: the same visible
+    /// work on both sides of the connects/s ratio.
+    #[arg(long)]
+    baseline_greets: bool,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -145,7 +150,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.baseline_server {
-        return baseline::serve(addr).await;
+        return baseline::serve(addr, args.baseline_greets).await;
     }
     if let Some(addr) = args.floor_server {
         return sockets::floor::serve(addr).await;
@@ -526,13 +531,22 @@ mod baseline {
 
     type Sockets = Arc<Mutex<HashMap<u64, mpsc::Sender<Utf8Bytes>>>>;
 
-    pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
-        let sockets: Sockets = Arc::default();
+    #[derive(Clone)]
+    struct Baseline {
+        sockets: Sockets,
+        /// Send each new socket a greeting, as imhost's `welcome` does.
+        greets: bool,
+    }
+
+    pub async fn serve(addr: SocketAddr, greets: bool) -> anyhow::Result<()> {
         let app = Router::new()
             .route("/ws", get(upgrade))
             .route("/push", post(push))
             .route("/healthz", get(|| async { "ok" }))
-            .with_state(sockets);
+            .with_state(Baseline {
+                sockets: Sockets::default(),
+                greets,
+            });
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
@@ -541,16 +555,23 @@ mod baseline {
     }
 
     async fn upgrade(
-        State(sockets): State<Sockets>,
+        State(baseline): State<Baseline>,
         ws: WebSocketUpgrade,
     ) -> axum::response::Response {
         ws.read_buffer_size(4096)
-            .on_upgrade(move |socket| hold(socket, sockets))
+            .on_upgrade(move |socket| hold(socket, baseline))
     }
 
-    async fn hold(mut socket: WebSocket, sockets: Sockets) {
+    async fn hold(mut socket: WebSocket, Baseline { sockets, greets }: Baseline) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if greets {
+            // What welcome's shipped manifest sends.
+            let greeting = format!(r#"{{"type":"welcome","text":"Welcome, {id}!"}}"#);
+            if socket.send(Message::Text(greeting.into())).await.is_err() {
+                return;
+            }
+        }
         let (tx, mut rx) = mpsc::channel(256);
         sockets.lock().expect("lock").insert(id, tx);
         loop {
@@ -570,7 +591,10 @@ mod baseline {
         interval_us: u64,
     }
 
-    async fn push(State(sockets): State<Sockets>, Query(push): Query<Push>) -> &'static str {
+    async fn push(
+        State(Baseline { sockets, .. }): State<Baseline>,
+        Query(push): Query<Push>,
+    ) -> &'static str {
         let mut next = tokio::time::Instant::now();
         for n in 0..push.n {
             tokio::time::sleep_until(next).await;

@@ -5,7 +5,9 @@
 //! - **floor**: does the handshake, then nothing but one `write()` of a
 //!   ready-made frame per socket per message. No framework, no queue: the
 //!   least a server can do to deliver.
-//! - **baseline**: the bare axum + tungstenite server of the main bench.
+//! - **baseline**: the bare axum + tungstenite server of the main bench
+//!   (`--baseline-greets`: it also sends each new socket a greeting, as the
+//!   welcome plugin does, so that connects compare the same visible work).
 //! - **imhost**: one embedded node with heartbeats, presence and a loaded
 //!   plugin set (word-filter and welcome); messages are `POST /broadcast`.
 //!
@@ -224,7 +226,7 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         }
     }
     println!(
-        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}; medians of {} interleaved runs",
+        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}{}; medians of {} interleaved runs",
         args.rate,
         args.seconds,
         {
@@ -238,6 +240,11 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
             } else {
                 format!(", {a}")
             }
+        },
+        if args.baseline_greets {
+            "; the baseline greets each new socket"
+        } else {
+            ""
         },
         args.repeat.max(1)
     );
@@ -278,6 +285,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
         }
         Server::Baseline => tokio::process::Command::new(std::env::current_exe()?)
             .args(["--baseline-server", &addr.to_string()])
+            .args(args.baseline_greets.then_some("--baseline-greets"))
             .kill_on_drop(true)
             .spawn()?,
         Server::Floor => tokio::process::Command::new(std::env::current_exe()?)
