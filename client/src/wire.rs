@@ -236,6 +236,10 @@ pub fn group_by_node<'a>(
     receivers: &[ClientId],
     servers: &'a [String],
 ) -> Vec<(&'a str, Vec<ClientId>)> {
+    // One receiver (a greeting, a reply) needs no de-duplication.
+    if let [id] = receivers {
+        return vec![(node_for(*id, servers), vec![*id])];
+    }
     let mut groups: Vec<(&str, Vec<ClientId>)> = Vec::new();
     let mut seen = std::collections::HashSet::with_capacity(receivers.len());
     for &id in receivers {
@@ -364,6 +368,7 @@ mod tests {
             groups,
             vec![("b", vec![1, 4]), ("c", vec![2]), ("a", vec![3])]
         );
+        assert_eq!(group_by_node(&[-1], &servers), vec![("c", vec![-1])]);
     }
 
     #[test]

@@ -82,14 +82,23 @@ pub async fn send_message(
     outbox: &Outbox,
     sender: ClientId,
     receivers: &[ClientId],
-    content: String,
+    mut content: String,
     receipt: bool,
 ) -> Result<(), BusinessError> {
-    for (server, ids) in group_by_node(receivers, &outbox.topology.servers) {
+    let mut groups = group_by_node(receivers, &outbox.topology.servers)
+        .into_iter()
+        .peekable();
+    while let Some((server, ids)) = groups.next() {
+        // The last (usually the only) node's message takes the content.
+        let content = if groups.peek().is_some() {
+            content.clone()
+        } else {
+            std::mem::take(&mut content)
+        };
         let message = ServerMessage::Direct(DirectMessage {
             sender,
             receivers: ids,
-            content: content.clone(),
+            content,
             receipt,
         });
         outbox.relay.send(server, message).await?;

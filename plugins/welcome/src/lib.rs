@@ -10,6 +10,7 @@
 //! The greeting is the JSON `{"type":"welcome","text":"…"}` from the system
 //! sender (0).
 
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use imhost_sdk::events::{Events, Presence, PresenceEvent};
@@ -46,14 +47,29 @@ struct Joined<'a> {
     metadata: Option<&'a str>,
 }
 
-/// `template` with `{client}` and `{metadata}` filled in.
+/// `template` with `{client}` and `{metadata}` filled in, in one pass: it
+/// runs on every connect, and two `str::replace` calls cost more than the
+/// rest of the hook (each builds a substring searcher).
 fn fill(template: &str, event: &PresenceEvent) -> String {
-    if !template.contains('{') {
-        return template.to_owned();
+    let mut out = String::with_capacity(template.len() + 24);
+    let mut rest = template;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("{client}") {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{}", event.client_id);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{metadata}") {
+            out.push_str(event.metadata.as_deref().unwrap_or(""));
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
     }
-    template
-        .replace("{client}", &event.client_id.to_string())
-        .replace("{metadata}", event.metadata.as_deref().unwrap_or(""))
+    out.push_str(rest);
+    out
 }
 
 struct Welcome;

@@ -19,6 +19,7 @@
 use std::sync::OnceLock;
 
 use imhost_sdk::filter::{Filter, Message, Verdict};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -49,7 +50,9 @@ fn default_mask() -> char {
 /// strings (for the quick check).
 struct Words {
     words: Vec<Vec<char>>,
-    lowered: Vec<String>,
+    /// A searcher per lowered word, built once: building one per call cost
+    /// more than the search.
+    finders: Vec<Finder<'static>>,
     action: Action,
     mask: char,
 }
@@ -82,7 +85,10 @@ impl Words {
             .map(|w| w.chars().map(lower).collect())
             .collect();
         Ok(Words {
-            lowered: words.iter().map(|w| w.iter().collect()).collect(),
+            finders: words
+                .iter()
+                .map(|w| Finder::new(&w.iter().collect::<String>()).into_owned())
+                .collect(),
             words,
             action: settings.action,
             mask: settings.mask,
@@ -98,11 +104,18 @@ impl Words {
         if content.contains('\\') {
             return false;
         }
-        let lowered: String = content.chars().map(lower).collect();
-        !self.lowered.iter().any(|w| lowered.contains(w.as_str()))
+        // ASCII text is lowered a byte at a time (what `lower` does to it).
+        let lowered = if content.is_ascii() {
+            content.to_ascii_lowercase()
+        } else {
+            content.chars().map(lower).collect()
+        };
+        !self
+            .finders
+            .iter()
+            .any(|f| f.find(lowered.as_bytes()).is_some())
     }
 
-    /// Masks every occurrence in `text`; returns whether anything matched.
     fn mask_text(&self, text: &str) -> (String, bool) {
         let chars: Vec<char> = text.chars().collect();
         let lowered: Vec<char> = chars.iter().copied().map(lower).collect();
