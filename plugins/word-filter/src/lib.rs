@@ -47,7 +47,7 @@ fn default_mask() -> char {
 }
 
 /// Words lower-cased once, as character vectors (for masking) and as
-/// strings (for the quick check).
+/// searchers (for the quick check).
 struct Words {
     words: Vec<Vec<char>>,
     /// A searcher per lowered word, built once: building one per call cost
@@ -116,6 +116,7 @@ impl Words {
             .any(|f| f.find(lowered.as_bytes()).is_some())
     }
 
+    /// Masks every occurrence in `text`; returns whether anything matched.
     fn mask_text(&self, text: &str) -> (String, bool) {
         let chars: Vec<char> = text.chars().collect();
         let lowered: Vec<char> = chars.iter().copied().map(lower).collect();
