@@ -198,7 +198,8 @@ async fn welcome_greets_the_first_device_and_tells_a_channel() {
     dir.install(
         "welcome",
         guests::WELCOME,
-        "[settings]\ntext = \"Hi {client} ({metadata})\"\nchannel = \"lobby\"\n",
+        // A brace that is no placeholder stays as it is.
+        "[settings]\ntext = \"Hi {client} ({metadata}) {x}\"\nchannel = \"lobby\"\n",
     );
     let host = host_with(&dir).await;
     host.plugin_where("welcome", "loaded", |p| p["hooks"] == json!(["events"]))
@@ -207,7 +208,7 @@ async fn welcome_greets_the_first_device_and_tells_a_channel() {
     // Client 1's own greeting comes first.
     assert_eq!(
         old.next_json().await,
-        json!({"type": "welcome", "text": "Hi 1 ()"})
+        json!({"type": "welcome", "text": "Hi 1 () {x}"})
     );
     host.ok("/channels/lobby/join", json!({"client_ids": [1]}))
         .await;
@@ -216,7 +217,7 @@ async fn welcome_greets_the_first_device_and_tells_a_channel() {
     let mut new = Terminal::connect(&url).await.expect("connect");
     assert_eq!(
         new.next_json().await,
-        json!({"type": "welcome", "text": "Hi 2 (web)"})
+        json!({"type": "welcome", "text": "Hi 2 (web) {x}"})
     );
     assert_eq!(
         old.next_json().await,
