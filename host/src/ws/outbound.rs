@@ -24,8 +24,6 @@ use super::transport::Transport;
 
 /// How many queued messages one `writev` carries at most.
 pub const WRITE_BATCH: usize = 64;
-/// A drained queue keeps at most this many slots of memory.
-const KEPT_QUEUE_CAPACITY: usize = 4;
 
 /// What became of a message handed to a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,13 +44,25 @@ pub enum Pushed {
 /// mutex (the socket's task reads from it without locking), and every
 /// method that writes is given it: `None` only for sockets made in unit
 /// tests, where everything is queued.
+///
+/// What waits is boxed: almost always nothing does, and then the outbound
+/// side is two words, so a delivery's write reads the lock, this and the
+/// stream from the handle's first two cache lines (see `docs/architecture.md`,
+/// where the bytes go).
 #[derive(Debug, Default)]
 pub struct Outbound {
+    /// Bytes and messages waiting for the kernel; `None` (nothing
+    /// allocated) once they have all gone.
+    backlog: Option<Box<Backlog>>,
+    /// A close frame is on its way: nothing more is written.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
     queue: VecDeque<Utf8Bytes>,
     /// Bytes the kernel has not taken yet, in order; they go before the queue.
     unsent: Vec<u8>,
-    /// A close frame is on its way: nothing more is written.
-    closed: bool,
 }
 
 impl Outbound {
@@ -62,8 +72,7 @@ impl Outbound {
         if self.closed {
             return Pushed::Closed;
         }
-        if self.queue.is_empty()
-            && self.unsent.is_empty()
+        if self.backlog.is_none()
             && let Some(stream) = stream
         {
             let mut head = [0u8; frame::MAX_SERVER_HEADER];
@@ -80,7 +89,7 @@ impl Outbound {
                     };
                 }
                 Ok(written) => {
-                    keep_unwritten(&mut self.unsent, &parts, written);
+                    keep_unwritten(&mut self.backlog().unsent, &parts, written);
                     return Pushed::Queued;
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -89,28 +98,39 @@ impl Outbound {
                 // consumer. Its task finds out when it reads.
                 Err(_) => {
                     self.closed = true;
-                    self.queue = VecDeque::new();
+                    self.backlog = None;
                     return Pushed::Closed;
                 }
             }
         }
-        if self.queue.len() >= bound {
+        if self.queued() >= bound {
             return Pushed::Full;
         }
-        self.queue.push_back(text.clone());
+        self.backlog().queue.push_back(text.clone());
         Pushed::Queued
+    }
+
+    /// The backlog, allocated if there was none.
+    fn backlog(&mut self) -> &mut Backlog {
+        self.backlog.get_or_insert_with(Box::default)
+    }
+
+    /// How many messages wait in the queue.
+    fn queued(&self) -> usize {
+        self.backlog.as_ref().map_or(0, |b| b.queue.len())
     }
 
     /// Whether bytes wait for the kernel (unsent, queued, or held by TLS).
     pub fn has_pending(&self, stream: Option<&Transport>) -> bool {
-        !self.unsent.is_empty()
-            || !self.queue.is_empty()
+        self.backlog
+            .as_ref()
+            .is_some_and(|b| !b.unsent.is_empty() || !b.queue.is_empty())
             || stream.is_some_and(Transport::has_pending_output)
     }
 
     /// How many bytes of partly written frames wait.
     pub fn unsent_len(&self) -> usize {
-        self.unsent.len()
+        self.backlog.as_ref().map_or(0, |b| b.unsent.len())
     }
 
     /// Sends a whole frame (a control frame or a reply) after whatever is
@@ -119,16 +139,16 @@ impl Outbound {
         if self.closed {
             return;
         }
-        if self.unsent.is_empty()
+        if self.unsent_len() == 0
             && let Some(stream) = stream
         {
             match stream.try_write(bytes) {
                 Ok(n) if n == bytes.len() => {}
-                Ok(n) => self.unsent.extend_from_slice(&bytes[n..]),
-                Err(_) => self.unsent.extend_from_slice(bytes),
+                Ok(n) => self.backlog().unsent.extend_from_slice(&bytes[n..]),
+                Err(_) => self.backlog().unsent.extend_from_slice(bytes),
             }
         } else {
-            self.unsent.extend_from_slice(bytes);
+            self.backlog().unsent.extend_from_slice(bytes);
         }
     }
 
@@ -137,8 +157,9 @@ impl Outbound {
         if self.closed {
             return;
         }
-        self.queue = VecDeque::new();
-        self.unsent.extend_from_slice(close);
+        let backlog = self.backlog();
+        backlog.queue = VecDeque::new();
+        backlog.unsent.extend_from_slice(close);
         self.closed = true;
     }
 
@@ -153,6 +174,20 @@ impl Outbound {
         let Some(stream) = stream else {
             return Ok(!self.has_pending(None));
         };
+        if let Some(backlog) = self.backlog.as_mut() {
+            if !backlog.flush(stream, max_batch_bytes)? {
+                return Ok(false);
+            }
+            // Drained: give its memory back.
+            self.backlog = None;
+        }
+        stream.flush_pending()
+    }
+}
+
+impl Backlog {
+    /// Unsent bytes, then the queue, to the kernel; whether it took them all.
+    fn flush(&mut self, stream: &Transport, max_batch_bytes: usize) -> io::Result<bool> {
         while !self.unsent.is_empty() {
             match stream.try_write(&self.unsent) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -163,18 +198,12 @@ impl Outbound {
                 Err(err) => return Err(err),
             }
         }
-        // Drained: give the buffer back.
-        self.unsent = Vec::new();
         while !self.queue.is_empty() {
             if !self.write_batch(stream, max_batch_bytes)? {
                 return Ok(false);
             }
         }
-        if self.queue.capacity() > KEPT_QUEUE_CAPACITY {
-            // A burst is over: give its memory back.
-            self.queue = VecDeque::new();
-        }
-        stream.flush_pending()
+        Ok(true)
     }
 
     /// One `writev` of the first queued messages; what the kernel refuses of
@@ -225,7 +254,10 @@ impl Outbound {
 impl Outbound {
     /// Empties the queue, for tests.
     pub fn take_queue(&mut self) -> Vec<Utf8Bytes> {
-        self.queue.drain(..).collect()
+        self.backlog
+            .as_mut()
+            .map(|b| b.queue.drain(..).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -241,7 +273,7 @@ fn write_frame(stream: &Transport, parts: &[&[u8]; 2]) -> io::Result<usize> {
         let mut frame = [0u8; SMALL_FRAME];
         frame[..parts[0].len()].copy_from_slice(parts[0]);
         frame[parts[0].len()..len].copy_from_slice(parts[1]);
-        return stream.try_write(&frame[..len]);
+        return stream.try_write_direct(&frame[..len]);
     }
     stream.try_write_vectored(&[IoSlice::new(parts[0]), IoSlice::new(parts[1])])
 }
@@ -271,8 +303,11 @@ mod tests {
         assert_eq!(out.push(None, &text, 2), Pushed::Full);
         out.close_with(b"close");
         assert_eq!(out.push(None, &text, 2), Pushed::Closed);
-        assert!(out.queue.is_empty());
-        assert_eq!(out.unsent, b"close");
+        assert_eq!(out.queued(), 0);
+        assert_eq!(
+            out.backlog.as_ref().map(|b| b.unsent.as_slice()),
+            Some(&b"close"[..])
+        );
     }
 
     /// A connected loopback pair: the server side (with a small send
@@ -331,8 +366,7 @@ mod tests {
             assert_eq!(&frame[..4], &[0x81, 126, 0x0b, 0xb8]);
             assert!(frame[4..].iter().all(|b| *b == b'z'));
         }
-        assert_eq!(out.queue.capacity(), 0, "memory given back");
-        assert_eq!(out.unsent.capacity(), 0);
+        assert!(out.backlog.is_none(), "memory given back");
     }
 
     #[tokio::test]
@@ -355,7 +389,7 @@ mod tests {
         }
         assert_eq!(outcomes.last(), Some(&Pushed::Closed), "{outcomes:?}");
         assert!(!outcomes.contains(&Pushed::Full));
-        assert!(out.queue.is_empty());
+        assert!(out.backlog.is_none());
         assert_eq!(out.push(stream, &text, 1000), Pushed::Closed);
     }
 
