@@ -129,6 +129,13 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
     {
         guest_file(name)?;
     }
+    if args.pin {
+        let cpus = std::thread::available_parallelism()?.get();
+        if cpus < 2 {
+            bail!("--pin needs at least two CPUs (this machine has {cpus})");
+        }
+        pin(std::process::id(), &format!("1-{}", cpus - 1))?;
+    }
     let mut rows = Vec::new();
     let mut csv_memory = String::from("server,connections,rss_bytes\n");
     for &n in &args.socket_counts {
@@ -226,7 +233,7 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         }
     }
     println!(
-        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}{}; medians of {} interleaved runs",
+        "\n{} deliveries/s offered for {} s as broadcasts to every socket; imhost with heartbeats, presence{}{}; medians of {} interleaved runs{}",
         args.rate,
         args.seconds,
         {
@@ -246,7 +253,12 @@ pub async fn compare(args: &Args) -> anyhow::Result<()> {
         } else {
             ""
         },
-        args.repeat.max(1)
+        args.repeat.max(1),
+        if args.pin {
+            "; servers on CPU 0, the load generator on the others"
+        } else {
+            ""
+        }
     );
     if let Some(dir) = &args.csv {
         std::fs::create_dir_all(dir)?;
@@ -296,6 +308,9 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
     let pid = child.id().context("child pid")?;
     let http = reqwest::Client::new();
     wait_serving(&http, addr).await?;
+    if args.pin {
+        pin(pid, "0")?;
+    }
     let plugin_count = plugin_set(args, server).len();
     if server.is_imhost() && plugin_count > 0 {
         super::plugins::wait_plugins(&http, addr, plugin_count).await?;
@@ -422,6 +437,20 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
     })
+}
+
+/// Puts every thread of process `pid` on `cpus` (a `taskset` list). Threads
+/// it starts later inherit their creator's set.
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("--pin runs taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset --cpu-list {cpus} for pid {pid}: {status}");
+    }
+    Ok(())
 }
 
 /// Whether a second imhost runs: another build, or other plugins.
