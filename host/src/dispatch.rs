@@ -32,7 +32,9 @@
 //! task of its own, so every core writes; the next message waits for all of
 //! them, so each socket still gets its messages in order. Smaller fan-outs
 //! are written by the dispatcher itself: at 1,000 sockets, slices of 256 on
-//! four tasks cost more in task switches than they saved.
+//! four tasks cost more in task switches than they saved. Big audiences come
+//! from the registry sorted by address, so the writes walk memory, ours and
+//! the kernel's, in the order the sockets were made (see `registry`).
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;

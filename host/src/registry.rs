@@ -386,23 +386,27 @@ impl Registry {
         sender: ClientId,
     ) -> Vec<Arc<SocketHandle>> {
         let clients = self.lock();
-        targets
+        let sockets = targets
             .into_iter()
             .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
             .filter(|(id, sockets)| !(*id == sender && sockets.len() <= 1))
             .flat_map(|(_, sockets)| handles(sockets))
-            .collect()
+            .collect();
+        drop(clients);
+        in_memory_order(sockets)
     }
 
     /// The sockets a broadcast goes to (the echo rule applied).
     pub fn all_sockets(&self, sender: ClientId) -> Vec<Arc<SocketHandle>> {
         let clients = self.lock();
-        clients
+        let sockets = clients
             .by_id
             .iter()
             .filter(|(id, sockets)| !(**id == sender && sockets.len() <= 1))
             .flat_map(|(_, sockets)| handles(sockets))
-            .collect()
+            .collect();
+        drop(clients);
+        in_memory_order(sockets)
     }
 
     /// Closes every socket of `client`; returns how many were asked to close.
@@ -441,6 +445,24 @@ impl Registry {
     }
 }
 
+/// Audiences bigger than this are written in memory order.
+const MEMORY_ORDER_FROM: usize = 1024;
+
+/// A big audience sorted by its handles' addresses, which follow the order
+/// the sockets were made, as do the kernel's objects for them (descriptor,
+/// socket and, on loopback, the peer's socket). Written in hash order,
+/// every write of a broadcast to 19,000 sockets touched memory far from the
+/// previous one, the kernel's as much as ours; in this order neighbours
+/// share pages and cache lines. Sorting 19,000 handles takes about 0.2 ms
+/// and saved 6 to 11 % of the CPU per delivery (see `docs/operations.md`);
+/// small audiences stay in cache either way.
+fn in_memory_order(mut sockets: Vec<Arc<SocketHandle>>) -> Vec<Arc<SocketHandle>> {
+    if sockets.len() > MEMORY_ORDER_FROM {
+        sockets.sort_unstable_by_key(|handle| Arc::as_ptr(handle) as usize);
+    }
+    sockets
+}
+
 /// The handles of one client's sockets.
 fn handles(sockets: &[Socket]) -> impl Iterator<Item = Arc<SocketHandle>> + '_ {
     sockets.iter().map(|s| s.handle.clone())
@@ -456,6 +478,25 @@ mod tests {
 
     fn queued(handle: &SocketHandle) -> Vec<Utf8Bytes> {
         handle.out().take_queue()
+    }
+
+    #[test]
+    fn a_big_audience_comes_in_memory_order() {
+        let reg = registry(4);
+        let handles: Vec<_> = (1..=MEMORY_ORDER_FROM as ClientId + 100)
+            .map(|client| reg.register(client).handle)
+            .collect();
+        let in_order = |sockets: &[Arc<SocketHandle>]| {
+            sockets
+                .windows(2)
+                .all(|w| Arc::as_ptr(&w[0]) < Arc::as_ptr(&w[1]))
+        };
+        let all = reg.all_sockets(0);
+        assert_eq!(all.len(), handles.len());
+        assert!(in_order(&all));
+        let members = reg.sockets_of((1..=handles.len() as ClientId).rev(), 0);
+        assert_eq!(members.len(), handles.len());
+        assert!(in_order(&members));
     }
 
     #[test]
