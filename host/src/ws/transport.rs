@@ -83,7 +83,7 @@ impl Transport {
     pub fn try_write_direct(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(tcp) => socket2::SockRef::from(tcp).send(buf),
-            Transport::Tls(tls) => tls.write(&[IoSlice::new(buf)]),
+            Transport::Tls(_) => self.try_write(buf),
         }
     }
 
