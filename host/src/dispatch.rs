@@ -11,7 +11,11 @@
 //! results are applied strictly in arrival order (a `FuturesOrdered`): a slow
 //! filter call delays the messages behind it, never reorders them. At most
 //! as many messages are in the filter stage as the chain's smallest instance
-//! pool allows (each call then finds a warm instance).
+//! pool allows (each call then finds a warm instance). A message with
+//! nothing in the filter stage before it and nothing in the inbox behind it
+//! is filtered by the dispatcher itself: there is nothing to overlap it
+//! with, and a task of its own would hand the message to another worker
+//! thread and its fan-out back (see `docs/operations.md`).
 //!
 //! # Who a message is for, worked out on arrival
 //! A message's audience on this node is resolved when it leaves the inbox,
@@ -102,6 +106,11 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
                     };
                     if filtering.is_empty() && !has_filter(&node) {
                         apply(&node, Ready::Deliver(message)).await;
+                    } else if filtering.is_empty() && inbox.is_empty() {
+                        // Nothing waits behind it: a task of its own would
+                        // only hop to another worker and back.
+                        let ready = filter_stage(&node, message).await;
+                        apply(&node, ready).await;
                     } else {
                         let node = node.clone();
                         filtering.push_back(tokio::spawn(async move { filter_stage(&node, message).await }));
