@@ -37,6 +37,7 @@ mod big_cluster;
 mod languages;
 mod soak;
 mod sockets;
+mod source_ports;
 
 const API_KEY: &str = "bench-api-key-0123456789";
 

@@ -12,7 +12,8 @@
 //!   plugin set (word-filter and welcome); messages are `POST /broadcast`.
 //!
 //! For each N it measures connects/s (connect URLs fetched beforehand: that
-//! is the business backend's call), resident memory per idle connection
+//! is the business backend's call; each run connects from a loopback source
+//! address of its own, see `source_ports`), resident memory per idle connection
 //! (RSS growth over the connect phase / N, with checkpoints for the chart),
 //! then offers `--rate` deliveries/s for `--seconds` and reports the
 //! server's CPU time per delivery (utime + stime from /proc), the latency
@@ -32,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::source_ports::SourcePorts;
 use super::{Args, api, connect_url, free_addr, rss_bytes, wait_serving};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -330,6 +332,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
 
     // Connect, with memory checkpoints.
     let gate = Arc::new(Semaphore::new(64));
+    let sources = Arc::new(SourcePorts::fresh());
     let checkpoints: Vec<usize> = (1..=8).map(|k| n * k / 8).collect();
     let mut memory_curve = Vec::new();
     let mut sockets = Vec::with_capacity(n);
@@ -340,10 +343,10 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
         let phase = Instant::now();
         let mut tasks = Vec::with_capacity(upto - done);
         for url in urls.by_ref().take(upto - done) {
-            let gate = gate.clone();
+            let (gate, sources) = (gate.clone(), sources.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = gate.acquire().await?;
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = sources.connect(addr).await?;
                 let ws = super::terminal(url, tcp).await?;
                 anyhow::Ok(ws)
             }));
