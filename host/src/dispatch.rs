@@ -104,13 +104,10 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
                     let Some(message) = resolve(&node, message).await else {
                         continue;
                     };
-                    if filtering.is_empty() && !has_filter(&node) {
-                        apply(&node, Ready::Deliver(message)).await;
-                    } else if filtering.is_empty() && inbox.is_empty() {
-                        // Nothing waits behind it: a task of its own would
-                        // only hop to another worker and back.
-                        let ready = filter_stage(&node, message).await;
-                        apply(&node, ready).await;
+                    if filtering.is_empty() && (inbox.is_empty() || !has_filter(&node)) {
+                        // No filter, or nothing waits behind it: a task of
+                        // its own would only hop to another worker and back.
+                        filter_and_apply(&node, message).await;
                     } else {
                         let node = node.clone();
                         filtering.push_back(tokio::spawn(async move { filter_stage(&node, message).await }));
@@ -140,6 +137,11 @@ pub async fn handle(node: &Node, message: ServerMessage) {
     let Some(message) = resolve(node, message).await else {
         return;
     };
+    filter_and_apply(node, message).await;
+}
+
+/// Runs the filter chain, if there is one, then applies the message.
+async fn filter_and_apply(node: &Node, message: Arrived) {
     let ready = if has_filter(node) {
         filter_stage(node, message).await
     } else {
