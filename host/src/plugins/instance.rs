@@ -136,7 +136,13 @@ impl InstancePool {
     fn new_state(&self) -> PluginState {
         let grants = &self.manifest.grants;
         let mut wasi = WasiCtxBuilder::new();
-        for var in &grants.env {
+        // `Grants::withhold_protected` took these out on load; checked
+        // again here, where the value is read.
+        for var in grants
+            .env
+            .iter()
+            .filter(|v| !super::manifest::is_protected_env(v))
+        {
             if let Ok(value) = std::env::var(var) {
                 wasi.env(var, value);
             }

@@ -69,6 +69,53 @@ pub struct Grants {
     pub network: bool,
 }
 
+/// Environment variables no plugin is ever given: the node's own settings
+/// (`IMHOST_API_KEY`, `IMHOST_REDIS` with its password, ...).
+const PROTECTED_ENV_PREFIX: &str = "IMHOST_";
+
+impl Grants {
+    /// Takes out what no manifest can be granted, whatever it asks: the
+    /// node's own `IMHOST_*` variables, and any directory that is, holds or
+    /// lies inside one of `protected` (the compiled-plugin cache and its
+    /// key). Returns what was withheld, one line each, for the log.
+    pub fn withhold_protected(&mut self, protected: &[PathBuf]) -> Vec<String> {
+        let mut withheld = Vec::new();
+        self.env.retain(|var| {
+            let allowed = !is_protected_env(var);
+            if !allowed {
+                withheld.push(format!("environment variable `{var}`"));
+            }
+            allowed
+        });
+        let protected: Vec<PathBuf> = protected.iter().map(|p| resolved(p)).collect();
+        self.dirs.retain(|dir| {
+            let dir_resolved = resolved(dir);
+            let overlaps = protected
+                .iter()
+                .any(|p| dir_resolved.starts_with(p) || p.starts_with(&dir_resolved));
+            if overlaps {
+                withheld.push(format!("directory `{}`", dir.display()));
+            }
+            !overlaps
+        });
+        withheld
+    }
+}
+
+/// Whether `var` names one of the node's own variables.
+pub fn is_protected_env(var: &str) -> bool {
+    var.len() >= PROTECTED_ENV_PREFIX.len()
+        && var.as_bytes()[..PROTECTED_ENV_PREFIX.len()]
+            .eq_ignore_ascii_case(PROTECTED_ENV_PREFIX.as_bytes())
+}
+
+/// `path` with links and `..` resolved where it exists, as given otherwise
+/// (then made absolute against the working directory).
+fn resolved(path: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -169,5 +216,34 @@ impl Manifest {
     /// The settings as JSON text.
     pub fn settings_json(&self) -> String {
         serde_json::to_string(&self.settings).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nodes_own_variables_and_the_cache_are_withheld() {
+        let cache = tempfile::tempdir().expect("tempdir");
+        let inside = cache.path().join("artifacts");
+        let mut grants = Grants {
+            env: vec![
+                "IMHOST_API_KEY".into(),
+                "imhost_redis".into(),
+                "HOME".into(),
+            ],
+            dirs: vec![
+                cache.path().to_path_buf(),
+                inside,
+                cache.path().parent().expect("parent").to_path_buf(),
+                "/usr/share".into(),
+            ],
+            network: false,
+        };
+        let withheld = grants.withhold_protected(&[cache.path().to_path_buf()]);
+        assert_eq!(grants.env, vec!["HOME".to_string()]);
+        assert_eq!(grants.dirs, vec![PathBuf::from("/usr/share")]);
+        assert_eq!(withheld.len(), 5, "{withheld:?}");
     }
 }

@@ -414,8 +414,9 @@ impl PluginHost {
         self.failures().retain(|name, _| names.contains(name));
         let mut sources = Vec::new();
         let mut keep = Vec::new();
+        let protected: Vec<PathBuf> = self.loader.cache_dir.iter().cloned().collect();
         for name in &names {
-            match read_source(&dir, name).await {
+            match read_source(&dir, name, &protected).await {
                 Ok(Some(source)) => {
                     let running = self
                         .current()
@@ -832,7 +833,14 @@ async fn scan(dir: &Path) -> std::io::Result<Vec<String>> {
 }
 
 /// Reads `NAME.wasm` and `NAME.toml` as a reload does; `None`: disabled.
-async fn read_source(dir: &Path, name: &str) -> Result<Option<Source>, LoadError> {
+/// Grants no manifest can have are withheld (see
+/// [`manifest::Grants::withhold_protected`]); `protected` lists the
+/// directories no plugin may read.
+async fn read_source(
+    dir: &Path,
+    name: &str,
+    protected: &[PathBuf],
+) -> Result<Option<Source>, LoadError> {
     let wasm = tokio::fs::read(dir.join(format!("{name}.wasm")))
         .await
         .map_err(|e| LoadError::Invalid(format!("cannot read: {e}")))?;
@@ -841,9 +849,12 @@ async fn read_source(dir: &Path, name: &str) -> Result<Option<Source>, LoadError
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(err) => return Err(LoadError::Manifest(err.to_string())),
     };
-    let manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
+    let mut manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
     if !manifest.enabled {
         return Ok(None);
+    }
+    for grant in manifest.grants.withhold_protected(protected) {
+        warn!(plugin = name, %grant, "grant withheld: it can never be given to a plugin");
     }
     let hash = compile::content_hash(&wasm);
     let version = format!("{hash}:{}", compile::content_hash(manifest_text.as_bytes()));
@@ -871,7 +882,8 @@ pub async fn check_file(
 ) -> Result<PluginInfo, LoadError> {
     let name = plugin_name(path).map_err(LoadError::Invalid)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let Some(source) = read_source(dir, &name).await? else {
+    let protected: Vec<PathBuf> = cache.iter().map(|c| c.dir().to_path_buf()).collect();
+    let Some(source) = read_source(dir, &name, &protected).await? else {
         return Err(LoadError::Manifest(
             "`enabled = false`: the server would not load it".into(),
         ));

@@ -204,3 +204,40 @@ async fn the_circuit_breaker_half_opens_after_its_cooldown() {
         .await;
     assert_eq!(row["errors"], 2, "{row}");
 }
+
+/// The node's own secrets are never a plugin's to ask for: a manifest that
+/// grants itself `IMHOST_API_KEY` and the compiled-plugin cache (with its
+/// signing key) gets neither, in a real process given its key by variable.
+#[tokio::test]
+async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
+    let dir = PluginDir::new();
+    let cache = imhost_tests::plugin_cache();
+    let key_file = cache.join("key");
+    dir.install(
+        "probe",
+        guests::SANDBOX_PROBE,
+        &format!(
+            "timeout_ms = 2000\n[grants]\nenv = [\"IMHOST_API_KEY\", \"imhost_redis\", \"PATH\"]\n\
+             dirs = [{:?}]\n[settings]\nenv = \"IMHOST_API_KEY\"\nfile = {:?}\naddr = \"127.0.0.1:9\"\n",
+            cache.display().to_string(),
+            key_file.display().to_string()
+        ),
+    );
+    let addr = imhost_tests::process::free_addr();
+    let listen = addr.to_string();
+    let plugins = dir.arg();
+    let _process = imhost_tests::process::ImhostProcess::spawn(
+        addr,
+        &["--listen", &listen, "--plugins", &plugins],
+        &[("IMHOST_API_KEY", imhost_tests::api::API_KEY)],
+    );
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+    api.plugin_where("probe", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut t = api.terminal(1).await;
+    api.send(0, &[1], json!("probe"), false).await;
+    let seen = t.next_json().await;
+    assert_eq!(seen["env"], json!(null), "the API key leaked: {seen}");
+    assert_eq!(seen["file"], json!(null), "the cache key leaked: {seen}");
+}
