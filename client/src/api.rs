@@ -62,6 +62,49 @@ pub struct BroadcastRequest {
     pub message: serde_json::Value,
 }
 
+/// `POST /api/v1/batch`: many sends in one request, each with its own
+/// result, in order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub items: Vec<BatchItem>,
+}
+
+/// One send of a batch: the body of the call it names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BatchItem {
+    /// `POST /api/v1/messages`.
+    Messages(SendMessageRequest),
+    /// `POST /api/v1/channels/{channel}/messages`.
+    ChannelMessage(BatchChannelMessage),
+    /// `POST /api/v1/broadcast`.
+    Broadcast(BroadcastRequest),
+}
+
+/// A channel message in a batch: [`ChannelMessageRequest`] with its channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchChannelMessage {
+    pub channel: String,
+    #[serde(default)]
+    pub sender: ClientId,
+    pub message: serde_json::Value,
+}
+
+/// Answer of `POST /api/v1/batch`: one result per item, in order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub results: Vec<BatchResult>,
+}
+
+/// `{}` when the item was accepted, `{"error":{…}}` when not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
 /// One row of `GET /api/v1/channels`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelInfo {
@@ -100,7 +143,8 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `unauthorized`, `bad_request`, `not_found`,
-    /// `payload_too_large`, `unavailable`, `internal`.
+    /// `payload_too_large`, `unavailable`, `overloaded` (503 with
+    /// `Retry-After`: the node took nothing), `internal`.
     pub code: String,
     /// For people; never carries internal details.
     pub message: String,

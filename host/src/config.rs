@@ -127,6 +127,25 @@ pub struct Options {
         value_name = "MESSAGES"
     )]
     pub outbound_queue: Option<usize>,
+    /// Delivery shards: each writes to its share of the sockets, in order per
+    /// socket, on a task of its own. 0: one per worker thread. [default: 0]
+    #[arg(
+        long,
+        help_heading = "Delivery",
+        env = "IMHOST_DELIVERY_SHARDS",
+        value_name = "N"
+    )]
+    pub delivery_shards: Option<usize>,
+    /// Deliveries (one message to one socket) the node queues before the API
+    /// answers 503 `overloaded` and the Redis subscriber stops reading.
+    /// [default: 524288]
+    #[arg(
+        long,
+        help_heading = "Delivery",
+        env = "IMHOST_DELIVERY_BACKLOG",
+        value_name = "DELIVERIES"
+    )]
+    pub delivery_backlog: Option<usize>,
     /// How often the server pings each socket. [default: 20s]
     #[arg(long, help_heading = "Terminals", env = "IMHOST_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
@@ -155,6 +174,15 @@ pub struct Options {
         value_name = "BYTES"
     )]
     pub max_body_bytes: Option<usize>,
+    /// Most items in one `POST /api/v1/batch` (each a send with its own
+    /// result; the body limit applies too). [default: 1000]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_MAX_BATCH_ITEMS",
+        value_name = "N"
+    )]
+    pub max_batch_items: Option<usize>,
     /// How long a node's liveness key lives without a refresh (cluster mode): a node
     /// silent this long is taken for dead and its clients go offline. [default: 15s]
     #[arg(long, help_heading = "Cluster", env = "IMHOST_NODE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -282,12 +310,16 @@ pub struct Config {
 pub struct Limits {
     pub max_frame_bytes: usize,
     pub outbound_queue: usize,
+    /// 0: one per worker thread.
+    pub delivery_shards: usize,
+    pub delivery_backlog: usize,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub token_ttl: Duration,
     /// `None`: derive from the open-file limit at start-up.
     pub max_connections: Option<usize>,
     pub max_body_bytes: usize,
+    pub max_batch_items: usize,
     pub node_ttl: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
@@ -305,11 +337,14 @@ impl Default for Limits {
         Self {
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,
+            delivery_shards: 0,
+            delivery_backlog: 512 * 1024,
             heartbeat_interval: Duration::from_secs(20),
             heartbeat_timeout: Duration::from_secs(60),
             token_ttl: Duration::from_secs(10),
             max_connections: None,
             max_body_bytes: 1024 * 1024,
+            max_batch_items: 1000,
             node_ttl: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
@@ -380,11 +415,14 @@ impl Options {
             demo_public: self.demo_public.or(lower.demo_public),
             max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
             outbound_queue: self.outbound_queue.or(lower.outbound_queue),
+            delivery_shards: self.delivery_shards.or(lower.delivery_shards),
+            delivery_backlog: self.delivery_backlog.or(lower.delivery_backlog),
             heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
             heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
             token_ttl: self.token_ttl.or(lower.token_ttl),
             max_connections: self.max_connections.or(lower.max_connections),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
+            max_batch_items: self.max_batch_items.or(lower.max_batch_items),
             node_ttl: self.node_ttl.or(lower.node_ttl),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
             header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
@@ -468,6 +506,8 @@ impl Options {
         let limits = Limits {
             max_frame_bytes: self.max_frame_bytes.unwrap_or(defaults.max_frame_bytes),
             outbound_queue: self.outbound_queue.unwrap_or(defaults.outbound_queue),
+            delivery_shards: self.delivery_shards.unwrap_or(defaults.delivery_shards),
+            delivery_backlog: self.delivery_backlog.unwrap_or(defaults.delivery_backlog),
             heartbeat_interval: self
                 .heartbeat_interval
                 .unwrap_or(defaults.heartbeat_interval),
@@ -475,6 +515,7 @@ impl Options {
             token_ttl: self.token_ttl.unwrap_or(defaults.token_ttl),
             max_connections: self.max_connections,
             max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_batch_items: self.max_batch_items.unwrap_or(defaults.max_batch_items),
             node_ttl: self.node_ttl.unwrap_or(defaults.node_ttl),
             shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
             header_read_timeout: self
@@ -578,6 +619,12 @@ impl Limits {
         if !(1..=65_536).contains(&self.outbound_queue) {
             return Err(invalid("outbound_queue", "must be between 1 and 65536"));
         }
+        if self.delivery_shards > 1024 {
+            return Err(invalid("delivery_shards", "must be at most 1024"));
+        }
+        if !(1..=1 << 30).contains(&self.delivery_backlog) {
+            return Err(invalid("delivery_backlog", "must be between 1 and 2^30"));
+        }
         if self.heartbeat_interval < Duration::from_millis(10) {
             return Err(invalid("heartbeat_interval", "must be at least 10ms"));
         }
@@ -607,6 +654,9 @@ impl Limits {
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        if !(1..=1_000_000).contains(&self.max_batch_items) {
+            return Err(invalid("max_batch_items", "must be between 1 and 1000000"));
         }
         Ok(())
     }

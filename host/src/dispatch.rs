@@ -29,16 +29,20 @@
 //! filter chain. Resolving in arrival order also keeps a membership change
 //! and the messages after it in order.
 //!
+//! # Two ways in
+//! What arrives from Redis comes through one inbox in the order Redis
+//! delivered it: [`run`] resolves, filters (side by side, applied in order)
+//! and hands each message to the delivery shards, waiting for room in the
+//! node's backlog when it is full, so the subscriber stops reading. What the
+//! node's own API sends in embedded mode is handled by [`handle`] in the
+//! caller's task, on whatever core serves the request, and refused with
+//! [`Overloaded`] when the backlog is full (the API answers 503).
+//!
 //! # Fan-out
-//! Handing a message to a socket is a non-blocking write straight to the
-//! kernel (see `ws::outbound`). A channel message or broadcast to more than
-//! 1,024 sockets is cut into one slice per worker thread, each written by a
-//! task of its own, so every core writes; the next message waits for all of
-//! them, so each socket still gets its messages in order. Smaller fan-outs
-//! are written by the dispatcher itself: at 1,000 sockets, slices of 256 on
-//! four tasks cost more in task switches than they saved. Big audiences come
-//! from the registry sorted by address, so the writes walk memory, ours and
-//! the kernel's, in the order the sockets were made (see `registry`).
+//! Applying a message never writes to more than a small idle audience
+//! itself: it hands the audience to the delivery shards (see
+//! [`crate::shards`]), which keep each socket's order and write on every
+//! core, so the next message does not wait for this one's writes.
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -47,18 +51,20 @@ use imhost_client::wire::{
     ChanMessage, DirectMessage, RECEIPT_DELIVERED, RECEIPT_OFFLINE, ServerMessage, is_receipt,
     receipt, receipt_filtered,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
+use crate::cluster::{ClusterError, LocalDelivery};
 use crate::node::Node;
 use crate::plugins::FilterOutcome;
 use crate::plugins::hooks::{Outgoing, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::{CloseReason, Delivery, SocketHandle};
+use crate::registry::{CloseReason, Lookup, SocketHandle};
+use crate::shards::{Admission, Overloaded};
 use crate::stats::Stats;
 
 /// A message with its audience on this node, resolved on arrival.
@@ -93,7 +99,8 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
         tokio::select! {
             biased;
             Some(done) = filtering.next(), if !filtering.is_empty() => match done {
-                Ok(ready) => apply(&node, ready).await,
+                // Waits for room: never refused.
+                Ok(ready) => { let _ = apply(&node, ready, Admission::Wait).await; }
                 Err(err) => {
                     Stats::incr(&node.stats.dispatch_errors);
                     warn!(cause = %err, "a filter task failed; its message is lost");
@@ -107,7 +114,7 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
                     if filtering.is_empty() && (inbox.is_empty() || !has_filter(&node)) {
                         // No filter, or nothing waits behind it: a task of
                         // its own would only hop to another worker and back.
-                        filter_and_apply(&node, message).await;
+                        let _ = filter_and_apply(&node, message, Admission::Wait).await;
                     } else {
                         let node = node.clone();
                         filtering.push_back(tokio::spawn(async move { filter_stage(&node, message).await }));
@@ -121,6 +128,28 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
     debug!("dispatcher stopped");
 }
 
+/// The embedded relay's way in: [`handle`] in the sender's task, refused
+/// when the node is overloaded.
+pub struct Inline(Weak<crate::node::Inner>);
+
+impl Inline {
+    pub fn new(node: &Node) -> Self {
+        Inline(node.downgrade())
+    }
+}
+
+#[async_trait::async_trait]
+impl LocalDelivery for Inline {
+    async fn deliver(&self, message: ServerMessage) -> Result<(), ClusterError> {
+        let Some(node) = Node::upgrade(&self.0) else {
+            return Err(ClusterError::Unavailable("node is shutting down".into()));
+        };
+        handle(&node, message, Admission::Try)
+            .await
+            .map_err(|Overloaded| ClusterError::Overloaded)
+    }
+}
+
 fn has_filter(node: &Node) -> bool {
     node.plugins.current().has(Hook::Filter)
 }
@@ -131,23 +160,38 @@ fn filter_concurrency(node: &Node) -> usize {
     node.plugins.current().filter_pool().max(1)
 }
 
-/// Acts on one message addressed to this node, filters included (for callers
-/// outside the dispatcher, such as benchmarks).
-pub async fn handle(node: &Node, message: ServerMessage) {
+/// Acts on one message addressed to this node, filters included, in the
+/// caller's task: the node's own API in embedded mode, and benchmarks.
+///
+/// # Errors
+/// [`Overloaded`] when `admission` is [`Admission::Try`] and the node's
+/// delivery backlog has no room: nothing was delivered.
+pub async fn handle(
+    node: &Node,
+    message: ServerMessage,
+    admission: Admission,
+) -> Result<(), Overloaded> {
+    if admission == Admission::Try && node.shards.is_full() {
+        return Err(Overloaded);
+    }
     let Some(message) = resolve(node, message).await else {
-        return;
+        return Ok(());
     };
-    filter_and_apply(node, message).await;
+    filter_and_apply(node, message, admission).await
 }
 
 /// Runs the filter chain, if there is one, then applies the message.
-async fn filter_and_apply(node: &Node, message: Arrived) {
+async fn filter_and_apply(
+    node: &Node,
+    message: Arrived,
+    admission: Admission,
+) -> Result<(), Overloaded> {
     let ready = if has_filter(node) {
         filter_stage(node, message).await
     } else {
         Ready::Deliver(message)
     };
-    apply(node, ready).await;
+    apply(node, ready, admission).await
 }
 
 /// Who on this node `message` reaches; `None` when nobody here would get
@@ -239,17 +283,18 @@ async fn filter_stage(node: &Node, message: Arrived) -> Ready {
 }
 
 /// Applies a message that went through the filter stage.
-async fn apply(node: &Node, ready: Ready) {
+async fn apply(node: &Node, ready: Ready, admission: Admission) -> Result<(), Overloaded> {
     match ready {
-        Ready::Deliver(Arrived::Direct(direct)) => deliver_direct(node, direct).await,
+        Ready::Deliver(Arrived::Direct(direct)) => deliver_direct(node, direct, admission).await?,
         Ready::Deliver(Arrived::Chan { message, sockets }) => {
-            fan_out(node, sockets, Utf8Bytes::from(message.content)).await;
+            node.shards
+                .write(sockets, Utf8Bytes::from(message.content), admission)
+                .await?;
         }
         Ready::Deliver(Arrived::ForceOffline(client_id)) => {
-            let closed = node
-                .registry
-                .close_client(client_id, CloseReason::ForcedOffline);
-            Stats::add(&node.stats.forced_offline, closed as u64);
+            let sockets = node.registry.client_sockets(client_id);
+            Stats::add(&node.stats.forced_offline, sockets.len() as u64);
+            node.shards.close(sockets, CloseReason::ForcedOffline).await;
         }
         Ready::Dropped {
             message: Arrived::Direct(direct),
@@ -270,9 +315,14 @@ async fn apply(node: &Node, ready: Ready) {
         }
         Ready::Dropped { .. } => {}
     }
+    Ok(())
 }
 
-async fn deliver_direct(node: &Node, msg: DirectMessage) {
+async fn deliver_direct(
+    node: &Node,
+    msg: DirectMessage,
+    admission: Admission,
+) -> Result<(), Overloaded> {
     let DirectMessage {
         sender,
         receivers,
@@ -280,26 +330,42 @@ async fn deliver_direct(node: &Node, msg: DirectMessage) {
         receipt: receipt_asked,
     } = msg;
     let wants_receipt = |receiver: ClientId| receipt_asked && sender != 0 && receiver != sender;
-    // One buffer for every socket of every receiver (the String moves in).
-    let text = Utf8Bytes::from(content);
+    // Every socket of every receiver here, handed over as one audience: one
+    // admission, one buffer (the String moves in).
+    let mut audience: Vec<Arc<SocketHandle>> = Vec::new();
+    let mut receipts = Vec::new();
     for &receiver in &receivers {
-        let receipt_text = match node.registry.deliver(receiver, &text, sender) {
-            Delivery::NotConnected => RECEIPT_OFFLINE,
-            Delivery::EchoSkipped => continue,
-            Delivery::Queued(_) => RECEIPT_DELIVERED,
+        let receipt_text = match node.registry.lookup(receiver, sender) {
+            Lookup::NotConnected => RECEIPT_OFFLINE,
+            Lookup::EchoSkipped => continue,
+            Lookup::Sockets(sockets) => {
+                audience.extend(sockets);
+                RECEIPT_DELIVERED
+            }
         };
         if wants_receipt(receiver) {
-            send_receipt(node, receiver, sender, receipt(text.as_str(), receipt_text)).await;
+            receipts.push((receiver, receipt_text));
         }
     }
+    let text = Utf8Bytes::from(content);
+    node.shards.write(audience, text.clone(), admission).await?;
+    for (receiver, receipt_text) in receipts {
+        send_receipt(node, receiver, sender, receipt(text.as_str(), receipt_text)).await;
+    }
+    Ok(())
 }
 
 /// FreeIM sends a receipt as a new message from the receiver to the sender.
-/// When the sender lives here the relay round trip is skipped.
+/// When the sender lives here the relay round trip is skipped. A receipt
+/// belongs to a message already accepted: it is never refused.
 async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content: String) {
     if node.topology.is_mine(sender) {
-        node.registry
-            .deliver(sender, &Utf8Bytes::from(content), receiver);
+        if let Lookup::Sockets(sockets) = node.registry.lookup(sender, receiver) {
+            let _ = node
+                .shards
+                .write(sockets, Utf8Bytes::from(content), Admission::Always)
+                .await;
+        }
         return;
     }
     let message = ServerMessage::Direct(DirectMessage {
@@ -315,38 +381,5 @@ async fn send_receipt(node: &Node, receiver: ClientId, sender: ClientId, content
     {
         Stats::incr(&node.stats.dispatch_errors);
         warn!(cause = %err, sender, "receipt not sent");
-    }
-}
-
-/// A fan-out slice holds at least this many sockets: writing fewer takes
-/// less time than handing them to another worker thread costs.
-const MIN_FAN_OUT_SLICE: usize = 1024;
-
-/// Hands `text` to `sockets`. A delivery is a non-blocking write per socket
-/// (see `ws::outbound`). A big fan-out is cut into one slice per worker
-/// thread, each written by a task of its own, so every core writes. None is
-/// written here: tokio runs the task spawned last on this worker next (its
-/// LIFO slot, which other workers cannot steal from), so a slice written
-/// here first would hold that task back until it is done. All slices finish
-/// before the next message is applied, which keeps each socket's messages
-/// in order.
-async fn fan_out(node: &Node, mut sockets: Vec<Arc<SocketHandle>>, text: Utf8Bytes) {
-    if sockets.len() <= MIN_FAN_OUT_SLICE {
-        node.registry.push_all(sockets, &text);
-        return;
-    }
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let slice = MIN_FAN_OUT_SLICE.max(sockets.len().div_ceil(workers.max(1)));
-    let mut slices = JoinSet::new();
-    while !sockets.is_empty() {
-        let rest = sockets.split_off(sockets.len().saturating_sub(slice));
-        let (registry, text) = (node.registry.clone(), text.clone());
-        slices.spawn(async move { registry.push_all(rest, &text) });
-    }
-    while let Some(done) = slices.join_next().await {
-        if let Err(err) = done {
-            Stats::incr(&node.stats.dispatch_errors);
-            warn!(cause = %err, "a fan-out slice failed");
-        }
     }
 }

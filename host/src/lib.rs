@@ -11,6 +11,7 @@
 //! - [`ws`] — the terminal side: connect, and one task per socket.
 //! - [`registry`] — local sockets by client id, each with a bounded outbound queue.
 //! - [`dispatch`] — applies FreeIM's delivery rules to what arrives for this node.
+//! - [`shards`] — writes to the sockets, in order per socket, on every core, within a bounded backlog.
 //! - [`business`] — the operations a backend asks for (FreeIM's `ImHelper`).
 //! - [`http`] — the business API, the event stream and the demo page.
 //! - [`cluster`] — the relay and presence traits and their implementations.
@@ -31,6 +32,7 @@ pub mod node;
 pub mod plugins;
 pub mod registry;
 pub mod server;
+pub mod shards;
 pub mod shutdown;
 pub mod stats;
 pub mod status;

@@ -1,7 +1,7 @@
 //! The handles one node's tasks share: configuration, local connections, the
 //! cluster traits, counters and shutdown. Cheap to clone; it is axum's state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::{Semaphore, broadcast};
 
@@ -22,6 +22,8 @@ pub struct Inner {
     pub config: Config,
     pub topology: Topology,
     pub registry: Registry,
+    /// Writes to the sockets, in order per socket, on every core.
+    pub shards: crate::shards::Shards,
     pub presence: Arc<dyn Presence>,
     pub relay: Arc<dyn Relay>,
     /// Where presence events of the whole cluster arrive for local subscribers
@@ -50,6 +52,17 @@ impl Node {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// A handle that does not keep the node alive (for what the node itself
+    /// holds, such as the embedded relay's way back in).
+    pub fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    /// The node behind `weak`, while it lives.
+    pub fn upgrade(weak: &Weak<Inner>) -> Option<Node> {
+        weak.upgrade().map(|inner| Node { inner })
     }
 }
 

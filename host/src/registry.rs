@@ -14,7 +14,7 @@
 //! async mutex would only add cost (the reasoning of mini-redis's `Db`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -116,6 +116,14 @@ pub struct SocketHandle {
     flags: AtomicU8,
     /// The first close reason given (0: none), as `CloseReason as u8 + 1`.
     close_reason: AtomicU8,
+    /// The delivery shard that writes to this socket (see [`crate::shards`]),
+    /// fixed at registration.
+    shard: u16,
+    /// Where this socket's frames of the current pass wait in its shard's
+    /// staging (`NOT_STAGED` between passes). Only its shard's task touches
+    /// it. With `flags`, `close_reason` and `shard` it fills the padding
+    /// before `last_heard`: the handle did not grow.
+    slot: AtomicU32,
     /// When a frame last arrived, in milliseconds of the registry's clock.
     last_heard: AtomicU64,
     waker: AtomicWaker,
@@ -131,13 +139,18 @@ pub mod signal {
     pub const CLOSE: u8 = 4;
 }
 
+/// [`SocketHandle::slot`] between passes.
+pub const NOT_STAGED: u32 = u32::MAX;
+
 impl SocketHandle {
-    fn new(now_ms: u64) -> Self {
+    fn new(now_ms: u64, shard: u16) -> Self {
         Self {
             stream: OnceLock::new(),
             out: Mutex::default(),
             flags: AtomicU8::new(0),
             close_reason: AtomicU8::new(0),
+            shard,
+            slot: AtomicU32::new(NOT_STAGED),
             last_heard: AtomicU64::new(now_ms),
             waker: AtomicWaker::new(),
         }
@@ -204,10 +217,20 @@ impl SocketHandle {
         self.last_heard.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Hands `text` to the socket (written at once, or queued and the task
-    /// woken); false when its queue is full.
-    fn push(&self, text: &Utf8Bytes, bound: usize) -> Pushed {
-        let pushed = self.out().push(self.stream(), text, bound);
+    /// The delivery shard this socket belongs to.
+    pub fn shard(&self) -> usize {
+        usize::from(self.shard)
+    }
+
+    /// The socket's place in its shard's staging, for [`crate::shards`].
+    pub fn slot(&self) -> &AtomicU32 {
+        &self.slot
+    }
+
+    /// Hands `texts` to the socket in order (written at once, as one
+    /// `writev` when several, or queued and the task woken).
+    fn push(&self, texts: &[&Utf8Bytes], bound: usize) -> Pushed {
+        let pushed = self.out().push_many(self.stream(), texts, bound);
         if pushed == Pushed::Queued {
             self.raise(signal::QUEUED);
         }
@@ -228,15 +251,15 @@ pub struct Registration {
     pub handle: Arc<SocketHandle>,
 }
 
-/// What happened when a message was handed to one client's sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
+/// Where a message to one client goes on this node.
+#[derive(Debug, Clone)]
+pub enum Lookup {
     /// The client has no socket on this node.
     NotConnected,
     /// The receiver is the sender with at most one socket: FreeIM's echo rule.
     EchoSkipped,
-    /// Queued to this many sockets (slow ones among them were closed instead).
-    Queued(usize),
+    /// To these sockets.
+    Sockets(Vec<Arc<SocketHandle>>),
 }
 
 struct Socket {
@@ -260,16 +283,20 @@ pub struct Registry {
     clients: Arc<Mutex<Clients>>,
     stats: Arc<Stats>,
     queue_bound: usize,
+    /// Delivery shards the sockets are dealt over, round robin.
+    shards: u16,
     /// The clock of `last_heard`: milliseconds since this instant.
     epoch: Instant,
 }
 
 impl Registry {
-    pub fn new(queue_bound: usize, stats: Arc<Stats>) -> Self {
+    /// A registry whose sockets are dealt over `shards` delivery shards.
+    pub fn new(queue_bound: usize, shards: usize, stats: Arc<Stats>) -> Self {
         Self {
             clients: Arc::default(),
             stats,
             queue_bound,
+            shards: u16::try_from(shards.clamp(1, usize::from(u16::MAX))).unwrap_or(1),
             epoch: Instant::now(),
         }
     }
@@ -288,10 +315,11 @@ impl Registry {
     /// without one in unit tests, everything is queued for the socket's
     /// task); returns its id and handle.
     pub fn register(&self, client: ClientId) -> Registration {
-        let handle = Arc::new(SocketHandle::new(self.now_ms()));
         let mut clients = self.lock();
         clients.next_conn += 1;
         let conn = clients.next_conn;
+        let shard = u16::try_from(conn % u64::from(self.shards)).unwrap_or(0);
+        let handle = Arc::new(SocketHandle::new(self.now_ms(), shard));
         if clients.closed {
             handle.close(CloseReason::Shutdown);
         }
@@ -362,20 +390,23 @@ impl Registry {
         self.lock().by_id.keys().copied().collect()
     }
 
-    /// Hands `text` to every socket of `client`, applying the echo rule when
-    /// the client is `sender`.
-    pub fn deliver(&self, client: ClientId, text: &Utf8Bytes, sender: ClientId) -> Delivery {
-        let sockets = {
-            let clients = self.lock();
-            match clients.by_id.get(&client) {
-                None => return Delivery::NotConnected,
-                Some(sockets) if client == sender && sockets.len() <= 1 => {
-                    return Delivery::EchoSkipped;
-                }
-                Some(sockets) => handles(sockets).collect::<Vec<_>>(),
-            }
-        };
-        Delivery::Queued(self.push_all(sockets, text))
+    /// Where a message from `sender` to `client` goes, the echo rule applied.
+    pub fn lookup(&self, client: ClientId, sender: ClientId) -> Lookup {
+        let clients = self.lock();
+        match clients.by_id.get(&client) {
+            None => Lookup::NotConnected,
+            Some(sockets) if client == sender && sockets.len() <= 1 => Lookup::EchoSkipped,
+            Some(sockets) => Lookup::Sockets(handles(sockets).collect()),
+        }
+    }
+
+    /// Every socket of `client` on this node.
+    pub fn client_sockets(&self, client: ClientId) -> Vec<Arc<SocketHandle>> {
+        self.lock()
+            .by_id
+            .get(&client)
+            .map(|sockets| handles(sockets).collect())
+            .unwrap_or_default()
     }
 
     /// The sockets a message to each of `targets` goes to (the echo rule
@@ -409,19 +440,6 @@ impl Registry {
         in_memory_order(sockets)
     }
 
-    /// Closes every socket of `client`; returns how many were asked to close.
-    pub fn close_client(&self, client: ClientId, reason: CloseReason) -> usize {
-        let clients = self.lock();
-        let sockets = clients
-            .by_id
-            .get(&client)
-            .map_or(&[][..], SmallVec::as_slice);
-        for socket in sockets {
-            socket.handle.close(reason);
-        }
-        sockets.len()
-    }
-
     /// Hands `text` to `sockets`, outside the registry's lock (a push may
     /// write to the kernel); returns how many took it. A full queue closes
     /// its socket as a slow consumer. Each handle is let go of right after
@@ -429,19 +447,35 @@ impl Registry {
     pub fn push_all(&self, sockets: Vec<Arc<SocketHandle>>, text: &Utf8Bytes) -> usize {
         let mut taken = 0;
         for socket in sockets {
-            match socket.push(text, self.queue_bound) {
-                Pushed::Written | Pushed::Queued => taken += 1,
-                Pushed::Full => {
-                    if socket.close(CloseReason::SlowConsumer) {
-                        Stats::incr(&self.stats.slow_consumers_closed);
-                    }
-                }
-                // On its way out: nothing more is written to it.
-                Pushed::Closed => {}
-            }
+            taken += usize::from(self.push_one(&socket, &[text]));
         }
         Stats::add(&self.stats.frames_queued, taken as u64);
         taken
+    }
+
+    /// Hands `texts` to one socket in order (one `writev` when it can take
+    /// them at once); whether it took them. A full queue closes it as a
+    /// slow consumer.
+    pub fn push_many(&self, socket: &SocketHandle, texts: &[&Utf8Bytes]) -> bool {
+        let taken = self.push_one(socket, texts);
+        if taken {
+            Stats::add(&self.stats.frames_queued, texts.len() as u64);
+        }
+        taken
+    }
+
+    fn push_one(&self, socket: &SocketHandle, texts: &[&Utf8Bytes]) -> bool {
+        match socket.push(texts, self.queue_bound) {
+            Pushed::Written | Pushed::Queued => true,
+            Pushed::Full => {
+                if socket.close(CloseReason::SlowConsumer) {
+                    Stats::incr(&self.stats.slow_consumers_closed);
+                }
+                false
+            }
+            // On its way out: nothing more is written to it.
+            Pushed::Closed => false,
+        }
     }
 }
 
@@ -473,7 +507,20 @@ mod tests {
     use super::*;
 
     fn registry(bound: usize) -> Registry {
-        Registry::new(bound, Arc::default())
+        Registry::new(bound, 1, Arc::default())
+    }
+
+    /// What `lookup` then `push_all` make of a message to `client`.
+    fn deliver(reg: &Registry, client: ClientId, text: &Utf8Bytes, sender: ClientId) -> Lookup {
+        match reg.lookup(client, sender) {
+            Lookup::Sockets(sockets) => {
+                let n = sockets.len();
+                reg.push_all(sockets.clone(), text);
+                assert_eq!(sockets.len(), n);
+                Lookup::Sockets(sockets)
+            }
+            other => other,
+        }
     }
 
     fn queued(handle: &SocketHandle) -> Vec<Utf8Bytes> {
@@ -504,10 +551,10 @@ mod tests {
         let reg = registry(4);
         let a = reg.register(1);
         let text = Utf8Bytes::from("hi");
-        assert_eq!(reg.deliver(1, &text, 1), Delivery::EchoSkipped);
-        assert_eq!(reg.deliver(2, &text, 1), Delivery::NotConnected);
+        assert!(matches!(deliver(&reg, 1, &text, 1), Lookup::EchoSkipped));
+        assert!(matches!(deliver(&reg, 2, &text, 1), Lookup::NotConnected));
         let b = reg.register(1);
-        assert_eq!(reg.deliver(1, &text, 1), Delivery::Queued(2));
+        assert!(matches!(deliver(&reg, 1, &text, 1), Lookup::Sockets(s) if s.len() == 2));
         assert_eq!(queued(&a.handle), vec![text.clone()]);
         assert_eq!(queued(&b.handle), vec![text]);
     }
@@ -525,7 +572,7 @@ mod tests {
         assert_eq!(fast.handle.close_reason(), None);
         assert_eq!(reg.stats.snapshot().slow_consumers_closed, 1);
         // A closing socket is queued nothing more.
-        assert_eq!(reg.deliver(1, &text, 0), Delivery::Queued(0));
+        assert_eq!(reg.push_all(reg.client_sockets(1), &text), 0);
     }
 
     #[test]

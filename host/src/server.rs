@@ -19,6 +19,7 @@ use crate::node::{Inner, Node};
 use crate::plugins::compile::Compiler;
 use crate::plugins::{LoaderConfig, PluginHost};
 use crate::registry::Registry;
+use crate::shards::Shards;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -79,12 +80,17 @@ pub async fn run(
         me: config.server.clone(),
         servers: config.servers.clone(),
     };
+    let mut embedded_relay = None;
     let backends = match &config.redis {
-        None => Backends {
-            relay: Arc::new(EmbeddedRelay::new(inbox_tx, events.clone())),
-            presence: Arc::new(EmbeddedPresence::new()),
-            kv: Arc::new(EmbeddedKv::default()),
-        },
+        None => {
+            let relay = Arc::new(EmbeddedRelay::new(inbox_tx, events.clone()));
+            embedded_relay = Some(relay.clone());
+            Backends {
+                relay,
+                presence: Arc::new(EmbeddedPresence::new()),
+                kv: Arc::new(EmbeddedKv::default()),
+            }
+        }
         Some(url) => {
             crate::cluster::redis::start(crate::cluster::redis::Setup {
                 url: url.clone(),
@@ -127,10 +133,22 @@ pub async fn run(
             stop.drained().clone(),
         ));
     }
+    let shard_count = match config.limits.delivery_shards {
+        0 => tokio::runtime::Handle::current().metrics().num_workers(),
+        n => n,
+    };
+    let registry = Registry::new(config.limits.outbound_queue, shard_count, stats.clone());
+    let (shards, shard_queues) = Shards::new(
+        shard_count,
+        config.limits.delivery_backlog,
+        registry.clone(),
+    );
+    shards.spawn(shard_queues, stop.drained().clone());
     let node = Node::new(Inner {
         metrics,
         topology,
-        registry: Registry::new(config.limits.outbound_queue, stats.clone()),
+        registry,
+        shards,
         presence: backends.presence,
         relay: backends.relay,
         events,
@@ -146,6 +164,10 @@ pub async fn run(
         config,
         status: crate::status::Board::default(),
     });
+
+    if let Some(relay) = embedded_relay {
+        relay.attach(Arc::new(crate::dispatch::Inline::new(&node)));
+    }
 
     // Plugins load in the background: the node serves at once, `/readyz`
     // says when they are all active, and connects wait for auth plugins.

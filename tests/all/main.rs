@@ -2,6 +2,7 @@
 //! One test binary (wasmtime's `tests/all` layout) so everything links once.
 
 mod api;
+mod batch;
 mod browser;
 mod cluster;
 mod connect;
@@ -15,5 +16,6 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod plugins;
+mod shards;
 mod status;
 mod tls;

@@ -1,11 +1,13 @@
 //! The single-node cluster: an in-process relay and presence store.
 //!
-//! The relay hands messages to this node's dispatcher through the same bounded
-//! inbox the Redis subscriber will feed, so delivery is asynchronous in both
-//! modes and a burst of API calls waits for room instead of growing memory.
+//! The relay acts on a message in the caller's task once the node has
+//! attached itself ([`EmbeddedRelay::attach`]): the API request that sent it
+//! resolves, filters and hands it to the delivery shards on its own core,
+//! and learns at once when the node is overloaded. Before that (while the
+//! node is being built) messages wait in the dispatcher's bounded inbox.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,11 +17,12 @@ use imhost_client::wire::{ServerMessage, TokenValue};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::{ClusterError, Presence, PresenceChange, Relay, TokenClaim, Topology};
+use super::{ClusterError, LocalDelivery, Presence, PresenceChange, Relay, TokenClaim, Topology};
 
 /// Relay of a node that is alone: every node is this node.
 pub struct EmbeddedRelay {
     inbox: mpsc::Sender<ServerMessage>,
+    local: OnceLock<Arc<dyn LocalDelivery>>,
     events: broadcast::Sender<PresenceChange>,
 }
 
@@ -28,13 +31,25 @@ impl EmbeddedRelay {
         inbox: mpsc::Sender<ServerMessage>,
         events: broadcast::Sender<PresenceChange>,
     ) -> Self {
-        Self { inbox, events }
+        Self {
+            inbox,
+            local: OnceLock::new(),
+            events,
+        }
+    }
+
+    /// From now on, messages are acted on by `local` in the sender's task.
+    pub fn attach(&self, local: Arc<dyn LocalDelivery>) {
+        let _ = self.local.set(local);
     }
 }
 
 #[async_trait]
 impl Relay for EmbeddedRelay {
     async fn send(&self, _node: &str, message: ServerMessage) -> Result<(), ClusterError> {
+        if let Some(local) = self.local.get() {
+            return local.deliver(message).await;
+        }
         self.inbox
             .send(message)
             .await

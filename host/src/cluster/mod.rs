@@ -31,6 +31,19 @@ pub enum ClusterError {
     /// resubscribed after a Redis restart), however often it was retried.
     #[error("node {} is not listening; the message did not reach it", .0.join(", "))]
     Unheard(Vec<String>),
+    /// The node's delivery backlog is full: it took nothing; retry later.
+    #[error("this node's delivery backlog is full; retry later")]
+    Overloaded,
+}
+
+/// Where a relay hands messages for this node when it can act on them in
+/// the caller's task (embedded mode: the API's request task), instead of
+/// queueing them for the dispatcher.
+#[async_trait]
+pub trait LocalDelivery: Send + Sync {
+    /// Acts on `message` now; [`ClusterError::Overloaded`] when the node
+    /// cannot take it.
+    async fn deliver(&self, message: ServerMessage) -> Result<(), ClusterError>;
 }
 
 /// A socket came or went.

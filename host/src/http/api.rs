@@ -3,9 +3,10 @@
 use axum::extract::State;
 use imhost_client::ClientId;
 use imhost_client::api::{
-    BroadcastRequest, ChannelInfo, ChannelMembersRequest, ChannelMessageRequest, ClientInfo,
-    ConnectUrlRequest, ConnectUrlResponse, SendMessageRequest,
+    BatchItem, BatchResponse, BatchResult, BroadcastRequest, ChannelInfo, ChannelMembersRequest,
+    ChannelMessageRequest, ClientInfo, ConnectUrlRequest, ConnectUrlResponse, SendMessageRequest,
 };
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::{AppError, Json, Path};
@@ -17,6 +18,17 @@ type Answer<T> = Result<Json<T>, AppError>;
 
 fn done() -> Answer<Value> {
     Ok(Json(json!({})))
+}
+
+/// Refuses a send at once when this node's delivery backlog is full. In
+/// embedded mode delivery checks again as it takes its share of the backlog;
+/// clustered, this is the node's own push-back on its caller before it
+/// publishes (the receiving nodes push back on Redis by not reading).
+fn refuse_when_overloaded(node: &Node) -> Result<(), AppError> {
+    if node.shards.is_full() {
+        return Err(AppError::Overloaded(crate::shards::Overloaded.to_string()));
+    }
+    Ok(())
 }
 
 pub async fn connect_url(
@@ -32,6 +44,7 @@ pub async fn send_message(
     State(node): State<Node>,
     Json(req): Json<SendMessageRequest>,
 ) -> Answer<Value> {
+    refuse_when_overloaded(&node)?;
     let content = message_text(&req.message);
     business::send_message(
         &node.outbox,
@@ -70,6 +83,7 @@ pub async fn channel_message(
     Json(req): Json<ChannelMessageRequest>,
 ) -> Answer<Value> {
     check_channel(&chan)?;
+    refuse_when_overloaded(&node)?;
     let content = message_text(&req.message);
     business::send_chan_message(&node.outbox, req.sender, Some(chan), content).await?;
     done()
@@ -79,8 +93,71 @@ pub async fn broadcast(
     State(node): State<Node>,
     Json(req): Json<BroadcastRequest>,
 ) -> Answer<Value> {
+    refuse_when_overloaded(&node)?;
     business::send_chan_message(&node.outbox, 0, None, message_text(&req.message)).await?;
     done()
+}
+
+/// The body of `POST /api/v1/batch`, its items left unparsed: an item that
+/// does not parse gets its own error, and the others still go.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    items: Vec<&'a RawValue>,
+}
+
+/// `POST /api/v1/batch`: each item is the body of the call it names, sent
+/// in order, with its own result. The request fails as a whole only when its
+/// body is not a batch or has more than `max_batch_items` items.
+pub async fn batch(State(node): State<Node>, body: axum::body::Bytes) -> Answer<BatchResponse> {
+    let raw: RawBatch<'_> = serde_json::from_slice(&body)
+        .map_err(|e| AppError::BadRequest(format!("not a batch: {e}")))?;
+    let max = node.config.limits.max_batch_items;
+    if raw.items.len() > max {
+        return Err(AppError::BadRequest(format!(
+            "a batch holds at most {max} items; this one has {}",
+            raw.items.len()
+        )));
+    }
+    let mut results = Vec::with_capacity(raw.items.len());
+    for item in raw.items {
+        let result = match serde_json::from_str::<BatchItem>(item.get()) {
+            Ok(item) => batch_item(&node, item).await,
+            Err(err) => Err(AppError::BadRequest(format!("invalid item: {err}"))),
+        };
+        results.push(BatchResult {
+            error: result.err().map(|err| err.body().error),
+        });
+    }
+    Ok(Json(BatchResponse { results }))
+}
+
+async fn batch_item(node: &Node, item: BatchItem) -> Result<(), AppError> {
+    refuse_when_overloaded(node)?;
+    match item {
+        BatchItem::Messages(req) => {
+            let content = message_text(&req.message);
+            business::send_message(
+                &node.outbox,
+                req.sender,
+                &req.receivers,
+                content,
+                req.receipt,
+            )
+            .await?;
+        }
+        BatchItem::ChannelMessage(req) => {
+            check_channel(&req.channel)?;
+            let content = message_text(&req.message);
+            business::send_chan_message(&node.outbox, req.sender, Some(req.channel), content)
+                .await?;
+        }
+        BatchItem::Broadcast(req) => {
+            business::send_chan_message(&node.outbox, 0, None, message_text(&req.message)).await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn channels(State(node): State<Node>) -> Answer<Vec<ChannelInfo>> {

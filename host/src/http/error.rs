@@ -33,6 +33,10 @@ pub enum AppError {
     /// The node or the cluster store cannot serve now; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// The node's delivery backlog is full; it took nothing: retry later
+    /// (503 with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl AppError {
@@ -47,6 +51,7 @@ impl AppError {
             AppError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
             AppError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 }
@@ -63,16 +68,35 @@ impl AppError {
     }
 }
 
+/// Seconds an overloaded node asks callers to wait: its backlog is written
+/// in well under that.
+pub const OVERLOADED_RETRY_AFTER: u32 = 1;
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let body = ErrorBody {
+        if matches!(self, AppError::Overloaded(_)) {
+            let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(self.body())).into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(OVERLOADED_RETRY_AFTER),
+            );
+            return response;
+        }
+        let (status, _) = self.status_and_code();
+        (status, Json(self.body())).into_response()
+    }
+}
+
+impl AppError {
+    /// The JSON error body of SPEC section 3.
+    pub fn body(&self) -> ErrorBody {
+        let (_, code) = self.status_and_code();
+        ErrorBody {
             error: ErrorDetail {
                 code: code.into(),
                 message: self.to_string(),
             },
-        };
-        (status, Json(body)).into_response()
+        }
     }
 }
 
@@ -123,12 +147,15 @@ impl From<QueryRejection> for AppError {
 
 impl From<ClusterError> for AppError {
     fn from(err: ClusterError) -> Self {
-        tracing::warn!(cause = %err, "cluster error");
+        if !matches!(err, ClusterError::Overloaded) {
+            tracing::warn!(cause = %err, "cluster error");
+        }
         match err {
             ClusterError::Unavailable(_) => {
                 AppError::Unavailable("cluster store unavailable, retry later".into())
             }
             ClusterError::Unheard(_) => AppError::Unavailable(format!("{err}; retry later")),
+            ClusterError::Overloaded => AppError::Overloaded(err.to_string()),
         }
     }
 }

@@ -21,8 +21,11 @@
 //!   under the header-read timeout, before hyper sees the connection; a failed
 //!   one is counted (`tls_handshakes_failed`) and logged at debug.
 //!
-//! HTTP/1.1 only: terminals and business backends speak it, and HTTP/2's
-//! version sniffing would read the first bytes with no timeout.
+//! - **HTTP/1.1 and h2c.** Terminals and most backends speak HTTP/1.1; a
+//!   backend that sends many requests can carry them all on one HTTP/2
+//!   connection without TLS (h2c with prior knowledge, RFC 9113 section
+//!   3.3). The connection's first bytes say which: they are peeked, under the
+//!   header-read timeout, never read past. With TLS, HTTP/1.1 only.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -127,7 +130,13 @@ pub async fn serve(
                 router.clone().oneshot(request)
             });
             let Some(tls) = tls else {
-                return serve_http(&http, TokioIo::new(stream), service, &stop, remote).await;
+                return match speaks_h2c(&stream, handshake_timeout).await {
+                    Some(true) => serve_h2c(TokioIo::new(stream), service, &stop, remote).await,
+                    Some(false) => {
+                        serve_http(&http, TokioIo::new(stream), service, &stop, remote).await;
+                    }
+                    None => debug!(%remote, "closed or silent before its first request"),
+                };
             };
             let accepted = tokio::select! {
                 accepted = tokio::time::timeout(handshake_timeout, tls.accept(stream)) => accepted,
@@ -178,6 +187,64 @@ async fn serve_http<I, S>(
     };
     if let Err(err) = result {
         debug!(%remote, cause = %err, "HTTP connection ended with an error");
+    }
+}
+
+/// How an HTTP/2 connection with prior knowledge begins (RFC 9113 section
+/// 3.4); no HTTP/1 method does.
+const H2_PREFACE_START: &[u8; 3] = b"PRI";
+
+/// Streams one HTTP/2 connection carries at once.
+const H2_MAX_STREAMS: u32 = 256;
+
+/// Whether the client opens with HTTP/2's preface, from the bytes it sent so
+/// far (peeked, not consumed); `None` when it closes or says too little
+/// within `within`.
+async fn speaks_h2c(stream: &tokio::net::TcpStream, within: Duration) -> Option<bool> {
+    let mut start = [0u8; 3];
+    let sniff = async {
+        loop {
+            match stream.peek(&mut start).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) if start[..n] != H2_PREFACE_START[..n] => return Some(false),
+                Ok(n) if n == start.len() => return Some(true),
+                // A first segment of one or two bytes: wait for the rest.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    };
+    tokio::time::timeout(within, sniff).await.ok().flatten()
+}
+
+/// Serves one h2c connection until it ends, or, once `stop` fires, until
+/// its streams in flight are answered.
+async fn serve_h2c<I, S>(io: I, service: S, stop: &CancellationToken, remote: std::net::SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut http = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        // A backend that went away without closing is found out.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let connection = http.serve_connection(io, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!(%remote, cause = %err, "HTTP/2 connection ended with an error");
     }
 }
 

@@ -70,6 +70,7 @@ pub fn router(node: Node) -> Router {
         .route("/channels/{chan}/messages", post(api::channel_message))
         .route("/channels/{chan}/members", get(api::members))
         .route("/broadcast", post(api::broadcast))
+        .route("/batch", post(api::batch))
         .route("/clients/{id}", get(api::client))
         .route("/clients/{id}/force-offline", post(api::force_offline))
         .route("/online", get(api::online))

@@ -110,6 +110,82 @@ impl Outbound {
         Pushed::Queued
     }
 
+    /// Hands `texts` to the socket in order: when nothing waits ahead of
+    /// them, all in one `writev` (at most [`WRITE_BATCH`] frames; the rest,
+    /// and whatever the kernel refuses, queued), else queued. `Full` when
+    /// the queue would pass `bound`: the frames before it still go.
+    pub fn push_many(
+        &mut self,
+        stream: Option<&Transport>,
+        texts: &[&Utf8Bytes],
+        bound: usize,
+    ) -> Pushed {
+        match texts {
+            [] => return Pushed::Written,
+            [one] => return self.push(stream, one, bound),
+            _ => {}
+        }
+        if self.closed {
+            return Pushed::Closed;
+        }
+        let mut written_all = 0;
+        if self.backlog.is_none()
+            && let Some(stream) = stream
+        {
+            let count = texts.len().min(WRITE_BATCH);
+            let mut heads = [[0u8; frame::MAX_SERVER_HEADER]; WRITE_BATCH];
+            let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
+            let mut head_lens = [0usize; WRITE_BATCH];
+            for (i, text) in texts[..count].iter().enumerate() {
+                head_lens[i] = frame::header(frame::TEXT, text.len(), &mut heads[i]);
+            }
+            for (i, text) in texts[..count].iter().enumerate() {
+                slices[2 * i] = IoSlice::new(&heads[i][..head_lens[i]]);
+                slices[2 * i + 1] = IoSlice::new(text.as_bytes());
+            }
+            match stream.try_write_vectored(&slices[..2 * count]) {
+                Ok(mut written) => {
+                    for (i, text) in texts[..count].iter().enumerate() {
+                        let len = head_lens[i] + text.len();
+                        if written >= len {
+                            written -= len;
+                            written_all += 1;
+                            continue;
+                        }
+                        if written > 0 {
+                            // The kernel stopped inside this frame: its rest
+                            // goes first, the frames after it queue.
+                            let parts = [&heads[i][..head_lens[i]], text.as_bytes()];
+                            keep_unwritten(&mut self.backlog().unsent, &parts, written);
+                            written_all += 1;
+                        }
+                        break;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.closed = true;
+                    self.backlog = None;
+                    return Pushed::Closed;
+                }
+            }
+            if written_all == texts.len() {
+                return if self.backlog.is_some() || stream.has_pending_output() {
+                    Pushed::Queued
+                } else {
+                    Pushed::Written
+                };
+            }
+        }
+        for text in &texts[written_all..] {
+            if self.queued() >= bound {
+                return Pushed::Full;
+            }
+            self.backlog().queue.push_back((*text).clone());
+        }
+        Pushed::Queued
+    }
+
     /// The backlog, allocated if there was none.
     fn backlog(&mut self) -> &mut Backlog {
         self.backlog.get_or_insert_with(Box::default)

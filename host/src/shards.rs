@@ -1,0 +1,539 @@
+//! Delivery ordered per socket, not per node: the node's sockets are dealt
+//! over shards (one per worker thread by default), each with its own queue
+//! and its own task, so every core writes and no message waits for another
+//! message's writes on other shards.
+//!
+//! # Order
+//! SPEC promises each socket its messages in the order the node received
+//! them, and nothing across sockets. A socket belongs to one shard for its
+//! life ([`SocketHandle::shard`]); a message's audience is split by shard and
+//! appended to each shard's queue in the order messages are submitted, and a
+//! shard writes its queue in order. A force-offline travels the same queues,
+//! so it closes a socket after the messages accepted before it.
+//!
+//! # Direct writes when idle, batched writes under load
+//! A small audience whose shards have nothing queued, and nobody else
+//! writing, is written by the caller at once (the non-blocking write of
+//! `ws::outbound`): no queue, no wake-up, no task switch, the latency and
+//! cost of a node at rest. Anything else is queued: messages that arrive
+//! while a caller writes line up behind it. A shard task takes up to [`PASS`] messages at a time;
+//! when it took several, it first gathers each socket's frames of the pass
+//! (the socket's [`SocketHandle::slot`] says where, without a hash map) and
+//! then writes each socket once, all its frames in one `writev`. Under load
+//! a socket then gets one system call and one TCP segment for many messages,
+//! where it got one each.
+//!
+//! # Backpressure
+//! Queued deliveries hold permits of one semaphore, the node's delivery
+//! backlog (`--delivery-backlog`, in deliveries: one message to one socket),
+//! given back when the shard has written them. The HTTP API takes permits
+//! without waiting and answers 503 `overloaded` with `Retry-After` when there
+//! are none ([`Admission::Try`]); the Redis subscriber's dispatcher waits for
+//! them ([`Admission::Wait`]), so it stops reading from Redis while the node
+//! is behind. Either way, what the node accepted is delivered within the
+//! time it takes to write one backlog, and no terminal is cut off for the
+//! node's own slowness: the slow-consumer cut-off (`--outbound-queue`) still
+//! judges each socket by what it has not read itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use smallvec::SmallVec;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use tungstenite::Utf8Bytes;
+
+use crate::registry::{CloseReason, NOT_STAGED, Registry, SocketHandle};
+
+/// Messages a shard takes from its queue in one pass.
+pub const PASS: usize = 16;
+
+/// Audiences up to this size are written by the caller when their shards
+/// are idle: at 1,000 sockets, handing the writes to shard tasks costs more
+/// in wake-ups than the caller's own pass does.
+const INLINE_MAX: usize = 1024;
+
+/// How a submission waits for room in the backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Refuse with [`Overloaded`] when the backlog is full (the HTTP API).
+    Try,
+    /// Wait for room (the Redis subscriber's dispatcher: it stops reading).
+    Wait,
+    /// Take no permit: a receipt of a message already accepted.
+    Always,
+}
+
+/// The node's delivery backlog is full; retry later.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this node's delivery backlog is full; retry later")]
+pub struct Overloaded;
+
+/// What a queued job does to its sockets.
+enum Work {
+    Write(Utf8Bytes),
+    Close(CloseReason),
+}
+
+/// One message's share of one shard.
+struct Job {
+    work: Work,
+    sockets: Vec<Arc<SocketHandle>>,
+    /// The message's backlog permits, shared by its jobs on every shard:
+    /// given back when the last of them is written.
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+struct Queue {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Jobs sent and not yet done, plus callers writing to this shard's
+    /// sockets themselves: zero means every message accepted before now has
+    /// been handed to them.
+    pending: AtomicUsize,
+}
+
+/// The node's delivery shards; cheap to clone.
+#[derive(Clone)]
+pub struct Shards {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queues: Box<[Queue]>,
+    backlog: Arc<Semaphore>,
+    capacity: usize,
+    registry: Registry,
+}
+
+/// The receiving ends, for [`Shards::spawn`].
+pub struct Receivers(Vec<mpsc::UnboundedReceiver<Job>>);
+
+impl Shards {
+    /// `count` shards (the registry must deal its sockets over as many)
+    /// with a backlog of `capacity` deliveries.
+    pub fn new(count: usize, capacity: usize, registry: Registry) -> (Shards, Receivers) {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+        let (queues, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let queue = Queue {
+                    tx,
+                    pending: AtomicUsize::new(0),
+                };
+                (queue, rx)
+            })
+            .unzip();
+        let shards = Shards {
+            inner: Arc::new(Inner {
+                queues: queues.into(),
+                backlog: Arc::new(Semaphore::new(capacity)),
+                capacity,
+                registry,
+            }),
+        };
+        (shards, Receivers(receivers))
+    }
+
+    /// Starts one task per shard; they stop with `stop`.
+    pub fn spawn(&self, receivers: Receivers, stop: CancellationToken) {
+        for (index, rx) in receivers.0.into_iter().enumerate() {
+            let shards = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shards.run(index, rx) => {}
+                    () = stop.cancelled() => {}
+                }
+                debug!(shard = index, "delivery shard stopped");
+            });
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.inner.queues.len()
+    }
+
+    /// Deliveries the backlog holds at most.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Deliveries queued and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.inner.capacity - self.inner.backlog.available_permits()
+    }
+
+    /// Whether the backlog is full: new messages from the API are refused.
+    pub fn is_full(&self) -> bool {
+        self.inner.backlog.available_permits() == 0
+    }
+
+    /// Hands `text` to `sockets`, each in its place in its shard's order.
+    ///
+    /// # Errors
+    /// [`Overloaded`] with [`Admission::Try`] when the backlog has no room
+    /// for it; nothing was delivered then.
+    pub async fn write(
+        &self,
+        sockets: Vec<Arc<SocketHandle>>,
+        text: Utf8Bytes,
+        admission: Admission,
+    ) -> Result<(), Overloaded> {
+        if sockets.is_empty() {
+            return Ok(());
+        }
+        if sockets.len() <= INLINE_MAX
+            && let Some(claim) = self.claim_idle(&sockets)
+        {
+            self.inner.registry.push_all(sockets, &text);
+            drop(claim);
+            return Ok(());
+        }
+        self.submit(Work::Write(text), sockets, admission).await
+    }
+
+    /// Closes `sockets` with `reason` after what was queued for them.
+    pub async fn close(&self, sockets: Vec<Arc<SocketHandle>>, reason: CloseReason) {
+        if sockets.is_empty() {
+            return;
+        }
+        if let Some(claim) = self.claim_idle(&sockets) {
+            close_all(&sockets, reason);
+            drop(claim);
+            return;
+        }
+        // Takes no permit: it cannot be refused.
+        let _ = self
+            .submit(Work::Close(reason), sockets, Admission::Always)
+            .await;
+    }
+
+    /// Marks the shards of `sockets` busy if none of them has anything
+    /// queued or being written, so that the caller may write at once: a
+    /// message submitted meanwhile queues behind this one instead of
+    /// passing it. `None` when one of them is busy.
+    fn claim_idle(&self, sockets: &[Arc<SocketHandle>]) -> Option<Claim<'_>> {
+        let all = &self.inner.queues[..];
+        let queues = if all.len() == 1 || sockets.len() == 1 {
+            let shard = sockets[0].shard() % all.len();
+            &all[shard..=shard]
+        } else {
+            all
+        };
+        let taken = queues
+            .iter()
+            .take_while(|q| {
+                q.pending
+                    .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            })
+            .count();
+        if taken == queues.len() {
+            return Some(Claim(queues));
+        }
+        for q in &queues[..taken] {
+            q.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        None
+    }
+
+    async fn submit(
+        &self,
+        work: Work,
+        sockets: Vec<Arc<SocketHandle>>,
+        admission: Admission,
+    ) -> Result<(), Overloaded> {
+        let permit = self.admit(sockets.len(), admission).await?.map(Arc::new);
+        let queues = &self.inner.queues;
+        let n = queues.len();
+        let mut split: SmallVec<[Vec<Arc<SocketHandle>>; 16]> = SmallVec::new();
+        if n == 1 {
+            split.push(sockets);
+        } else {
+            let each = sockets.len() / n + 1;
+            split.resize_with(n, || Vec::with_capacity(each));
+            for socket in sockets {
+                let shard = socket.shard() % n;
+                split[shard].push(socket);
+            }
+        }
+        let text = match &work {
+            Work::Write(text) => Some(text),
+            Work::Close(_) => None,
+        };
+        for (shard, sockets) in split.into_iter().enumerate() {
+            if sockets.is_empty() {
+                continue;
+            }
+            let shard = if n == 1 { 0 } else { shard };
+            let work = match (text, &work) {
+                (Some(text), _) => Work::Write(text.clone()),
+                (None, Work::Close(reason)) => Work::Close(*reason),
+                (None, Work::Write(_)) => unreachable!("a write has its text"),
+            };
+            let queue = &queues[shard];
+            queue.pending.fetch_add(1, Ordering::AcqRel);
+            let job = Job {
+                work,
+                sockets,
+                _permit: permit.clone(),
+            };
+            if queue.tx.send(job).is_err() {
+                // The shard stopped: the node is shutting down and its
+                // sockets are closing.
+                queue.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `deliveries` permits of the backlog as `admission` says (a
+    /// message bigger than the whole backlog takes all of it).
+    async fn admit(
+        &self,
+        deliveries: usize,
+        admission: Admission,
+    ) -> Result<Option<OwnedSemaphorePermit>, Overloaded> {
+        let n = u32::try_from(deliveries.clamp(1, self.inner.capacity)).unwrap_or(u32::MAX);
+        let backlog = self.inner.backlog.clone();
+        match admission {
+            Admission::Always => Ok(None),
+            Admission::Try => backlog
+                .try_acquire_many_owned(n)
+                .map(Some)
+                .map_err(|_| Overloaded),
+            // The semaphore is never closed.
+            Admission::Wait => Ok(backlog.acquire_many_owned(n).await.ok()),
+        }
+    }
+
+    /// One shard's task: its queue, in order, a pass at a time.
+    async fn run(self, index: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut jobs = Vec::with_capacity(PASS);
+        let mut staging = Staging::default();
+        let registry = &self.inner.registry;
+        let queue = &self.inner.queues[index];
+        while rx.recv_many(&mut jobs, PASS).await > 0 {
+            let done = jobs.len();
+            if let [job] = &mut jobs[..] {
+                match &job.work {
+                    Work::Write(text) => {
+                        registry.push_all(std::mem::take(&mut job.sockets), text);
+                    }
+                    Work::Close(reason) => close_all(&job.sockets, *reason),
+                }
+            } else {
+                for job in &mut jobs {
+                    match &job.work {
+                        Work::Write(text) => {
+                            staging.add(std::mem::take(&mut job.sockets), text.clone());
+                        }
+                        Work::Close(reason) => {
+                            staging.write(registry);
+                            close_all(&job.sockets, *reason);
+                        }
+                    }
+                }
+                staging.write(registry);
+            }
+            // Written: their permits go back, and the shard counts as idle
+            // again once nothing else was queued meanwhile.
+            jobs.clear();
+            queue.pending.fetch_sub(done, Ordering::AcqRel);
+            // Let the other tasks of this worker run between passes.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Shards marked busy by [`Shards::claim_idle`], until dropped.
+struct Claim<'a>(&'a [Queue]);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        for q in self.0 {
+            q.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn close_all(sockets: &[Arc<SocketHandle>], reason: CloseReason) {
+    for socket in sockets {
+        socket.close(reason);
+    }
+}
+
+/// One pass's frames, gathered per socket.
+#[derive(Default)]
+struct Staging {
+    texts: Vec<Utf8Bytes>,
+    /// Each socket of the pass with the indices of its frames in `texts`.
+    sockets: Vec<(Arc<SocketHandle>, SmallVec<[u16; PASS]>)>,
+}
+
+impl Staging {
+    /// Adds one message for `sockets`.
+    fn add(&mut self, sockets: Vec<Arc<SocketHandle>>, text: Utf8Bytes) {
+        let index = u16::try_from(self.texts.len()).unwrap_or(u16::MAX);
+        self.texts.push(text);
+        for socket in sockets {
+            let slot = socket.slot().load(Ordering::Relaxed);
+            match self.sockets.get_mut(slot as usize) {
+                Some((_, frames)) if slot != NOT_STAGED => frames.push(index),
+                _ => {
+                    let slot = u32::try_from(self.sockets.len()).unwrap_or(NOT_STAGED);
+                    socket.slot().store(slot, Ordering::Relaxed);
+                    let mut frames = SmallVec::new();
+                    frames.push(index);
+                    self.sockets.push((socket, frames));
+                }
+            }
+        }
+    }
+
+    /// Writes each staged socket's frames at once, in order, and empties.
+    fn write(&mut self, registry: &Registry) {
+        for (socket, frames) in self.sockets.drain(..) {
+            socket.slot().store(NOT_STAGED, Ordering::Relaxed);
+            let texts: SmallVec<[&Utf8Bytes; PASS]> = frames
+                .iter()
+                .filter_map(|&i| self.texts.get(usize::from(i)))
+                .collect();
+            registry.push_many(&socket, &texts);
+        }
+        self.texts.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(shards: usize, backlog: usize) -> (Registry, Shards, Receivers) {
+        let registry = Registry::new(64, shards, Arc::default());
+        let (s, rx) = Shards::new(shards, backlog, registry.clone());
+        (registry, s, rx)
+    }
+
+    /// Makes every shard look busy, so that writes queue instead of going
+    /// inline, until [`release`].
+    fn hold(shards: &Shards) {
+        for q in shards.inner.queues.iter() {
+            q.pending.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn release(shards: &Shards) {
+        for q in shards.inner.queues.iter() {
+            q.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Starts the shards and waits until they have written everything.
+    async fn drain(shards: &Shards, rx: Receivers) -> CancellationToken {
+        let stop = CancellationToken::new();
+        shards.spawn(rx, stop.clone());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shards.backlog() > 0
+            || shards
+                .inner
+                .queues
+                .iter()
+                .any(|q| q.pending.load(Ordering::Acquire) > 0)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "shards drained");
+            tokio::task::yield_now().await;
+        }
+        stop
+    }
+
+    fn queued(handle: &SocketHandle) -> Vec<String> {
+        handle
+            .out()
+            .take_queue()
+            .into_iter()
+            .map(|t| t.as_str().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_socket_gets_its_messages_in_order_across_shards() {
+        let (registry, shards, rx) = setup(3, 1_000_000);
+        let handles: Vec<_> = (1..=10).map(|c| registry.register(c).handle).collect();
+        let closing = registry.register(11).handle;
+        hold(&shards);
+        for i in 0..40 {
+            let audience: Vec<_> = handles
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| (n + i) % 3 != 0)
+                .map(|(_, h)| h.clone())
+                .collect();
+            let text = Utf8Bytes::from(format!("m{i}"));
+            shards
+                .write(audience, text, Admission::Wait)
+                .await
+                .expect("admitted");
+            if i == 20 {
+                shards
+                    .close(vec![closing.clone()], CloseReason::ForcedOffline)
+                    .await;
+            }
+        }
+        assert!(closing.close_reason().is_none(), "the close waits its turn");
+        release(&shards);
+        let stop = drain(&shards, rx).await;
+        for (n, handle) in handles.iter().enumerate() {
+            let want: Vec<String> = (0..40)
+                .filter(|i| (n + i) % 3 != 0)
+                .map(|i| format!("m{i}"))
+                .collect();
+            assert_eq!(queued(handle), want, "socket {n}");
+        }
+        assert_eq!(closing.close_reason(), Some(CloseReason::ForcedOffline));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_refuses_tries_and_writing_gives_it_back() {
+        let (registry, shards, rx) = setup(2, 4);
+        let handles: Vec<_> = (1..=3).map(|c| registry.register(c).handle).collect();
+        let text = Utf8Bytes::from("x");
+        hold(&shards);
+        shards
+            .write(handles.clone(), text.clone(), Admission::Try)
+            .await
+            .expect("3 of 4");
+        assert_eq!(shards.backlog(), 3);
+        assert!(!shards.is_full());
+        let refused = shards
+            .write(handles.clone(), text.clone(), Admission::Try)
+            .await;
+        assert!(refused.is_err());
+        assert_eq!(shards.backlog(), 3, "a refusal takes nothing");
+        shards
+            .write(handles.clone(), text.clone(), Admission::Always)
+            .await
+            .expect("always");
+        release(&shards);
+        let stop = drain(&shards, rx).await;
+        for handle in &handles {
+            assert_eq!(queued(handle), vec!["x", "x"]);
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn idle_shards_take_small_audiences_inline() {
+        let (registry, shards, _rx) = setup(2, 4);
+        let a = registry.register(1).handle;
+        shards
+            .write(vec![a.clone()], Utf8Bytes::from("now"), Admission::Try)
+            .await
+            .expect("inline");
+        // Written by the caller: no task ran, nothing held in the backlog.
+        assert_eq!(queued(&a), vec!["now"]);
+        assert_eq!(shards.backlog(), 0);
+    }
+}

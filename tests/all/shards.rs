@@ -1,0 +1,242 @@
+//! Delivery on every core: per-socket order across shards whatever the mix
+//! of messages, and backpressure (503 `overloaded`) instead of unbounded
+//! queues, with every accepted message delivered and no terminal cut off.
+
+use std::collections::BTreeSet;
+
+use imhost::config::Options;
+use imhost_client::ClientId;
+use imhost_tests::api::{API_KEY, Api};
+use imhost_tests::cluster::Cluster;
+use imhost_tests::host::TestHost;
+use imhost_tests::plugins::PluginDir;
+use imhost_tests::redis::RedisServer;
+use imhost_tests::terminal::Terminal;
+use serde_json::{Value, json};
+
+/// Clients of the order test; client 6 holds two sockets.
+const CLIENTS: [ClientId; 6] = [1, 2, 3, 4, 5, 6];
+
+/// What one step of the order test sends, and who gets it.
+enum Step {
+    Channel,
+    Direct(ClientId),
+    Broadcast,
+    Join(ClientId),
+    Leave(ClientId),
+}
+
+fn step(s: usize) -> Step {
+    let client = CLIENTS[s % CLIENTS.len()];
+    match s % 5 {
+        0 => Step::Channel,
+        1 => Step::Direct(client),
+        2 => Step::Broadcast,
+        3 => Step::Join(client),
+        _ => Step::Leave(client),
+    }
+}
+
+/// Sends a mix of channel messages, direct messages, broadcasts and
+/// membership changes, one after another, through a word filter whose cost
+/// follows the message's length (0 to 6 KB), and checks that each socket
+/// got exactly what was meant for it, in order.
+async fn every_socket_gets_its_own_messages_in_order(api: &Api) {
+    let mut terminals: Vec<(ClientId, Terminal)> = Vec::new();
+    for client in CLIENTS {
+        terminals.push((client, api.terminal(client).await));
+    }
+    terminals.push((6, api.terminal(6).await));
+    api.ok("/channels/room/join", json!({"client_ids": [1, 2, 3]}))
+        .await;
+    let mut members: BTreeSet<ClientId> = [1, 2, 3].into();
+    let mut expected: Vec<Vec<usize>> = vec![Vec::new(); terminals.len()];
+    const STEPS: usize = 120;
+    for s in 0..STEPS {
+        let pad = "x".repeat((s * 1_237) % 6_000);
+        let message = json!({"s": s, "pad": pad});
+        let gets = |client: ClientId| -> bool {
+            match step(s) {
+                Step::Channel => members.contains(&client),
+                Step::Direct(to) => to == client,
+                Step::Broadcast => true,
+                Step::Join(_) | Step::Leave(_) => false,
+            }
+        };
+        for (i, (client, _)) in terminals.iter().enumerate() {
+            if gets(*client) {
+                expected[i].push(s);
+            }
+        }
+        match step(s) {
+            Step::Channel => {
+                api.ok(
+                    "/channels/room/messages",
+                    json!({"sender": 0, "message": message}),
+                )
+                .await;
+            }
+            Step::Direct(to) => api.send(0, &[to], message, false).await,
+            Step::Broadcast => api.ok("/broadcast", json!({"message": message})).await,
+            Step::Join(client) => {
+                api.ok("/channels/room/join", json!({"client_ids": [client]}))
+                    .await;
+                members.insert(client);
+            }
+            Step::Leave(client) => {
+                api.ok("/channels/room/leave", json!({"client_ids": [client]}))
+                    .await;
+                members.remove(&client);
+            }
+        }
+    }
+    for (i, (client, terminal)) in terminals.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        for _ in 0..expected[i].len() {
+            let value = terminal.next_json().await;
+            got.push(value["s"].as_u64().expect("a step") as usize);
+        }
+        assert_eq!(got, expected[i], "socket {i} (client {client})");
+    }
+    // Nothing more was queued for anyone: the next thing each gets is this.
+    api.ok("/broadcast", json!({"message": "end"})).await;
+    for (client, terminal) in &mut terminals {
+        assert_eq!(terminal.next_text().await, r#""end""#, "client {client}");
+    }
+}
+
+fn filtering() -> PluginDir {
+    PluginDir::dropping(&["never-sent"])
+}
+
+#[tokio::test]
+async fn order_holds_per_socket_across_four_shards_embedded() {
+    let dir = filtering();
+    let host = TestHost::start(Options {
+        delivery_shards: Some(4),
+        plugins: Some(dir.path().to_owned()),
+        ..Options::default()
+    })
+    .await;
+    every_socket_gets_its_own_messages_in_order(&host).await;
+}
+
+#[tokio::test]
+async fn order_holds_per_socket_across_four_shards_through_redis() {
+    let redis = RedisServer::start().await;
+    let dir = filtering();
+    let plugins = dir.arg();
+    let cluster = Cluster::start_with(
+        &redis,
+        1,
+        &["--delivery-shards", "4", "--plugins", &plugins],
+    )
+    .await;
+    every_socket_gets_its_own_messages_in_order(cluster.node(0)).await;
+}
+
+/// Senders at once, and messages each sends at most.
+const SENDERS: usize = 16;
+const PER_SENDER: usize = 200;
+
+// Several worker threads: the node's request handlers must run side by
+// side for one to find the backlog taken by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overloaded_node_answers_503_and_delivers_everything_it_accepted() {
+    // One delivery of backlog: while one message waits for its shard, the
+    // node has no room for another.
+    let host = TestHost::start(Options {
+        delivery_shards: Some(1),
+        delivery_backlog: Some(1),
+        ..Options::default()
+    })
+    .await;
+    const MEMBERS: ClientId = 40;
+    let mut terminals = Vec::new();
+    for client in 1..=MEMBERS {
+        terminals.push(host.terminal(client).await);
+    }
+    let members: Vec<ClientId> = (1..=MEMBERS).collect();
+    host.ok("/channels/flood/join", json!({"client_ids": members}))
+        .await;
+    // Every terminal reads all along (a terminal that stops reading is a
+    // slow consumer, another test's business), until "end".
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, mut terminal) in terminals.into_iter().enumerate() {
+        readers.spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let value = terminal.next_json().await;
+                if value == json!("end") {
+                    return (i, seen);
+                }
+                let from = value["from"].as_u64().expect("from") as usize;
+                let n = value["n"].as_u64().expect("n") as usize;
+                seen.push((from, n));
+            }
+        });
+    }
+
+    let mut senders = tokio::task::JoinSet::new();
+    for sender in 0..SENDERS {
+        let api = host.api.clone();
+        senders.spawn(async move {
+            let mut accepted = Vec::new();
+            let mut refused = 0;
+            for n in 0..PER_SENDER {
+                let response = api
+                    .http
+                    .post(api.url("/api/v1/channels/flood/messages"))
+                    .bearer_auth(API_KEY)
+                    .json(&json!({"sender": 0, "message": {"from": sender, "n": n}}))
+                    .send()
+                    .await
+                    .expect("request");
+                match response.status().as_u16() {
+                    200 => accepted.push(n),
+                    503 => {
+                        let retry = response.headers().get("retry-after").cloned();
+                        let body: Value = response.json().await.expect("json");
+                        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                        assert!(retry.is_some(), "503 without Retry-After");
+                        refused += 1;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (sender, accepted, refused)
+        });
+    }
+    let mut accepted: Vec<Vec<usize>> = vec![Vec::new(); SENDERS];
+    let mut refused = 0;
+    while let Some(done) = senders.join_next().await {
+        let (sender, ok, no) = done.expect("sender");
+        accepted[sender] = ok;
+        refused += no;
+    }
+    assert!(refused > 0, "the node never pushed back");
+    let total: usize = accepted.iter().map(Vec::len).sum();
+    assert!(total > 0, "the node accepted nothing");
+    host.ok("/broadcast", json!({"message": "end"})).await;
+
+    // Every terminal got every accepted message, each sender's in order,
+    // and nothing else; none was cut off.
+    while let Some(done) = tokio::time::timeout(imhost_tests::DEADLINE, readers.join_next())
+        .await
+        .expect("every terminal reached the end")
+    {
+        let (i, seen) = done.expect("reader");
+        assert_eq!(seen.len(), total, "terminal {i}: every accepted message");
+        let mut next = [0usize; SENDERS];
+        for (from, n) in seen {
+            assert_eq!(
+                accepted[from].get(next[from]),
+                Some(&n),
+                "terminal {i}: sender {from}'s accepted messages in order"
+            );
+            next[from] += 1;
+        }
+    }
+    let stats = host.stats().await;
+    assert_eq!(stats.slow_consumers_closed, 0, "no terminal was cut off");
+}
