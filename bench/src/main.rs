@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod big_cluster;
 mod languages;
+mod saturation;
 mod soak;
 mod sockets;
 mod source_ports;
@@ -131,6 +132,28 @@ struct Args {
     /// varies by about 7 % instead of 1 %.
     #[arg(long)]
     pin: bool,
+    /// Only the saturation scenario: the baseline and imhost, each on K
+    /// cores of `--server-cores` with the load generator on the others,
+    /// offered `--saturation-rate` deliveries/s to `--saturation-sockets`
+    /// sockets in one channel (see `bench/src/saturation.rs`).
+    #[arg(long)]
+    only_saturation: bool,
+    /// Server core counts K of `--only-saturation` (CPUs 0..K-1; the load
+    /// generator gets the rest; a K the machine cannot leave a core beside
+    /// runs unpinned).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    server_cores: Vec<usize>,
+    /// Sockets of `--only-saturation`, all in one channel.
+    #[arg(long, default_value_t = 10_000)]
+    saturation_sockets: usize,
+    /// Deliveries per second offered in `--only-saturation`: far above what
+    /// the server can write.
+    #[arg(long, default_value_t = 2_000_000)]
+    saturation_rate: u64,
+    /// How long `--only-saturation` waits after the last publish for what
+    /// was accepted to arrive; what has not by then counts as lost.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -166,6 +189,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_sockets {
         return sockets::compare(&args).await;
+    }
+    if args.only_saturation {
+        return saturation::run(&args).await;
     }
     if let Some(entry) = args.hold {
         let range = args.hold_range.as_deref().unwrap_or("1-1");

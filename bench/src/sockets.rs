@@ -113,7 +113,7 @@ pub fn now_us() -> u64 {
 }
 
 /// The server's CPU time so far (user + system), in microseconds.
-fn cpu_us(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_us(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after ')'.
     let rest = stat.rsplit(')').next().context("stat format")?;
@@ -444,7 +444,7 @@ async fn measure(args: &Args, server: Server, n: usize, rate: u64) -> anyhow::Re
 
 /// Puts every thread of process `pid` on `cpus` (a `taskset` list). Threads
 /// it starts later inherit their creator's set.
-fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+pub(crate) fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("taskset")
         .args(["--all-tasks", "--pid", "--cpu-list", cpus, &pid.to_string()])
         .stdout(std::process::Stdio::null())
@@ -478,7 +478,7 @@ fn plugin_set(args: &Args, server: Server) -> Vec<&str> {
 }
 
 /// The guest's file name (without `.wasm`) of a plugin the scenario knows.
-fn guest_file(name: &str) -> anyhow::Result<&'static str> {
+pub(crate) fn guest_file(name: &str) -> anyhow::Result<&'static str> {
     Ok(match name {
         "word-filter" => "word_filter",
         "welcome" => "welcome",
@@ -488,7 +488,7 @@ fn guest_file(name: &str) -> anyhow::Result<&'static str> {
 
 /// Installs `set` (names from word-filter and welcome) with their shipped
 /// manifests.
-fn install_plugin_set(dir: &Path, guests: &Path, set: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn install_plugin_set(dir: &Path, guests: &Path, set: &[&str]) -> anyhow::Result<()> {
     for name in set {
         let file = guest_file(name)?;
         std::fs::copy(
@@ -525,7 +525,7 @@ async fn read_latencies(mut ws: Socket, want: usize) -> anyhow::Result<(Socket, 
 }
 
 /// The `"t":` field of a frame, without a JSON parse per delivery.
-fn sent_at(text: &str) -> Option<u64> {
+pub(crate) fn sent_at(text: &str) -> Option<u64> {
     let at = text.find("\"t\":")? + 4;
     let digits: String = text[at..]
         .chars()
