@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+mod api_load;
 mod big_cluster;
 mod languages;
 mod saturation;
@@ -154,6 +155,20 @@ struct Args {
     /// was accepted to arrive; what has not by then counts as lost.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
+    /// Only the API scenario: direct messages through `POST /api/v1/messages`
+    /// (HTTP/1.1 and h2c) and `POST /api/v1/batch`, imhost on each K of
+    /// `--server-cores` (see `bench/src/api_load.rs`).
+    #[arg(long)]
+    only_api: bool,
+    /// Terminals of `--only-api`: each message goes to one of them.
+    #[arg(long, default_value_t = 1000)]
+    api_receivers: usize,
+    /// Requests in flight in `--only-api` (batch callers: an eighth as many).
+    #[arg(long, default_value_t = 256)]
+    api_in_flight: usize,
+    /// Messages per batch request in `--only-api`.
+    #[arg(long, default_value_t = 100)]
+    api_batch: usize,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -192,6 +207,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_saturation {
         return saturation::run(&args).await;
+    }
+    if args.only_api {
+        return api_load::run(&args).await;
     }
     if let Some(entry) = args.hold {
         let range = args.hold_range.as_deref().unwrap_or("1-1");

@@ -156,36 +156,11 @@ async fn measure(
     let plugins = tempfile::tempdir()?;
     let pinned = pinned_of.is_some();
     let cpus = pinned_of.unwrap_or(1);
-    let server_cpus = format!("0-{}", k - 1);
-    let mut command = if pinned {
-        let mut c = tokio::process::Command::new("taskset");
-        c.args(["--cpu-list", &server_cpus]);
-        c
-    } else {
-        tokio::process::Command::new("env")
+    let plugin_set: &[&str] = match server {
+        Server::Imhost => &["word-filter"],
+        Server::Baseline => &[],
     };
-    match server {
-        Server::Imhost => {
-            install_plugin_set(plugins.path(), &args.guests, &["word-filter"])?;
-            command
-                .arg(&args.imhost)
-                .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
-                .args(["--plugins", &plugins.path().display().to_string()])
-                .args(["--token-ttl", "10m", "--outbound-queue", "4096"])
-                .env("RUST_LOG", "warn")
-                .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache);
-        }
-        Server::Baseline => {
-            command
-                .arg(std::env::current_exe()?)
-                .args(["--baseline-server", &addr.to_string()]);
-        }
-    }
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start the server")?;
+    let mut child = spawn_pinned(args, server == Server::Imhost, addr, plugins.path(), plugin_set, k, pinned)?;
     let pid = child.id().context("server pid")?;
     if pinned {
         pin(std::process::id(), &format!("{k}-{}", cpus - 1))?;
@@ -298,6 +273,49 @@ async fn measure(
     })
 }
 
+/// Starts imhost (with `plugin_set` installed into `plugins` and
+/// `--outbound-queue 4096`) or the baseline on `addr`, on CPUs 0..K-1 when
+/// `pinned`; killed when the handle drops.
+pub(crate) fn spawn_pinned(
+    args: &Args,
+    imhost: bool,
+    addr: std::net::SocketAddr,
+    plugins: &std::path::Path,
+    plugin_set: &[&str],
+    k: usize,
+    pinned: bool,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut command = if pinned {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["--cpu-list", &format!("0-{}", k - 1)]);
+        c
+    } else {
+        tokio::process::Command::new("env")
+    };
+    if imhost {
+        install_plugin_set(plugins, &args.guests, plugin_set)?;
+        command
+            .arg(&args.imhost)
+            .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
+            .args(["--plugins", &plugins.display().to_string()])
+            .args(["--token-ttl", "10m", "--outbound-queue", "4096"])
+            // The load generator's callers are one backend with many
+            // connections, all from 127.0.0.1.
+            .args(["--max-connections-per-address", "0"])
+            .env("RUST_LOG", "warn")
+            .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache);
+    } else {
+        command
+            .arg(std::env::current_exe()?)
+            .args(["--baseline-server", &addr.to_string()]);
+    }
+    command
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the server")
+}
+
 /// Channel messages on schedule through the API, up to 64 in flight: the
 /// accepted and the refused (503 `overloaded`; not retried).
 async fn publish(
@@ -338,7 +356,7 @@ async fn publish(
     Ok((accepted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed)))
 }
 
-struct Read {
+pub(crate) struct Read {
     latencies: Vec<u32>,
     last_us: u64,
     cut_off: bool,
@@ -346,7 +364,7 @@ struct Read {
 
 /// Reads timestamped frames until `stop`: their latencies, when the last
 /// arrived, and whether the server closed the socket.
-async fn read(
+pub(crate) async fn read(
     mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
     stop: CancellationToken,
     delivered: Arc<AtomicU64>,
