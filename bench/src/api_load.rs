@@ -94,11 +94,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         "\ndirect messages to one of {} terminals each, {} s per run, {} requests in flight \
          ({} per batch request), imhost with word-filter; busy = server CPU time over the \
          run / K; lost = accepted but not delivered {} s after the last request",
-        args.api_receivers,
-        args.seconds,
-        args.api_in_flight,
-        args.api_batch,
-        args.drain_seconds
+        args.api_receivers, args.seconds, args.api_in_flight, args.api_batch, args.drain_seconds
     );
     Ok(())
 }
@@ -138,9 +134,7 @@ async fn measure(
         readers.push(tokio::spawn(read(ws, stop.clone(), delivered.clone())));
     }
     let client = match caller {
-        Caller::H2c => reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .build()?,
+        Caller::H2c => reqwest::Client::builder().http2_prior_knowledge().build()?,
         _ => reqwest::Client::builder()
             .pool_max_idle_per_host(args.api_in_flight)
             .build()?,
@@ -240,7 +234,9 @@ fn body(caller: Caller, n: usize, receivers: usize, next_id: &AtomicU64) -> Stri
     };
     match caller {
         Caller::Batch => {
-            let items: Vec<String> = (0..n).map(|_| format!(r#"{{"messages":{}}}"#, one())).collect();
+            let items: Vec<String> = (0..n)
+                .map(|_| format!(r#"{{"messages":{}}}"#, one()))
+                .collect();
             format!(r#"{{"items":[{}]}}"#, items.join(","))
         }
         _ => one(),

@@ -160,7 +160,15 @@ async fn measure(
         Server::Imhost => &["word-filter"],
         Server::Baseline => &[],
     };
-    let mut child = spawn_pinned(args, server == Server::Imhost, addr, plugins.path(), plugin_set, k, pinned)?;
+    let mut child = spawn_pinned(
+        args,
+        server == Server::Imhost,
+        addr,
+        plugins.path(),
+        plugin_set,
+        k,
+        pinned,
+    )?;
     let pid = child.id().context("server pid")?;
     if pinned {
         pin(std::process::id(), &format!("{k}-{}", cpus - 1))?;
@@ -353,7 +361,10 @@ async fn publish(
     for call in calls {
         call.await??;
     }
-    Ok((accepted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed)))
+    Ok((
+        accepted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    ))
 }
 
 pub(crate) struct Read {

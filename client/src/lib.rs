@@ -9,10 +9,14 @@
 //!   the `__FreeIM__(…)` control messages, partitioning of clients over nodes.
 //! - [`helper`] — [`helper::ImHelper`], FreeIM's `ImHelper` over Redis, in async Rust.
 //! - [`api`] — request and response bodies of the business HTTP API (`/api/v1/…`).
+//! - `http` (feature `http`) — `http::ApiClient`, that API from Rust over HTTP/1.1 or
+//!   h2c, with batches and the node's push-back (503 `overloaded`) told apart.
 #![warn(clippy::print_stdout)]
 
 pub mod api;
 pub mod helper;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod wire;
 
 /// A client (a user of the business system) as FreeIM numbers it: a .NET `long`.

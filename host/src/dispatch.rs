@@ -63,9 +63,10 @@ use crate::node::Node;
 use crate::plugins::FilterOutcome;
 use crate::plugins::hooks::{Outgoing, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::{CloseReason, Lookup, SocketHandle};
+use crate::registry::Lookup;
 use crate::shards::{Admission, Overloaded};
 use crate::stats::Stats;
+use crate::ws::handle::{CloseReason, SocketHandle};
 
 /// A message with its audience on this node, resolved on arrival.
 enum Arrived {

@@ -44,7 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
-use crate::registry::{CloseReason, NOT_STAGED, Registry, SocketHandle};
+use crate::registry::Registry;
+use crate::ws::handle::{CloseReason, NOT_STAGED, SocketHandle};
 
 /// Messages a shard takes from its queue in one pass.
 pub const PASS: usize = 16;

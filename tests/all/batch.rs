@@ -147,3 +147,59 @@ async fn the_api_speaks_h2c_on_the_same_port() {
     host.send(0, &[2], json!("http/1.1"), false).await;
     assert_eq!(bob.next_text().await, r#""http/1.1""#);
 }
+
+/// `imhost-client`'s API client over both protocols: single sends, a batch
+/// with a bad item, and the node's error body mapped.
+#[tokio::test]
+async fn the_rust_client_sends_over_http1_and_h2c_and_batches() {
+    use imhost_client::api::{BatchChannelMessage, BatchItem, SendMessageRequest};
+    use imhost_client::http::{ApiClient, Protocol};
+
+    let host = TestHost::default().await;
+    let mut bob = host.terminal(2).await;
+    for (n, protocol) in [Protocol::Http1, Protocol::H2c].into_iter().enumerate() {
+        let client = ApiClient::new(&host.url(""), API_KEY, protocol).expect("client");
+        client.join("room", vec![2]).await.expect("join");
+        client
+            .send_message(&SendMessageRequest {
+                sender: 0,
+                receivers: vec![2],
+                message: json!({"single": n}),
+                receipt: false,
+            })
+            .await
+            .expect("send");
+        let results = client
+            .batch(vec![
+                BatchItem::ChannelMessage(BatchChannelMessage {
+                    channel: "room".into(),
+                    sender: 0,
+                    message: json!({"batched": n}),
+                }),
+                BatchItem::ChannelMessage(BatchChannelMessage {
+                    channel: String::new(),
+                    sender: 0,
+                    message: json!("never"),
+                }),
+            ])
+            .await
+            .expect("batch");
+        assert!(results[0].is_ok(), "{results:?}");
+        assert_eq!(
+            results[1].as_ref().map_err(|e| e.code.as_str()),
+            Err("bad_request")
+        );
+        assert_eq!(bob.next_json().await, json!({ "single": n }));
+        assert_eq!(bob.next_json().await, json!({ "batched": n }));
+        let info = client.client(2).await.expect("client info");
+        assert_eq!(info.channels, vec!["room".to_string()]);
+    }
+    let wrong =
+        ApiClient::new(&host.url(""), "wrong-key-0123456789", Protocol::H2c).expect("client");
+    let err = wrong.online().await.expect_err("401");
+    assert!(
+        matches!(&err, imhost_client::http::ApiError::Status { status: 401, error, .. } if error.code == "unauthorized"),
+        "{err}"
+    );
+    assert!(!err.is_overloaded());
+}

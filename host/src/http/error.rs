@@ -133,6 +133,41 @@ impl From<crate::business::BusinessError> for AppError {
     }
 }
 
+impl From<crate::ws::Refusal> for AppError {
+    fn from(refusal: crate::ws::Refusal) -> Self {
+        use crate::ws::Refusal;
+        match refusal {
+            Refusal::BadRequest(why) => AppError::BadRequest(why),
+            Refusal::Unauthorized(why) => AppError::Unauthorized(why),
+            Refusal::Misdirected(why) => AppError::Misdirected(why),
+            Refusal::RateLimited(why) => AppError::TooManyRequests(why),
+            Refusal::Unavailable { reason, .. } => AppError::Unavailable(reason),
+            Refusal::Cluster(err) => err.into(),
+        }
+    }
+}
+
+/// A refused terminal's answer: [`AppError`]'s, with `Retry-After: 1` where
+/// trying again shortly will work.
+impl IntoResponse for crate::ws::Refusal {
+    fn into_response(self) -> Response {
+        let retry_soon = matches!(
+            self,
+            crate::ws::Refusal::RateLimited(_)
+                | crate::ws::Refusal::Unavailable {
+                    retry_soon: true,
+                    ..
+                }
+        );
+        let error = AppError::from(self);
+        if retry_soon {
+            error.with_retry_after(1)
+        } else {
+            error.into_response()
+        }
+    }
+}
+
 impl From<PathRejection> for AppError {
     fn from(rejection: PathRejection) -> Self {
         AppError::BadRequest(rejection.body_text())

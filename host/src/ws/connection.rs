@@ -9,13 +9,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, error, warn};
 
 use super::Session;
+use super::handle::CloseReason;
 use super::handshake;
 use super::socket::{self, Limits, Terminal};
 use crate::cluster::{PresenceChange, PresenceKind};
 use crate::node::Node;
 use crate::plugins::hooks::{InboundAction, InboundFrame, PresenceNotice, Target};
 use crate::plugins::manifest::Hook;
-use crate::registry::{CloseReason, Registration};
+use crate::registry::Registration;
 use crate::stats::Stats;
 
 /// Runs a socket, registered before its upgrade, from the upgrade's

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use super::transport::Transport;
 
-use crate::http::AppError;
+use super::Refusal;
 
 /// A checked WebSocket opening handshake, ready to be answered.
 pub struct Handshake {
@@ -29,10 +29,10 @@ pub struct Handshake {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Handshake {
-    type Rejection = AppError;
+    type Rejection = Refusal;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, AppError> {
-        let refuse = |why: &str| AppError::BadRequest(format!("not a WebSocket handshake: {why}"));
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Refusal> {
+        let refuse = |why: &str| Refusal::BadRequest(format!("not a WebSocket handshake: {why}"));
         if parts.method != Method::GET {
             return Err(refuse("the method must be GET"));
         }

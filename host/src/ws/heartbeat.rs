@@ -15,7 +15,8 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{CloseReason, Registry};
+use super::handle::CloseReason;
+use crate::registry::Registry;
 use crate::stats::Stats;
 
 /// How many slices one heartbeat interval is cut into.

@@ -5,18 +5,48 @@
 //! a free connection slot is taken first, then the auth plugins decide, and
 //! when they all pass, the built-in single-use token.
 //!
+//! A refusal is a [`Refusal`], which `http` turns into its answer: this
+//! module knows why it refuses, not how HTTP says so.
+//!
 //! # Layout
 //! - `handshake`: the opening handshake, and the TCP stream taken back from hyper.
 //! - [`frame`]: the frame codec, decoding as bytes arrive.
+//! - [`handle`]: one socket's handle (`SocketHandle`, `CloseReason`), what the
+//!   rest of the node touches; `crate::registry` maps clients to handles.
 //! - `socket`: the socket core, driven by readiness.
 //! - [`outbound`]: a socket's writes, shared by deliveries and its task.
+//! - [`transport`]: plain TCP or TLS under the socket core.
 //! - `connection`: a terminal's life: registration, presence, inbound plugins.
 //! - `heartbeat`: one sweep for every socket's heartbeat.
 //! - [`connect_rate`]: connects per second per address.
+//!
+//! # Invariants of the socket core
+//! - **Who writes.** Any thread may write to a socket (a delivery shard, a
+//!   caller writing a small audience at once, the socket's own task), always
+//!   under the socket's outbound mutex, so frames never interleave; a
+//!   partly written frame's rest goes first at the next write.
+//! - **Lock order.** The outbound mutex, then (TLS) the rustls connection's
+//!   lock; nothing else is taken under either, and neither is held across
+//!   an `.await`.
+//! - **The readiness hand-off.** A delivery's write goes to the descriptor
+//!   without consulting tokio's readiness (`Transport::try_write_direct`); a
+//!   `WouldBlock` there leaves tokio's readiness set, so the socket's task,
+//!   woken by the `QUEUED` signal, tries through tokio, sees the
+//!   `WouldBlock` and waits for writability. Nothing is written past a queue:
+//!   a push writes at once only when nothing waits.
+//! - **Order.** A socket belongs to one delivery shard (`crate::shards`), whose
+//!   queue is its order; a write at once happens only while its shard has
+//!   nothing queued or being written.
+//! - **Future sizes.** An idle socket is its task's future plus its handle:
+//!   `connection::serve` is spawned as it is (an async block around it
+//!   would hold a second copy of what it moves in), and what waits for the
+//!   kernel is boxed in the handle (`docs/architecture.md`, memory per
+//!   connection).
 
 pub mod connect_rate;
 mod connection;
 pub mod frame;
+pub mod handle;
 mod handshake;
 pub mod heartbeat;
 pub mod outbound;
@@ -34,8 +64,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use self::handshake::Handshake;
 
-use crate::cluster::TokenClaim;
-use crate::http::AppError;
+use crate::cluster::{ClusterError, TokenClaim};
 use crate::node::Node;
 use crate::plugins::AuthOutcome;
 use crate::plugins::hooks::ConnectRequest;
@@ -52,6 +81,37 @@ pub fn max_unsent_bytes(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(8).max(1 << 20)
 }
 
+/// Why a terminal was refused before the upgrade. `http` turns each into
+/// its answer (status, JSON error body, `Retry-After` where there is one).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not a WebSocket opening handshake, or a query that does not parse: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid token, or an auth plugin said no: 401.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The client belongs to another node: 421.
+    #[error("{0}")]
+    Misdirected(String),
+    /// The address is over its connect rate: 429, retry after a second.
+    #[error("{0}")]
+    RateLimited(String),
+    /// The node cannot take it now: 503, with `Retry-After: 1` when
+    /// `retry_soon` (auth plugins still loading).
+    #[error("{reason}")]
+    Unavailable { reason: String, retry_soon: bool },
+    /// The cluster store could not be asked.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+impl From<QueryRejection> for Refusal {
+    fn from(rejection: QueryRejection) -> Self {
+        Refusal::BadRequest(rejection.body_text())
+    }
+}
+
 /// Who a socket belongs to, fixed at connect.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -64,33 +124,38 @@ pub async fn upgrade(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    handshake: Result<Handshake, AppError>,
-) -> Result<Response, AppError> {
+    handshake: Result<Handshake, Refusal>,
+) -> Result<Response, Refusal> {
     // The handshake is checked before anything is spent on it (a connection
     // slot, an auth call, the single-use token).
     let handshake = handshake?;
     let Query(query) = query?;
     if node.shutdown.stopping().is_cancelled() {
-        return Err(AppError::Unavailable("server shutting down".into()));
+        return Err(Refusal::Unavailable {
+            reason: "server shutting down".into(),
+            retry_soon: false,
+        });
     }
     let client_addr = client_address(&node, remote, &headers);
     if !node.connect_rate.admit(client_addr) {
         Stats::incr(&node.stats.connects_rate_limited);
-        return Ok(AppError::TooManyRequests(
+        return Err(Refusal::RateLimited(
             "too many connects from this address; retry shortly".into(),
-        )
-        .with_retry_after(1));
+        ));
     }
     if node.plugins.auth_pending() {
         Stats::incr(&node.stats.connects_plugins_loading);
-        return Ok(
-            AppError::Unavailable("auth plugins are loading; retry shortly".into())
-                .with_retry_after(1),
-        );
+        return Err(Refusal::Unavailable {
+            reason: "auth plugins are loading; retry shortly".into(),
+            retry_soon: true,
+        });
     }
     let Ok(slot) = node.connection_slots.clone().try_acquire_owned() else {
         Stats::incr(&node.stats.connects_over_capacity);
-        return Err(AppError::Unavailable("server full".into()));
+        return Err(Refusal::Unavailable {
+            reason: "server full".into(),
+            retry_soon: false,
+        });
     };
     let seen_from = if client_addr == remote.ip() {
         remote.to_string()
@@ -135,7 +200,7 @@ async fn identify(
     query: &[(String, String)],
     headers: &HeaderMap,
     remote: String,
-) -> Result<TokenValue, AppError> {
+) -> Result<TokenValue, Refusal> {
     let token = query
         .iter()
         .find(|(k, _)| k == "token")
@@ -155,7 +220,7 @@ async fn identify(
             AuthOutcome::Allow(client) => {
                 if !node.topology.is_mine(client.client_id) {
                     let owner = node.topology.node_for(client.client_id);
-                    return Err(AppError::Misdirected(format!(
+                    return Err(Refusal::Misdirected(format!(
                         "this client belongs to server {owner}; connect there"
                     )));
                 }
@@ -164,7 +229,7 @@ async fn identify(
             AuthOutcome::Deny(reason) => {
                 Stats::incr(&node.stats.auth_denied);
                 debug!(%reason, "connect refused by an auth plugin");
-                return Err(AppError::Unauthorized("connect refused".into()));
+                return Err(Refusal::Unauthorized("connect refused".into()));
             }
             AuthOutcome::Pass => {}
         }
@@ -180,13 +245,13 @@ async fn identify(
         TokenClaim::Unknown => {
             Stats::incr(&node.stats.connects_refused);
             debug!("connect refused: unknown, used or expired token");
-            Err(AppError::Unauthorized(
+            Err(Refusal::Unauthorized(
                 "unknown, used or expired token".into(),
             ))
         }
         TokenClaim::Misdirected { owner } => {
             Stats::incr(&node.stats.connects_refused);
-            Err(AppError::Misdirected(format!(
+            Err(Refusal::Misdirected(format!(
                 "this client belongs to server {owner}; connect there with the same token"
             )))
         }

@@ -32,8 +32,9 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::frame::{self, Decoder, Event, Violation};
+use super::handle::{CloseReason, SocketHandle, signal};
 use super::transport::Transport;
-use crate::registry::{CloseReason, Registry, SocketHandle, signal};
+use crate::registry::Registry;
 
 /// The per-thread read buffer's size: a read takes at most this much.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
