@@ -147,7 +147,10 @@ impl LocalDelivery for Inline {
         };
         handle(&node, message, Admission::Try)
             .await
-            .map_err(|Overloaded| ClusterError::Overloaded)
+            .map_err(|Overloaded| {
+                Stats::incr(&node.stats.sends_refused_overloaded);
+                ClusterError::Overloaded
+            })
     }
 }
 

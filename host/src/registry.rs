@@ -88,6 +88,11 @@ impl Registry {
         lock(&self.clients)
     }
 
+    /// The node's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
     /// Now, on the clock of [`SocketHandle::heard`].
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)

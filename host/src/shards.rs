@@ -304,8 +304,14 @@ impl Shards {
                 .try_acquire_many_owned(n)
                 .map(Some)
                 .map_err(|_| Overloaded),
-            // The semaphore is never closed.
-            Admission::Wait => Ok(backlog.acquire_many_owned(n).await.ok()),
+            Admission::Wait => match backlog.clone().try_acquire_many_owned(n) {
+                Ok(permit) => Ok(Some(permit)),
+                Err(_) => {
+                    crate::stats::Stats::incr(&self.inner.registry.stats().dispatch_backlog_waits);
+                    // The semaphore is never closed.
+                    Ok(backlog.acquire_many_owned(n).await.ok())
+                }
+            },
         }
     }
 

@@ -80,6 +80,12 @@ counters! {
     publish_retries,
     /// API calls answered 503 because a node was not listening.
     publish_unheard,
+    /// Sends answered 503 `overloaded`: the delivery backlog was full.
+    sends_refused_overloaded,
+    /// Deliveries of the Redis dispatcher that waited for room in the backlog.
+    dispatch_backlog_waits,
+    /// Pings answered by a pong already waiting for the kernel instead of one more.
+    pongs_coalesced,
     /// Inbound plugin replies over `max_body_bytes`, dropped.
     oversize_replies,
     /// Sockets closed with 1002 or 1007 because the terminal broke the protocol.

@@ -142,3 +142,53 @@ async fn bursts_bigger_than_the_socket_buffers_arrive_whole_and_in_order() {
     }
     assert_eq!(host.stats().await.slow_consumers_closed, 0);
 }
+
+/// A terminal that pings without reading gets one pong waiting for it, not
+/// one per ping: what the node holds for it stays bounded, the surplus is
+/// counted, and the socket lives on.
+#[tokio::test]
+async fn a_ping_flood_without_reading_queues_one_pong_not_one_per_ping() {
+    let host = TestHost::default().await;
+    let token = host.connect_url(1, None).await.url;
+    let token = token.rsplit("token=").next().expect("token").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut conn = socket.connect(host.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        host.addr
+    );
+    conn.write_all(request.as_bytes()).await.expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.expect("101");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // 6.4 MB of pings: more pongs than the kernel buffers of both ends hold.
+    let ping = client_frame(true, PING, &[7u8; 125]);
+    let burst: Vec<u8> = ping.repeat(1000);
+    let mut rounds = 0;
+    while host.stats().await.pongs_coalesced == 0 {
+        rounds += 1;
+        assert!(rounds <= 200, "200,000 pings and not one pong coalesced");
+        tokio::time::timeout(DEADLINE, conn.write_all(&burst))
+            .await
+            .expect("the node keeps reading pings")
+            .expect("pings");
+    }
+    assert_eq!(host.stats().await.slow_consumers_closed, 0);
+    // Reading again, the terminal gets its pongs and then a message: the
+    // socket lived on.
+    host.send(0, &[1], json!("after"), false).await;
+    loop {
+        let (opcode, payload) = server_frame(&mut conn).await;
+        if opcode == TEXT {
+            assert_eq!(payload, br#""after""#);
+            break;
+        }
+        assert_eq!(opcode, PONG);
+    }
+}

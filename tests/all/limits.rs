@@ -31,8 +31,10 @@ async fn an_oversize_frame_closes_only_that_socket_with_1009() {
 
 #[tokio::test]
 async fn a_slow_consumer_is_cut_off_while_others_keep_receiving() {
+    // One delivery shard: the reading terminal shares the stalled one's.
     let host = TestHost::start(Options {
         outbound_queue: Some(8),
+        delivery_shards: Some(1),
         ..Options::default()
     })
     .await;

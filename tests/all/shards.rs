@@ -239,4 +239,8 @@ async fn an_overloaded_node_answers_503_and_delivers_everything_it_accepted() {
     }
     let stats = host.stats().await;
     assert_eq!(stats.slow_consumers_closed, 0, "no terminal was cut off");
+    assert_eq!(
+        stats.sends_refused_overloaded, refused as u64,
+        "every 503 counted"
+    );
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{AppError, Json, Path};
 use crate::business::{self, check_channel, message_text};
 use crate::node::Node;
-use crate::stats::StatsSnapshot;
+use crate::stats::{Stats, StatsSnapshot};
 
 type Answer<T> = Result<Json<T>, AppError>;
 
@@ -26,6 +26,7 @@ fn done() -> Answer<Value> {
 /// publishes (the receiving nodes push back on Redis by not reading).
 fn refuse_when_overloaded(node: &Node) -> Result<(), AppError> {
     if node.shards.is_full() {
+        Stats::incr(&node.stats.sends_refused_overloaded);
         return Err(AppError::Overloaded(crate::shards::Overloaded.to_string()));
     }
     Ok(())

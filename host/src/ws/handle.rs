@@ -204,6 +204,14 @@ impl SocketHandle {
         self.flags.load(Ordering::Relaxed)
     }
 
+    /// Answers a ping, unless a pong already waits for the kernel (then
+    /// that one answers it, and this is counted in `stats`).
+    pub fn send_pong(&self, pong: &[u8], stats: &crate::stats::Stats) {
+        if !self.out().send_pong(self.stream(), pong) {
+            crate::stats::Stats::incr(&stats.pongs_coalesced);
+        }
+    }
+
     /// Notes that a frame arrived now.
     pub fn heard(&self, now_ms: u64) {
         self.last_heard.store(now_ms, Ordering::Relaxed);

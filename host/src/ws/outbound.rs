@@ -63,6 +63,10 @@ struct Backlog {
     queue: VecDeque<Utf8Bytes>,
     /// Bytes the kernel has not taken yet, in order; they go before the queue.
     unsent: Vec<u8>,
+    /// A pong waits in `unsent`: a later ping is answered by it (RFC 6455
+    /// section 5.5.3 allows answering only the latest), so a terminal that
+    /// pings without reading queues one pong, not one per ping.
+    pong_waiting: bool,
 }
 
 impl Outbound {
@@ -228,6 +232,21 @@ impl Outbound {
         }
     }
 
+    /// Sends a pong unless one already waits for the kernel; false when
+    /// this one was left out (the waiting one answers it).
+    pub fn send_pong(&mut self, stream: Option<&Transport>, pong: &[u8]) -> bool {
+        if self.backlog.as_ref().is_some_and(|b| b.pong_waiting) {
+            return false;
+        }
+        self.send(stream, pong);
+        if let Some(backlog) = self.backlog.as_mut()
+            && !backlog.unsent.is_empty()
+        {
+            backlog.pong_waiting = true;
+        }
+        true
+    }
+
     /// Drops the queue and puts `close` last: nothing is sent after it.
     pub fn close_with(&mut self, close: &[u8]) {
         if self.closed {
@@ -274,6 +293,7 @@ impl Backlog {
                 Err(err) => return Err(err),
             }
         }
+        self.pong_waiting = false;
         while !self.queue.is_empty() {
             if !self.write_batch(stream, max_batch_bytes)? {
                 return Ok(false);
@@ -467,6 +487,37 @@ mod tests {
         assert!(!outcomes.contains(&Pushed::Full));
         assert!(out.backlog.is_none());
         assert_eq!(out.push(stream, &text, 1000), Pushed::Closed);
+    }
+
+    #[tokio::test]
+    async fn one_pong_waits_at_a_time_until_the_kernel_takes_it() {
+        use tokio::io::AsyncReadExt;
+
+        let (server, mut terminal) = pair().await;
+        let stream = Some(&server);
+        let mut out = Outbound::default();
+        let big = Utf8Bytes::from("z".repeat(3000));
+        while !out.has_pending(stream) {
+            out.push(stream, &big, 1000);
+        }
+        assert!(out.send_pong(stream, b"\x8a\x00"), "the first pong waits");
+        assert!(
+            !out.send_pong(stream, b"\x8a\x00"),
+            "the next is answered by it"
+        );
+        assert!(!out.send_pong(stream, b"\x8a\x00"));
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            while terminal.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        while !out.flush(stream, 1 << 20).expect("flush") {
+            server.writable().await.expect("writable");
+        }
+        assert!(
+            out.send_pong(stream, b"\x8a\x00"),
+            "gone out: a new ping gets its pong"
+        );
+        reader.abort();
     }
 
     #[test]

@@ -242,7 +242,9 @@ async fn handle_input<T: Terminal>(
                 }
             }
             Event::Binary { .. } => terminal.on_ignored(),
-            Event::Ping(payload) => handle.send(&frame::encode(frame::PONG, &payload)),
+            Event::Ping(payload) => {
+                handle.send_pong(&frame::encode(frame::PONG, &payload), registry.stats());
+            }
             Event::Pong => {}
             Event::Close(code) => {
                 // RFC 6455 5.5.1: answer with a Close echoing the code.
