@@ -237,6 +237,17 @@ pub struct Options {
         value_name = "NAME"
     )]
     pub trusted_proxy_header: Option<String>,
+    /// The proxies whose `trusted_proxy_header` is believed: addresses or
+    /// networks (`10.0.0.0/8`), comma-separated. A connection from any other
+    /// peer is taken at its own address. [default: 127.0.0.0/8,::1]
+    #[arg(
+        long,
+        help_heading = "HTTP",
+        env = "IMHOST_TRUSTED_PROXIES",
+        value_name = "NETS",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
     /// PEM certificate chain: serve HTTPS and WSS on the listen port (with `tls_key`).
     /// [default: none: plain HTTP and WS]
     #[arg(
@@ -293,6 +304,8 @@ pub struct Config {
     pub demo: bool,
     /// Lower-case header name whose last address is the client's.
     pub trusted_proxy_header: Option<String>,
+    /// Peers whose `trusted_proxy_header` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `demo` on a non-loopback address, forced.
     pub demo_public: bool,
     /// Set with `tls_cert` and `tls_key`: the certificate is loaded and
@@ -435,6 +448,7 @@ impl Options {
                 .connect_rate_per_address
                 .or(lower.connect_rate_per_address),
             trusted_proxy_header: self.trusted_proxy_header.or(lower.trusted_proxy_header),
+            trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
             public_scheme: self.public_scheme.or(lower.public_scheme),
@@ -503,6 +517,13 @@ impl Options {
                 format!("{} is not a directory", dir.display()),
             ));
         }
+        let trusted_proxies = self
+            .trusted_proxies
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()])
+            .iter()
+            .map(|entry| parse_network(entry))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("trusted_proxies", e))?;
         let limits = Limits {
             max_frame_bytes: self.max_frame_bytes.unwrap_or(defaults.max_frame_bytes),
             outbound_queue: self.outbound_queue.unwrap_or(defaults.outbound_queue),
@@ -578,9 +599,19 @@ impl Options {
                 .trusted_proxy_header
                 .map(|h| h.trim().to_ascii_lowercase())
                 .filter(|h| !h.is_empty()),
+            trusted_proxies,
             limits,
         })
     }
+}
+
+/// An address (`10.1.2.3`, a network of one) or a network (`10.0.0.0/8`).
+fn parse_network(entry: &str) -> Result<ipnet::IpNet, String> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{entry}` is not an address or a network"))
 }
 
 /// Reads a PEM certificate chain and its private key into a rustls server

@@ -453,3 +453,33 @@ async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured()
     assert!(head[..n].starts_with(b"HTTP/1.1 101"));
     assert_eq!(host.stats().await.connects_rate_limited, 1);
 }
+
+/// A peer that is not one of `trusted_proxies` cannot pick its address with
+/// the proxy header: four connects from 127.0.0.2, each claiming another
+/// client address, count against 127.0.0.2 itself.
+#[tokio::test]
+async fn a_forged_proxy_header_from_an_untrusted_peer_is_ignored() {
+    let host = TestHost::start(Options {
+        connect_rate_per_address: Some(3),
+        trusted_proxy_header: Some("X-Forwarded-For".into()),
+        trusted_proxies: Some(vec!["127.0.0.1".into()]),
+        ..Options::default()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for client in 0..4 {
+        let token = token_for(&host, client).await;
+        let mut conn = connect_from("127.0.0.2", host.addr).await;
+        let forged = format!("X-Forwarded-For: 198.51.100.{client}\r\n");
+        let request = handshake_request(&token, Some(VALID_KEY), &forged);
+        conn.write_all(request.as_bytes()).await.expect("write");
+        let mut head = vec![0u8; 1024];
+        let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
+            .await
+            .expect("answer")
+            .expect("read");
+        statuses.push(String::from_utf8_lossy(&head[9..12.min(n)]).into_owned());
+    }
+    assert_eq!(statuses, ["101", "101", "101", "429"]);
+    assert_eq!(host.stats().await.connects_rate_limited, 1);
+}

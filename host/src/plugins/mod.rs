@@ -351,6 +351,8 @@ impl PluginHost {
     ///
     /// # Errors
     /// The plugins still compiling or failed with no running version.
+    /// Readiness for `/readyz`: which plugins are not active yet (compiling,
+    /// or failed to load), never why (that is behind the API key).
     pub fn ready(&self) -> Result<(), String> {
         if !self.scanned.load(Ordering::Acquire) {
             return Err("plugins not yet scanned".into());
@@ -367,7 +369,9 @@ impl PluginHost {
             self.failures()
                 .iter()
                 .filter(|(name, _)| !running(name))
-                .map(|(name, f)| format!("{name} failed: {}", f.error)),
+                // Which, not why: /readyz needs no key, and a load error can
+                // name paths and settings. The reason is at GET /api/v1/plugins.
+                .map(|(name, _)| format!("{name} failed to load")),
         );
         if waiting.is_empty() {
             Ok(())

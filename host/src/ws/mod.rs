@@ -179,20 +179,44 @@ pub async fn upgrade(
     Ok(response)
 }
 
-/// The terminal's address: the peer's, or, when `trusted_proxy_header` is
-/// set, the last address that header lists (what the proxy in front of us
-/// appended; earlier entries are whatever the client claimed).
+/// The terminal's address: the peer's, unless the peer is one of
+/// `trusted_proxies` and `trusted_proxy_header` is set: then the header's
+/// addresses (every instance of it, in order) are read from the right, each
+/// trusted proxy's own entry skipped, and the first address that is not a
+/// trusted proxy is the client's. Entries left of it are whatever the client
+/// claimed and are never believed.
 fn client_address(node: &Node, remote: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
-    node.config
-        .trusted_proxy_header
-        .as_deref()
-        .and_then(|name| headers.get(name))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|last| last.trim().parse().ok())
-        .unwrap_or(remote.ip())
+    let Some(name) = node.config.trusted_proxy_header.as_deref() else {
+        return remote.ip();
+    };
+    let values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    forwarded_client(remote.ip(), values, &node.config.trusted_proxies)
 }
 
+/// See [`client_address`].
+fn forwarded_client<'a>(
+    peer: std::net::IpAddr,
+    header_values: impl Iterator<Item = &'a str>,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = header_values.flat_map(|v| v.split(',')).collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.trim().parse::<std::net::IpAddr>() else {
+            // Not an address: nothing left of it can be believed.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
 /// Who is connecting: the auth plugins decide first; when they all pass (or
 /// there are none), the built-in single-use token store.
 async fn identify(
@@ -255,5 +279,45 @@ async fn identify(
                 "this client belongs to server {owner}; connect there with the same token"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter()
+            .map(|n| n.parse().expect("a network in the test"))
+            .collect()
+    }
+
+    fn ip(text: &str) -> std::net::IpAddr {
+        text.parse().expect("an address in the test")
+    }
+
+    #[test]
+    fn the_client_is_the_first_untrusted_address_from_the_right() {
+        let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let from = |peer: &str, values: &[&str]| {
+            forwarded_client(ip(peer), values.iter().copied(), &trusted)
+        };
+        // A forged entry on the left is skipped over.
+        assert_eq!(
+            from("127.0.0.1", &["6.6.6.6, 198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+        // Two proxies of ours: the inner one's own entry is skipped.
+        assert_eq!(
+            from("127.0.0.1", &["6.6.6.6, 198.51.100.7", "10.1.1.1"]),
+            ip("198.51.100.7")
+        );
+        // A peer that is no proxy of ours is taken at its word: none.
+        assert_eq!(from("192.0.2.1", &["198.51.100.7"]), ip("192.0.2.1"));
+        // Garbage stops the walk at the last believable hop.
+        assert_eq!(from("127.0.0.1", &["198.51.100.7, junk"]), ip("127.0.0.1"));
+        assert_eq!(from("127.0.0.1", &[]), ip("127.0.0.1"));
+        // Only proxies all the way: the leftmost of them.
+        assert_eq!(from("127.0.0.1", &["10.2.2.2, 10.1.1.1"]), ip("10.2.2.2"));
     }
 }

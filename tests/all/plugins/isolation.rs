@@ -24,6 +24,17 @@ async fn refusals_say_what_is_wrong_and_nothing_else_is_affected() {
     };
     failed("core", "core WebAssembly module").await;
     failed("garbage", "not a WebAssembly file").await;
+    // /readyz (no key) says which plugin is not ready, not why.
+    let ready = host
+        .http
+        .get(host.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let said = ready.text().await.expect("text");
+    assert!(said.contains("garbage failed to load"), "{said}");
+    assert!(!said.contains("not a WebAssembly file"), "{said}");
     failed("future", "imhost:plugin@2.0.0").await;
     failed("badconf", "no_such_key").await;
     host.plugin_where("good", "loaded", |p| p["state"] == "active")
