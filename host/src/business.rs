@@ -20,6 +20,9 @@ use crate::node::Node;
 pub struct Outbox {
     pub topology: Topology,
     pub relay: Arc<dyn Relay>,
+    /// Largest content a plugin may send: the API's body limit
+    /// (`max_body_bytes`), so a plugin cannot send what a backend could not.
+    pub max_content_bytes: usize,
 }
 
 /// Why a business operation failed. The HTTP layer maps it to a response;

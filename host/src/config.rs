@@ -297,7 +297,9 @@ pub struct Config {
     /// True when the key was generated because none was configured (it is logged).
     pub api_key_generated: bool,
     pub plugins: Option<PathBuf>,
-    pub plugin_cache: PathBuf,
+    /// `None`: no cache directory could be named (no `plugin_cache`, no
+    /// `XDG_CACHE_HOME` or `HOME`); plugins are compiled at every load.
+    pub plugin_cache: Option<PathBuf>,
     pub plugin_cache_keep: usize,
     pub plugin_tiering: bool,
     pub watch_plugins: bool,
@@ -586,7 +588,7 @@ impl Options {
             redis: self.redis,
             api_key,
             api_key_generated,
-            plugin_cache: self.plugin_cache.unwrap_or_else(default_plugin_cache),
+            plugin_cache: self.plugin_cache.or_else(default_plugin_cache),
             plugin_tiering: self.plugin_tiering.unwrap_or(true),
             plugin_cache_keep: self
                 .plugin_cache_keep
@@ -695,15 +697,14 @@ impl Limits {
 
 /// `$XDG_CACHE_HOME/imhost/plugins`, `~/.cache/imhost/plugins`, or one in
 /// the temporary directory.
-pub fn default_plugin_cache() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+pub fn default_plugin_cache() -> Option<PathBuf> {
+    // No fallback to a shared temporary directory: whoever else can write
+    // there could plant native code for the server to run.
+    std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
-    match base {
-        Some(base) => base.join("imhost").join("plugins"),
-        None => std::env::temp_dir().join("imhost-plugins"),
-    }
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|base| base.join("imhost").join("plugins"))
 }
 
 /// `Option<Duration>` written as a humantime string (`"20s"`, `"1m 30s"`) in TOML.

@@ -174,7 +174,8 @@ async fn plugin_command(action: &PluginCommand) -> anyhow::Result<()> {
     let open_cache = |dir: &Option<PathBuf>| -> anyhow::Result<ArtifactCache> {
         let dir = dir
             .clone()
-            .unwrap_or_else(imhost::config::default_plugin_cache);
+            .or_else(imhost::config::default_plugin_cache)
+            .context("no cache directory: pass --cache-dir (there is no XDG_CACHE_HOME or HOME)")?;
         ArtifactCache::open(&dir)
             .with_context(|| format!("cannot open the cache {}", dir.display()))
     };

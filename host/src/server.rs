@@ -112,11 +112,12 @@ pub async fn run(
     let outbox = Outbox {
         topology: topology.clone(),
         relay: backends.relay.clone(),
+        max_content_bytes: config.limits.max_body_bytes,
     };
     let plugins = Arc::new(PluginHost::new(
         LoaderConfig {
             dir: config.plugins.clone(),
-            cache_dir: Some(config.plugin_cache.clone()),
+            cache_dir: config.plugin_cache.clone(),
             compiler: Compiler::for_this_process(),
             tiered: config.plugin_tiering,
             cache_keep: config.plugin_cache_keep,

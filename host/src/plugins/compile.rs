@@ -19,14 +19,19 @@
 //! - a directory only the server writes, created owner-only (0700), outside
 //!   the plugin directory by default, so that whoever may drop plugins (which
 //!   run sandboxed) cannot drop native code;
-//! - authenticated: each artifact carries an HMAC-SHA256, under a key that
-//!   lives in the cache directory (0600), over the source's content hash, the
-//!   tier, the engine's compatibility hash and the artifact bytes. A file that
-//!   was altered, copied from another source or made by another engine fails
-//!   the check, is deleted, and the plugin is compiled again.
+//! - authenticated: each artifact carries an HMAC-SHA256 over the source's
+//!   content hash, the tier, the engine's compatibility hash and the
+//!   artifact bytes, under a key that lives *beside* the cache directory, not
+//!   in it (`DIR.key` next to `DIR`, 0600, owned by the cache directory's
+//!   owner, checked at every open), so that write access to the directory
+//!   alone does not let anyone sign what they put there. A file that was
+//!   altered, copied from another source or made by another engine fails the
+//!   check, is deleted, and the plugin is compiled again. A key left inside
+//!   the directory by an older version is removed (its artifacts recompile).
 //!
 //! Whoever can write the cache directory *and* read its key can still run
 //! native code in the server: that is the boundary, stated in `docs/plugins.md`.
+//! No cache directory is ever made in a shared temporary directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -220,9 +225,9 @@ fn link_advice(error: &str) -> String {
 /// the same moment, so the key appears whole or not at all: it is written to
 /// a file of this process's own, then hard-linked to `key_path`, which fails
 /// if another process linked its key first (and then that one is used).
-fn create_key(dir: &Path, key_path: &Path) -> std::io::Result<Vec<u8>> {
+fn create_key(key_path: &Path) -> std::io::Result<Vec<u8>> {
     let key: [u8; 32] = rand::random();
-    let draft = dir.join(format!(
+    let draft = key_path.with_extension(format!(
         "key.{}.{:016x}.tmp",
         std::process::id(),
         rand::random::<u64>()
@@ -248,6 +253,39 @@ fn create_key(dir: &Path, key_path: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// Where the key of the cache at `dir` lives: `DIR.key`, beside it.
+fn key_path(dir: &Path) -> std::io::Result<PathBuf> {
+    let name = dir.file_name().ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{} has no name to put its key beside",
+            dir.display()
+        ))
+    })?;
+    let mut key_name = name.to_owned();
+    key_name.push(".key");
+    Ok(dir.with_file_name(key_name))
+}
+
+/// Refuses a key that others could have written or read: it must belong to
+/// the cache directory's owner and be open to nobody else.
+fn check_key_file(dir: &Path, key_path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let key = std::fs::metadata(key_path)?;
+        let owner = std::fs::metadata(dir)?.uid();
+        if key.uid() != owner || key.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} must belong to the cache's owner and be readable by nobody else (0600)",
+                key_path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, key_path);
+    Ok(())
+}
+
 /// Compiled artifacts on disk: see the module docs.
 #[derive(Clone)]
 pub struct ArtifactCache {
@@ -268,10 +306,22 @@ impl ArtifactCache {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        let key_path = dir.join("key");
+        // An older version kept its key inside the directory, where whoever
+        // writes the directory could read or replace it.
+        match std::fs::remove_file(dir.join("key")) {
+            Ok(()) => {
+                tracing::warn!(dir = %dir.display(), "removed the key kept inside the plugin cache; cached plugins compile again")
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+        let key_path = key_path(dir)?;
         let key = match std::fs::read(&key_path) {
-            Ok(key) => key,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create_key(dir, &key_path)?,
+            Ok(key) => {
+                check_key_file(dir, &key_path)?;
+                key
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => create_key(&key_path)?,
             Err(err) => return Err(err),
         };
         let key: [u8; 32] = key.try_into().map_err(|_| {
@@ -568,6 +618,22 @@ pub fn compile_into_cache(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_key_open_to_others_is_refused_and_a_key_inside_is_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache");
+        let first = ArtifactCache::open(&cache).expect("open").key;
+        std::fs::write(cache.join("key"), [7u8; 32]).expect("an old key inside");
+        let again = ArtifactCache::open(&cache).expect("reopen").key;
+        assert_eq!(again, first, "the key beside is the key");
+        assert!(!cache.join("key").exists(), "the key inside is gone");
+        let key = dir.path().join("cache.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let refused = ArtifactCache::open(&cache).err().expect("refused");
+        assert!(refused.to_string().contains("0600"), "{refused}");
+    }
+
     /// Many openers of one new cache at once (nodes starting together, or
     /// parallel `imhost plugin compile` runs) all get the same, whole key.
     #[test]
@@ -595,11 +661,14 @@ mod tests {
                 .expect("read_dir")
                 .map(|e| e.expect("entry").file_name())
                 .collect();
-            assert_eq!(
-                left,
-                vec![std::ffi::OsString::from("key")],
-                "drafts left behind"
-            );
+            assert!(left.is_empty(), "the key is not inside: {left:?}");
+            let beside: Vec<_> = std::fs::read_dir(dir.path())
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            let mut beside: Vec<_> = beside.iter().map(|n| n.to_string_lossy()).collect();
+            beside.sort();
+            assert_eq!(beside, ["cache", "cache.key"], "drafts left behind");
         }
     }
 }

@@ -50,7 +50,16 @@ impl HostCtx {
     }
 }
 
-fn check_json(content: &str) -> Result<(), String> {
+/// What the HTTP API checks of a message, checked of a plugin's: at most
+/// the API's body limit, and JSON.
+fn check_content(outbox: &Outbox, content: &str) -> Result<(), String> {
+    if content.len() > outbox.max_content_bytes {
+        return Err(format!(
+            "content is {} bytes; at most {} (max_body_bytes)",
+            content.len(),
+            outbox.max_content_bytes
+        ));
+    }
     serde_json::from_str::<serde::de::IgnoredAny>(content)
         .map(|_| ())
         .map_err(|e| format!("content is not JSON: {e}"))
@@ -107,9 +116,9 @@ impl Host for PluginState {
         content: String,
         receipt: bool,
     ) -> Result<(), String> {
-        check_json(&content)?;
         let host = self.host.clone();
         let outbox = host.outbox()?;
+        check_content(outbox, &content)?;
         host.bounded(crate::business::send_message(
             outbox, sender, &receivers, content, receipt,
         ))
@@ -122,10 +131,10 @@ impl Host for PluginState {
         channel: String,
         content: String,
     ) -> Result<(), String> {
-        check_json(&content)?;
         crate::business::check_channel(&channel).map_err(|e| e.to_string())?;
         let host = self.host.clone();
         let outbox = host.outbox()?;
+        check_content(outbox, &content)?;
         host.bounded(crate::business::send_chan_message(
             outbox,
             sender,
@@ -136,9 +145,9 @@ impl Host for PluginState {
     }
 
     async fn broadcast(&mut self, content: String) -> Result<(), String> {
-        check_json(&content)?;
         let host = self.host.clone();
         let outbox = host.outbox()?;
+        check_content(outbox, &content)?;
         host.bounded(crate::business::send_chan_message(outbox, 0, None, content))
             .await
     }
@@ -148,5 +157,33 @@ impl Host for PluginState {
         let outbox = host.outbox()?;
         host.bounded(crate::business::force_offline(outbox, client))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(max_content_bytes: usize) -> Outbox {
+        let (inbox, _) = tokio::sync::mpsc::channel(1);
+        let (events, _) = tokio::sync::broadcast::channel(1);
+        Outbox {
+            topology: crate::cluster::Topology {
+                me: "a".into(),
+                servers: vec!["a".into()],
+            },
+            relay: std::sync::Arc::new(crate::cluster::embedded::EmbeddedRelay::new(inbox, events)),
+            max_content_bytes,
+        }
+    }
+
+    #[test]
+    fn a_plugins_content_passes_the_apis_checks() {
+        let outbox = outbox(16);
+        assert!(check_content(&outbox, r#"{"a":1}"#).is_ok());
+        let too_big = check_content(&outbox, &format!("\"{}\"", "x".repeat(20)));
+        assert!(too_big.is_err_and(|e| e.contains("at most 16")));
+        let not_json = check_content(&outbox, "{oops");
+        assert!(not_json.is_err_and(|e| e.contains("not JSON")));
     }
 }

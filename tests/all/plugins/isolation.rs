@@ -223,14 +223,19 @@ async fn the_circuit_breaker_half_opens_after_its_cooldown() {
 async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
     let dir = PluginDir::new();
     let cache = imhost_tests::plugin_cache();
-    let key_file = cache.join("key");
+    // The cache's signing key lives beside it (`DIR.key`).
+    let mut key_name = cache.file_name().expect("cache name").to_owned();
+    key_name.push(".key");
+    let key_file = cache.with_file_name(key_name);
+    let holds_the_cache = cache.parent().expect("cache parent").to_path_buf();
     dir.install(
         "probe",
         guests::SANDBOX_PROBE,
         &format!(
             "timeout_ms = 2000\n[grants]\nenv = [\"IMHOST_API_KEY\", \"imhost_redis\", \"PATH\"]\n\
-             dirs = [{:?}]\n[settings]\nenv = \"IMHOST_API_KEY\"\nfile = {:?}\naddr = \"127.0.0.1:9\"\n",
+             dirs = [{:?}, {:?}]\n[settings]\nenv = \"IMHOST_API_KEY\"\nfile = {:?}\naddr = \"127.0.0.1:9\"\n",
             cache.display().to_string(),
+            holds_the_cache.display().to_string(),
             key_file.display().to_string()
         ),
     );
