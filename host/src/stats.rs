@@ -86,6 +86,8 @@ counters! {
     dispatch_backlog_waits,
     /// Pings answered by a pong already waiting for the kernel instead of one more.
     pongs_coalesced,
+    /// Connects answered 503: no auth plugin instance was free in time.
+    connects_auth_busy,
     /// Inbound plugin replies over `max_body_bytes`, dropped.
     oversize_replies,
     /// Sockets closed with 1002 or 1007 because the terminal broke the protocol.

@@ -28,6 +28,11 @@ pub enum CallError {
     Trap(String),
     #[error("switched off after repeated failures")]
     CircuitOpen,
+    /// Every instance the plugin may run at once was busy for as long as the
+    /// call could wait: the node is overloaded, the plugin did nothing wrong
+    /// (not counted by the circuit breaker).
+    #[error("no instance free within {0:?}: the node is busy")]
+    Busy(Duration),
 }
 
 /// Counters of one loaded plugin version.
@@ -40,6 +45,8 @@ pub struct CallStats {
     pub timeouts: u64,
     pub memory_limits: u64,
     pub traps: u64,
+    /// Calls that found no free instance in time ([`CallError::Busy`]).
+    pub overloaded: u64,
     pub busy_ns: u64,
     pub consecutive_failures: u32,
     /// While set and in the future, calls are refused (circuit open).
@@ -69,6 +76,10 @@ pub struct Prepared {
     events: Option<events::GuestIndices>,
     inbound: Option<inbound::GuestIndices>,
     instances: InstancePool,
+    /// One permit per instance that may run at once (`pool`, at least one):
+    /// a burst of calls waits for an instance instead of instantiating past
+    /// the pool, and one plugin's burst does not take every core.
+    slots: tokio::sync::Semaphore,
     pub stats: Mutex<CallStats>,
 }
 
@@ -104,6 +115,7 @@ impl Prepared {
                 .then(|| inbound::GuestIndices::new(pre).ok())
                 .flatten(),
             instances: InstancePool::new(compiled.tier, pre.clone(), manifest.clone(), host),
+            slots: tokio::sync::Semaphore::new(manifest.pool.max(1)),
             name,
             hash,
             manifest,
@@ -187,7 +199,7 @@ impl Prepared {
                     CallError::Timeout(_) => stats.timeouts += 1,
                     CallError::MemoryLimit => stats.memory_limits += 1,
                     CallError::Trap(_) => stats.traps += 1,
-                    CallError::CircuitOpen => {}
+                    CallError::CircuitOpen | CallError::Busy(_) => {}
                 }
                 stats.consecutive_failures += 1;
                 if stats.consecutive_failures >= self.manifest.failure_threshold {
@@ -206,16 +218,48 @@ impl Prepared {
     }
 }
 
+/// How long a call waits for a free instance.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// At most the call's own deadline, then [`CallError::Busy`].
+    Deadline,
+    /// As long as it takes.
+    Turn,
+}
+
+impl Prepared {
+    /// A permit to run one instance, waited for as `wait` says.
+    async fn slot(&self, wait: Wait) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        let acquired = match wait {
+            Wait::Turn => self.slots.acquire().await.ok(),
+            Wait::Deadline => tokio::time::timeout(self.manifest.timeout(), self.slots.acquire())
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        acquired.ok_or_else(|| {
+            self.stats().overloaded += 1;
+            CallError::Busy(self.manifest.timeout())
+        })
+    }
+}
+
 /// Generates the per-hook call method: take a warm instance, set the
 /// deadline, call, classify, count, and return the instance unless it trapped.
 macro_rules! hook_call {
-    ($fn_name:ident, $field:ident, $module:ident, $call:ident, $arg:ty, $ret:ty) => {
+    ($fn_name:ident, $field:ident, $module:ident, $call:ident, $arg:ty, $ret:ty, $waits:expr) => {
         impl Prepared {
             pub async fn $fn_name(&self, arg: &$arg) -> Result<$ret, CallError> {
                 let Some(indices) = self.$field.as_ref() else {
                     return Err(CallError::Trap("hook not exported".into()));
                 };
                 self.admit()?;
+                // Waiting for an instance is the node's time, not the
+                // guest's: the deadline starts once one is ours.
+                let _slot = self.slot($waits).await?;
                 let started = Instant::now();
                 let result = async {
                     let mut warm = match self.instances.checkout().await {
@@ -248,13 +292,17 @@ macro_rules! hook_call {
     };
 }
 
+// A connect waits for an auth instance at most one call's deadline, then
+// is answered 503 (fail closed, but honest); the other hooks wait their
+// turn: a filter that could not run must not let a message through.
 hook_call!(
     call_auth,
     auth,
     auth,
     call_authenticate,
     auth::ConnectRequest,
-    auth::Decision
+    auth::Decision,
+    Wait::Deadline
 );
 hook_call!(
     call_filter,
@@ -262,7 +310,8 @@ hook_call!(
     filter,
     call_check,
     filter::Message,
-    filter::Verdict
+    filter::Verdict,
+    Wait::Turn
 );
 hook_call!(
     call_events,
@@ -270,7 +319,8 @@ hook_call!(
     events,
     call_on_presence,
     events::PresenceEvent,
-    ()
+    (),
+    Wait::Turn
 );
 hook_call!(
     call_inbound,
@@ -278,5 +328,6 @@ hook_call!(
     inbound,
     call_handle,
     inbound::Frame,
-    inbound::Action
+    inbound::Action,
+    Wait::Turn
 );

@@ -52,7 +52,7 @@ use self::bindings::exports::imhost::plugin::{auth, events, filter, inbound};
 use self::compile::{ArtifactCache, Compiler, LoadError};
 use self::engine::Tier;
 use self::host_api::HostCtx;
-use self::loaded::Prepared;
+use self::loaded::{CallError, Prepared};
 use self::manifest::{Hook, Manifest, OnError, WhileLoading};
 use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
@@ -93,6 +93,9 @@ pub enum AuthOutcome {
     Deny(String),
     /// No plugin decided: use the built-in token store.
     Pass,
+    /// This auth plugin had no instance free in time: the node is busy
+    /// (`/ws` answers 503 with `Retry-After`).
+    Busy(String),
 }
 
 /// What the filter chain decided.
@@ -156,6 +159,9 @@ pub struct PluginInfo {
     pub timeouts: u64,
     pub memory_limits: u64,
     pub traps: u64,
+    /// Calls that found no free instance within their deadline (the node
+    /// was busy; not failures of the plugin, not counted by the breaker).
+    pub overloaded: u64,
     pub time_spent_us: u64,
     /// Calls per latency bucket (`loaded::LATENCY_BUCKETS_US`, then the rest);
     /// served by `/metrics`, not by the plugins API.
@@ -192,6 +198,7 @@ impl PluginInfo {
             timeouts: stats.timeouts,
             memory_limits: stats.memory_limits,
             traps: stats.traps,
+            overloaded: stats.overloaded,
             time_spent_us: stats.busy_ns / 1000,
             latency: stats.latency.to_vec(),
             last_error: failure.map(|f| f.error.clone()),
@@ -215,6 +222,7 @@ impl PluginInfo {
             timeouts: 0,
             memory_limits: 0,
             traps: 0,
+            overloaded: 0,
             time_spent_us: 0,
             latency: Vec::new(),
             last_error: None,
@@ -728,6 +736,11 @@ impl PluginHost {
                 }
                 Ok(auth::Decision::Deny(reason)) => return AuthOutcome::Deny(reason),
                 Ok(auth::Decision::Pass) => {}
+                // Fail closed, but say so honestly: the plugin was not
+                // asked, so the terminal is not told it was refused.
+                Err(CallError::Busy(_)) => {
+                    return AuthOutcome::Busy(plugin.name.clone());
+                }
                 Err(err) => {
                     return AuthOutcome::Deny(format!("auth plugin {} failed: {err}", plugin.name));
                 }

@@ -256,6 +256,14 @@ async fn identify(
                 return Err(Refusal::Unauthorized("connect refused".into()));
             }
             AuthOutcome::Pass => {}
+            AuthOutcome::Busy(plugin) => {
+                Stats::incr(&node.stats.connects_auth_busy);
+                debug!(%plugin, "connect refused for now: the auth plugin is busy");
+                return Err(Refusal::Unavailable {
+                    reason: "the node is busy checking connects; retry shortly".into(),
+                    retry_soon: true,
+                });
+            }
         }
     }
     let token = token.unwrap_or_default();

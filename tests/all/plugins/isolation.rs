@@ -257,3 +257,66 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
     assert_eq!(seen["env"], json!(null), "the API key leaked: {seen}");
     assert_eq!(seen["file"], json!(null), "the cache key leaked: {seen}");
 }
+
+/// A burst of connects against an auth plugin with one instance: those that
+/// cannot get the instance within its deadline are told 503 with
+/// `Retry-After` (fail closed, but honest), and the plugin, which did
+/// nothing wrong, is not switched off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connect_burst_on_a_busy_auth_plugin_gets_503_not_an_open_breaker() {
+    let dir = PluginDir::new();
+    dir.install(
+        "misbehaving",
+        guests::MISBEHAVING,
+        "hooks = [\"auth\"]\ntimeout_ms = 150\npool = 1\nfailure_threshold = 2\n",
+    );
+    let host = host_with(&dir).await;
+    host.plugin_where("misbehaving", "loaded", |p| p["state"] == "active")
+        .await;
+    let mut connects = tokio::task::JoinSet::new();
+    for n in 0..12 {
+        // Each `slow` token keeps the one instance for 60 ms, then passes
+        // on to the built-in tokens, which do not know it: 401.
+        let url = format!("ws://{}/ws?token=slow{n}", host.addr);
+        connects.spawn(async move {
+            match Terminal::connect(&url).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                    let retry = r.headers().get("retry-after").cloned();
+                    (r.status().as_u16(), retry)
+                }
+                other => panic!("unexpected: {:?}", other.map(|_| "connected")),
+            }
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(done) = connects.join_next().await {
+        let (status, retry) = done.expect("connect");
+        if status == 503 {
+            assert!(retry.is_some(), "503 without Retry-After");
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses.iter().all(|s| [401, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&503),
+        "nobody waited past the deadline: {statuses:?}"
+    );
+    assert!(statuses.contains(&401), "nobody was served: {statuses:?}");
+    let row = host
+        .plugin_where("misbehaving", "counted", |p| {
+            p["overloaded"].as_u64() > Some(0)
+        })
+        .await;
+    assert_eq!(row["state"], "active", "{row}");
+    assert_eq!(row["errors"], 0, "{row}");
+    let stats = host.stats().await;
+    assert_eq!(
+        stats.connects_auth_busy,
+        statuses.iter().filter(|s| **s == 503).count() as u64
+    );
+    // A connect the plugin passes still gets in: nothing was switched off.
+    host.terminal(1).await;
+}

@@ -1,6 +1,7 @@
 //! Test guest: a filter and an auth hook that misbehave on demand. Content
 //! (or a connect token) containing `loop` spins forever, `hog` allocates
-//! without bound, `trap` panics; anything else is delivered (or passed on).
+//! without bound, `trap` panics, `slow` works for 60 ms of wall-clock time
+//! and then goes on; anything else is delivered (or passed on).
 
 use imhost_sdk::auth::{Auth, ConnectRequest, Decision};
 use imhost_sdk::filter::{Filter, Message, Verdict};
@@ -23,6 +24,12 @@ fn misbehave(text: &str) {
     }
     if text.contains("trap") {
         panic!("asked to trap");
+    }
+    if text.contains("slow") {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(60);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
     }
 }
 
