@@ -36,34 +36,90 @@ impl WasiView for PluginState {
     }
 }
 
-/// Caps linear memory and remembers that it did, so the failure is reported
-/// as what it is rather than as whatever trap the guest raises next.
+/// Caps the memory of a whole store (every linear memory and table of every
+/// core instance in the component together, not each on its own: a component
+/// with hundreds of memories must not multiply `memory_mb`) and remembers
+/// that it did, so the failure is reported as what it is rather than as
+/// whatever trap the guest raises next.
 pub(super) struct MemoryLimiter {
     max_bytes: usize,
+    /// Bytes of linear memory the store holds now, all memories together.
+    memory_bytes: usize,
+    /// Table elements the store holds now, all tables together.
+    table_elements: usize,
     pub(super) hit: bool,
+}
+
+/// Table elements a store may hold, all tables together.
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+/// Core instances, memories and tables one store may create: far more than
+/// any component built by the supported toolchains needs (a Python
+/// component has a few dozen modules), and few enough that creating them
+/// cannot exhaust the engine's pools.
+const MAX_INSTANCES: usize = 256;
+const MAX_MEMORIES: usize = 64;
+const MAX_TABLES: usize = 256;
+
+impl MemoryLimiter {
+    pub(super) fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            memory_bytes: 0,
+            table_elements: 0,
+            hit: false,
+        }
+    }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+        let total = self
+            .memory_bytes
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.max_bytes {
             self.hit = true;
-            wasmtime::bail!("memory limit of {} bytes exceeded", self.max_bytes);
+            wasmtime::bail!(
+                "memory limit of {} bytes exceeded (all of the plugin's memories together)",
+                self.max_bytes
+            );
         }
+        self.memory_bytes = total;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        let total = self
+            .table_elements
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = total;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -168,11 +224,37 @@ impl InstancePool {
         PluginState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes: self.manifest.memory_bytes(),
-                hit: false,
-            },
+            limiter: MemoryLimiter::new(self.manifest.memory_bytes()),
             host: self.host.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_cap_holds_for_all_memories_together() {
+        let mut limiter = MemoryLimiter::new(100);
+        assert!(limiter.memory_growing(0, 60, None).is_ok(), "one memory");
+        assert!(
+            limiter.memory_growing(0, 60, None).is_err(),
+            "a second memory of 60 passes 100 together"
+        );
+        assert!(limiter.hit);
+        let mut limiter = MemoryLimiter::new(100);
+        assert!(limiter.memory_growing(0, 40, None).is_ok());
+        assert!(limiter.memory_growing(40, 70, None).is_ok(), "growing one");
+        assert!(limiter.memory_growing(0, 30, None).is_ok(), "70 + 30");
+        assert!(limiter.memory_growing(0, 1, None).is_err(), "101");
+    }
+
+    #[test]
+    fn tables_are_capped_together_too() {
+        let mut limiter = MemoryLimiter::new(100);
+        assert!(limiter.table_growing(0, 600_000, None).is_ok_and(|ok| ok));
+        assert!(limiter.table_growing(0, 600_000, None).is_ok_and(|ok| !ok));
     }
 }
