@@ -590,9 +590,7 @@ impl Options {
             api_key_generated,
             plugin_cache: self.plugin_cache.or_else(default_plugin_cache),
             plugin_tiering: self.plugin_tiering.unwrap_or(true),
-            plugin_cache_keep: self
-                .plugin_cache_keep
-                .unwrap_or(crate::plugins::compile::KEEP_RECENT_ARTIFACTS),
+            plugin_cache_keep: self.plugin_cache_keep.unwrap_or(KEEP_RECENT_ARTIFACTS),
             plugins: self.plugins,
             watch_plugins: self.watch_plugins.unwrap_or(true),
             demo,
@@ -606,6 +604,10 @@ impl Options {
         })
     }
 }
+
+/// Compiled plugins kept in the cache besides the running ones, by default
+/// (`plugin_cache_keep`).
+pub const KEEP_RECENT_ARTIFACTS: usize = 8;
 
 /// An address (`10.1.2.3`, a network of one) or a network (`10.0.0.0/8`).
 fn parse_network(entry: &str) -> Result<ipnet::IpNet, String> {

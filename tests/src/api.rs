@@ -24,7 +24,13 @@ impl Api {
     pub fn new(addr: SocketAddr) -> Api {
         Api {
             addr,
-            http: reqwest::Client::new(),
+            // Every call has a deadline: a node that stops answering fails
+            // the test instead of hanging it. The longest a call may
+            // rightly take is a reload that compiles a plugin.
+            http: reqwest::Client::builder()
+                .timeout(crate::COMPILE_DEADLINE)
+                .build()
+                .expect("HTTP client"),
         }
     }
 

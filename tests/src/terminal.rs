@@ -12,6 +12,21 @@ pub struct Terminal {
     pub ws: WebSocketStream<TcpStream>,
 }
 
+/// `connect` under [`DEADLINE`]: a node that accepts and never answers
+/// fails the test (a timed-out I/O error) instead of hanging it.
+async fn within_deadline<T>(
+    connect: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(DEADLINE, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no WebSocket handshake within the deadline",
+            )))
+        })
+}
+
 fn host_port(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or(rest)
@@ -23,14 +38,21 @@ impl Terminal {
     /// # Errors
     /// The handshake failed; a refused connect is `Error::Http` with its status.
     pub async fn connect(url: &str) -> Result<Terminal, Error> {
-        let tcp = TcpStream::connect(host_port(url)).await?;
-        let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
-        Ok(Terminal { ws })
+        within_deadline(async {
+            let tcp = TcpStream::connect(host_port(url)).await?;
+            let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+            Ok(Terminal { ws })
+        })
+        .await
     }
 
     /// Like [`Terminal::connect`], with a tiny kernel receive buffer, so a
     /// terminal that stops reading backs up into the server quickly.
     pub async fn connect_small_window(url: &str) -> Result<Terminal, Error> {
+        within_deadline(Self::connect_small_window_now(url)).await
+    }
+
+    async fn connect_small_window_now(url: &str) -> Result<Terminal, Error> {
         let addr = tokio::net::lookup_host(host_port(url))
             .await?
             .next()

@@ -52,8 +52,6 @@ const PACKAGE: &str = "imhost:plugin/";
 /// First bytes of every artifact file of ours.
 const ARTIFACT_MAGIC: &[u8; 8] = b"IMHOSTA1";
 const MAC_LEN: usize = 32;
-/// Artifacts kept besides the active ones, by default.
-pub const KEEP_RECENT_ARTIFACTS: usize = 8;
 
 /// Why a file did not become a plugin.
 #[derive(Debug, thiserror::Error)]
