@@ -24,12 +24,15 @@ FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/imhost --create-home imhost
 COPY --from=build /src/target/release/imhost /usr/local/bin/imhost
 COPY --from=build --chown=imhost /out/plugins /plugins
+# What the shipped plugins may do (the operator's file, outside /plugins).
+COPY --from=build /src/plugins/grants.toml /etc/imhost/plugin-grants.toml
 USER imhost
 # The compiled-plugin cache lives in the user's home (a volume keeps it
 # across restarts, so plugins do not recompile).
 VOLUME ["/plugins", "/var/lib/imhost"]
 ENV IMHOST_LISTEN=0.0.0.0:6001 \
     IMHOST_PLUGINS=/plugins \
+    IMHOST_PLUGIN_GRANTS=/etc/imhost/plugin-grants.toml \
     IMHOST_PLUGIN_CACHE=/var/lib/imhost/plugin-cache
 EXPOSE 6001
 STOPSIGNAL SIGTERM

@@ -106,6 +106,7 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
                     kv: Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
                     outbox: None,
                     timeout: Duration::from_secs(5),
+                    grants: Arc::default(),
                 }),
                 String::new(),
             );

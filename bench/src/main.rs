@@ -303,10 +303,19 @@ fn spawn_imhost_bin(
         .args(extra)
         .env("RUST_LOG", "warn")
         .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache)
+        .env("IMHOST_PLUGIN_GRANTS", shipped_grants())
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", bin.display()))
+}
+
+/// The grants file of the plugins we ship (`plugins/grants.toml`).
+fn shipped_grants() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("plugins")
+        .join("grants.toml")
 }
 
 /// A `redis-server` of the bench's own on loopback `port`, keeping nothing on
@@ -924,6 +933,7 @@ mod plugins {
                 compiler: imhost::plugins::compile::Compiler::InProcess,
                 tiered: false,
                 cache_keep: 0,
+                grants_file: None,
             },
             Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
             None,

@@ -311,7 +311,8 @@ pub(crate) fn spawn_pinned(
             // connections, all from 127.0.0.1.
             .args(["--max-connections-per-address", "0"])
             .env("RUST_LOG", "warn")
-            .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache);
+            .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache)
+            .env("IMHOST_PLUGIN_GRANTS", super::shipped_grants());
     } else {
         command
             .arg(std::env::current_exe()?)

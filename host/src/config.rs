@@ -92,6 +92,16 @@ pub struct Options {
         value_name = "N"
     )]
     pub plugin_cache_keep: Option<usize>,
+    /// The operator's grants file: what each plugin may touch (variables,
+    /// directories, network, host actions), outside the plugin directory;
+    /// read at start and at every reload. [default: none: nothing granted]
+    #[arg(
+        long,
+        help_heading = "Plugins",
+        env = "IMHOST_PLUGIN_GRANTS",
+        value_name = "FILE"
+    )]
+    pub plugin_grants: Option<PathBuf>,
     /// Serve a new plugin from the fast baseline compiler first, then swap in the
     /// optimized build. [default: true]
     #[arg(long, help_heading = "Plugins", env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -301,6 +311,9 @@ pub struct Config {
     /// `XDG_CACHE_HOME` or `HOME`); plugins are compiled at every load.
     pub plugin_cache: Option<PathBuf>,
     pub plugin_cache_keep: usize,
+    /// The operator's grants file (see `plugins::grants`); none: nothing
+    /// is granted to any plugin.
+    pub plugin_grants: Option<PathBuf>,
     pub plugin_tiering: bool,
     pub watch_plugins: bool,
     pub demo: bool,
@@ -424,6 +437,7 @@ impl Options {
             plugins: self.plugins.or(lower.plugins),
             plugin_cache: self.plugin_cache.or(lower.plugin_cache),
             plugin_cache_keep: self.plugin_cache_keep.or(lower.plugin_cache_keep),
+            plugin_grants: self.plugin_grants.or(lower.plugin_grants),
             plugin_tiering: self.plugin_tiering.or(lower.plugin_tiering),
             watch_plugins: self.watch_plugins.or(lower.watch_plugins),
             demo: self.demo.or(lower.demo),
@@ -591,6 +605,7 @@ impl Options {
             plugin_cache: self.plugin_cache.or_else(default_plugin_cache),
             plugin_tiering: self.plugin_tiering.unwrap_or(true),
             plugin_cache_keep: self.plugin_cache_keep.unwrap_or(KEEP_RECENT_ARTIFACTS),
+            plugin_grants: self.plugin_grants,
             plugins: self.plugins,
             watch_plugins: self.watch_plugins.unwrap_or(true),
             demo,

@@ -121,6 +121,7 @@ pub async fn run(
             compiler: Compiler::for_this_process(),
             tiered: config.plugin_tiering,
             cache_keep: config.plugin_cache_keep,
+            grants_file: config.plugin_grants.clone(),
         },
         backends.kv.clone(),
         Some(outbox.clone()),

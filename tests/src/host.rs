@@ -31,6 +31,7 @@ impl TestHost {
             listen: Some(addr),
             api_key: Some(API_KEY.into()),
             plugin_cache: Some(crate::plugin_cache()),
+            plugin_grants: Some(crate::test_grants()),
             // Tests share one cache: keep what every test uses.
             plugin_cache_keep: Some(256),
             ..Options::default()

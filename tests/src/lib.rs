@@ -38,6 +38,27 @@ pub fn plugin_cache() -> std::path::PathBuf {
         .join("plugin-cache")
 }
 
+/// The operator grants test nodes run with unless a test says otherwise:
+/// every host action to every plugin, and no variable, directory or
+/// network (those, tests grant one by one). Written once into `target/`.
+pub fn test_grants() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("test-plugin-grants.toml");
+    const TEXT: &str =
+        "[\"*\"]\nactions = [\"send\", \"channel\", \"broadcast\", \"force_offline\", \"kv\"]\n";
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(TEXT) {
+        // Written aside and renamed: tests starting at once see it whole.
+        static DRAFTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DRAFTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let draft = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+        std::fs::write(&draft, TEXT).expect("write the test grants");
+        std::fs::rename(&draft, &path).expect("place the test grants");
+    }
+    path
+}
+
 /// How long waiting for plugins to compile may take (see
 /// `Api::wait_plugins_settled`).
 pub const COMPILE_DEADLINE: Duration = Duration::from_secs(120);

@@ -73,6 +73,7 @@ impl ImhostProcess {
             .env_remove("RUST_LOG")
             .env("IMHOST_PLUGIN_CACHE", crate::plugin_cache())
             .env("IMHOST_PLUGIN_CACHE_KEEP", "256")
+            .env("IMHOST_PLUGIN_GRANTS", crate::test_grants())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -13,6 +13,7 @@ use imhost_client::ClientId;
 
 use super::bindings::imhost::plugin::host::{Host, Level};
 use super::bindings::imhost::plugin::types;
+use super::grants::{Action, Effective};
 use super::instance::PluginState;
 use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
@@ -26,6 +27,9 @@ pub struct HostCtx {
     /// plugin (`imhost plugin check`).
     pub outbox: Option<Outbox>,
     pub timeout: Duration,
+    /// What the operator granted of what the manifest asks: the sandbox's
+    /// doors and the host actions this plugin may take.
+    pub grants: Arc<Effective>,
 }
 
 impl HostCtx {
@@ -40,6 +44,19 @@ impl HostCtx {
         match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err(format!("host call exceeded {:?}", self.timeout)),
+        }
+    }
+
+    /// Refuses a host action the operator did not grant.
+    fn allowed(&self, action: Action) -> Result<(), String> {
+        if self.grants.allows(action) {
+            Ok(())
+        } else {
+            Err(format!(
+                "host action `{}` not granted to plugin {} (the operator grants it in the node's plugin_grants file)",
+                action.name(),
+                self.name
+            ))
         }
     }
 
@@ -89,23 +106,27 @@ impl Host for PluginState {
 
     async fn kv_get(&mut self, key: String) -> Result<Option<String>, String> {
         let host = self.host.clone();
+        host.allowed(Action::Kv)?;
         host.bounded(host.kv.get(&host.key(&key))).await
     }
 
     async fn kv_set(&mut self, key: String, value: String, ttl_ms: u64) -> Result<(), String> {
         let host = self.host.clone();
+        host.allowed(Action::Kv)?;
         host.bounded(host.kv.set(&host.key(&key), &value, ttl(ttl_ms)))
             .await
     }
 
     async fn kv_incr(&mut self, key: String, delta: i64, ttl_ms: u64) -> Result<i64, String> {
         let host = self.host.clone();
+        host.allowed(Action::Kv)?;
         host.bounded(host.kv.incr(&host.key(&key), delta, ttl(ttl_ms)))
             .await
     }
 
     async fn kv_delete(&mut self, key: String) -> Result<(), String> {
         let host = self.host.clone();
+        host.allowed(Action::Kv)?;
         host.bounded(host.kv.delete(&host.key(&key))).await
     }
 
@@ -117,6 +138,7 @@ impl Host for PluginState {
         receipt: bool,
     ) -> Result<(), String> {
         let host = self.host.clone();
+        host.allowed(Action::Send)?;
         let outbox = host.outbox()?;
         check_content(outbox, &content)?;
         host.bounded(crate::business::send_message(
@@ -133,6 +155,7 @@ impl Host for PluginState {
     ) -> Result<(), String> {
         crate::business::check_channel(&channel).map_err(|e| e.to_string())?;
         let host = self.host.clone();
+        host.allowed(Action::Channel)?;
         let outbox = host.outbox()?;
         check_content(outbox, &content)?;
         host.bounded(crate::business::send_chan_message(
@@ -146,6 +169,7 @@ impl Host for PluginState {
 
     async fn broadcast(&mut self, content: String) -> Result<(), String> {
         let host = self.host.clone();
+        host.allowed(Action::Broadcast)?;
         let outbox = host.outbox()?;
         check_content(outbox, &content)?;
         host.bounded(crate::business::send_chan_message(outbox, 0, None, content))
@@ -154,6 +178,7 @@ impl Host for PluginState {
 
     async fn force_offline(&mut self, client: ClientId) -> Result<(), String> {
         let host = self.host.clone();
+        host.allowed(Action::ForceOffline)?;
         let outbox = host.outbox()?;
         host.bounded(crate::business::force_offline(outbox, client))
             .await

@@ -1,5 +1,5 @@
 //! A plugin's stores and instances: the sandbox each store gets (WASI with
-//! nothing open unless the manifest grants it), its memory cap, and the pool
+//! nothing open but what the operator grants of what the manifest asks), its memory cap, and the pool
 //! of warm instances calls take and give back.
 //!
 //! Instances are reused: each plugin version keeps up to `pool` warm
@@ -16,6 +16,7 @@ use wasmtime::component::{Instance, InstancePre, ResourceTable};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::engine::{EPOCH_TICK, Tier, engine};
+use super::grants::Effective;
 use super::host_api::HostCtx;
 use super::manifest::Manifest;
 
@@ -188,20 +189,19 @@ impl InstancePool {
         }
     }
 
-    /// A store's WASI context: only what `[grants]` opens.
+    /// A store's WASI context: only what the operator granted of what the
+    /// manifest asks (see [`super::grants`]).
     fn new_state(&self) -> PluginState {
-        let grants = &self.manifest.grants;
+        let grants: &Effective = &self.host.grants;
         let mut wasi = WasiCtxBuilder::new();
-        // `Grants::withhold_protected` took these out on load; checked
-        // again here, where the value is read.
-        for var in grants
+        // `grants::decide` never grants these; checked again here, where
+        // the value is handed over.
+        for (var, value) in grants
             .env
             .iter()
-            .filter(|v| !super::manifest::is_protected_env(v))
+            .filter(|(v, _)| !super::manifest::is_protected_env(v))
         {
-            if let Ok(value) = std::env::var(var) {
-                wasi.env(var, value);
-            }
+            wasi.env(var, value);
         }
         for dir in &grants.dirs {
             let guest = dir.to_string_lossy().into_owned();

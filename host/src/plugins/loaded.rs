@@ -80,6 +80,8 @@ pub struct Prepared {
     /// a burst of calls waits for an instance instead of instantiating past
     /// the pool, and one plugin's burst does not take every core.
     slots: tokio::sync::Semaphore,
+    /// What the operator granted this version (and what it withheld).
+    pub grants: Arc<super::grants::Effective>,
     pub stats: Mutex<CallStats>,
 }
 
@@ -114,6 +116,7 @@ impl Prepared {
             inbound: has(Hook::Inbound)
                 .then(|| inbound::GuestIndices::new(pre).ok())
                 .flatten(),
+            grants: host.grants.clone(),
             instances: InstancePool::new(compiled.tier, pre.clone(), manifest.clone(), host),
             slots: tokio::sync::Semaphore::new(manifest.pool.max(1)),
             name,

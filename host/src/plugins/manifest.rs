@@ -55,6 +55,8 @@ pub enum WhileLoading {
     Admit,
 }
 
+/// What a plugin asks for (`[grants]` in its manifest): the operator's
+/// grants file decides what it gets (see [`super::grants`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
@@ -67,6 +69,10 @@ pub struct Grants {
     /// Outbound network access (TCP/UDP, name lookup).
     #[serde(default)]
     pub network: bool,
+    /// Host actions asked for (`send`, `channel`, `broadcast`,
+    /// `force_offline`, `kv`); absent: whatever the operator grants.
+    #[serde(default)]
+    pub actions: Option<Vec<super::grants::Action>>,
 }
 
 /// Environment variables no plugin is ever given: the node's own settings
@@ -240,6 +246,7 @@ mod tests {
                 "/usr/share".into(),
             ],
             network: false,
+            actions: None,
         };
         let withheld = grants.withhold_protected(&[cache.path().to_path_buf()]);
         assert_eq!(grants.env, vec!["HOME".to_string()]);

@@ -30,6 +30,7 @@
 pub mod bindings;
 pub mod compile;
 pub mod engine;
+pub mod grants;
 pub mod hooks;
 pub mod host_api;
 pub mod instance;
@@ -169,6 +170,8 @@ pub struct PluginInfo {
     pub latency: Vec<u64>,
     /// The last failed load of this name (the running version, if any, is older).
     pub last_error: Option<String>,
+    /// What the manifest asks for and the operator has not granted.
+    pub withheld: Vec<String>,
 }
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -202,6 +205,7 @@ impl PluginInfo {
             time_spent_us: stats.busy_ns / 1000,
             latency: stats.latency.to_vec(),
             last_error: failure.map(|f| f.error.clone()),
+            withheld: p.grants.withheld.clone(),
         }
     }
 
@@ -226,6 +230,7 @@ impl PluginInfo {
             time_spent_us: 0,
             latency: Vec::new(),
             last_error: None,
+            withheld: Vec::new(),
         }
     }
 }
@@ -242,6 +247,9 @@ pub struct LoaderConfig {
     pub tiered: bool,
     /// Artifacts kept in the cache besides the running versions'.
     pub cache_keep: usize,
+    /// The operator's grants file (`plugin_grants`), read at every reload;
+    /// none: nothing is granted.
+    pub grants_file: Option<PathBuf>,
 }
 
 /// Everything one load of one file needs, owned, so it can move to a task.
@@ -250,6 +258,8 @@ struct Source {
     wasm: Arc<[u8]>,
     hash: String,
     manifest: Manifest,
+    /// What the operator granted of what the manifest asks.
+    grants: Arc<grants::Effective>,
     version: String,
 }
 
@@ -264,6 +274,8 @@ pub struct PluginHost {
     scanned: AtomicBool,
     /// One reload at a time; the ones that arrive meanwhile wait their turn.
     reloading: tokio::sync::Mutex<()>,
+    /// The operator's grants as last read (kept when a later read fails).
+    grants: Mutex<grants::GrantsFile>,
     /// Compiles at once: one per core.
     compile_slots: Arc<Semaphore>,
     kv: Arc<dyn PluginKv>,
@@ -329,6 +341,7 @@ impl PluginHost {
             failures: Mutex::default(),
             loading: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
+            grants: Mutex::default(),
             compile_slots: Arc::new(Semaphore::new(cores)),
             kv,
             outbox,
@@ -336,6 +349,22 @@ impl PluginHost {
             events_rx: Mutex::new(Some(events_rx)),
             stats,
         }
+    }
+
+    /// The operator's grants file, read anew; the last good one (and a
+    /// failure under the name `plugin_grants`) when it cannot be read.
+    fn read_grants(&self, failed: &mut BTreeMap<String, String>) -> grants::GrantsFile {
+        let mut last = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.loader.grants_file {
+            match grants::GrantsFile::load(path) {
+                Ok(read) => *last = read,
+                Err(err) => {
+                    warn!(cause = %err, "plugin grants not read; the last ones read stay in force");
+                    failed.insert("plugin_grants".into(), err);
+                }
+            }
+        }
+        last.clone()
     }
 
     pub fn dir(&self) -> Option<&Path> {
@@ -427,8 +456,9 @@ impl PluginHost {
         let mut sources = Vec::new();
         let mut keep = Vec::new();
         let protected: Vec<PathBuf> = self.loader.cache_dir.iter().cloned().collect();
+        let grants = self.read_grants(&mut failed);
         for name in &names {
-            match read_source(&dir, name, &protected).await {
+            match read_source(&dir, name, &protected, &grants).await {
                 Ok(Some(source)) => {
                     let running = self
                         .current()
@@ -623,6 +653,7 @@ impl PluginHost {
             kv: self.kv.clone(),
             outbox: self.outbox.clone(),
             timeout: source.manifest.timeout(),
+            grants: source.grants.clone(),
         });
         let tier = compiled.tier;
         let prepared = Arc::new(Prepared::new(
@@ -857,6 +888,7 @@ async fn read_source(
     dir: &Path,
     name: &str,
     protected: &[PathBuf],
+    operator: &grants::GrantsFile,
 ) -> Result<Option<Source>, LoadError> {
     let wasm = tokio::fs::read(dir.join(format!("{name}.wasm")))
         .await
@@ -866,20 +898,27 @@ async fn read_source(
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(err) => return Err(LoadError::Manifest(err.to_string())),
     };
-    let mut manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
+    let manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
     if !manifest.enabled {
         return Ok(None);
     }
-    for grant in manifest.grants.withhold_protected(protected) {
-        warn!(plugin = name, %grant, "grant withheld: it can never be given to a plugin");
+    let grants = grants::decide(&manifest.grants, &operator.for_plugin(name), protected);
+    for line in &grants.withheld {
+        warn!(plugin = name, withheld = %line, "the manifest asks for what the operator has not granted");
     }
     let hash = compile::content_hash(&wasm);
-    let version = format!("{hash}:{}", compile::content_hash(manifest_text.as_bytes()));
+    // A change of grants is a new version: new instances, the new sandbox.
+    let version = format!(
+        "{hash}:{}:{}",
+        compile::content_hash(manifest_text.as_bytes()),
+        grants.fingerprint()
+    );
     Ok(Some(Source {
         name: name.to_owned(),
         wasm: wasm.into(),
         hash,
         manifest,
+        grants: Arc::new(grants),
         version,
     }))
 }
@@ -900,7 +939,10 @@ pub async fn check_file(
     let name = plugin_name(path).map_err(LoadError::Invalid)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let protected: Vec<PathBuf> = cache.iter().map(|c| c.dir().to_path_buf()).collect();
-    let Some(source) = read_source(dir, &name, &protected).await? else {
+    // What a node without grants for it would give: the report says what
+    // the operator would have to grant.
+    let operator = grants::GrantsFile::default();
+    let Some(source) = read_source(dir, &name, &protected, &operator).await? else {
         return Err(LoadError::Manifest(
             "`enabled = false`: the server would not load it".into(),
         ));
@@ -918,6 +960,7 @@ pub async fn check_file(
         kv: Arc::new(crate::cluster::kv::EmbeddedKv::default()),
         outbox: None,
         timeout: Duration::from_millis(source.manifest.timeout_ms),
+        grants: source.grants.clone(),
     });
     let prepared = Prepared::new(
         name,

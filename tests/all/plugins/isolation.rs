@@ -129,7 +129,7 @@ async fn a_failing_auth_plugin_fails_closed() {
 }
 
 #[tokio::test]
-async fn the_sandbox_opens_only_what_the_manifest_grants() {
+async fn the_sandbox_opens_what_the_manifest_asks_and_the_operator_grants() {
     let data = tempfile::tempdir().expect("tempdir");
     let secret = data.path().join("secret.txt");
     std::fs::write(&secret, "granted contents").expect("write");
@@ -145,31 +145,50 @@ async fn the_sandbox_opens_only_what_the_manifest_grants() {
         "[settings]\nenv = \"PATH\"\nfile = {:?}\naddr = \"{addr}\"\n",
         secret.display().to_string()
     );
+    // The operator grants the probe the variable, the directory and the
+    // network; the test's default grants (actions only) are not used here.
+    let operator = tempfile::tempdir().expect("tempdir");
+    let grants = operator.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        format!(
+            "[probe]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n",
+            data.path().display().to_string()
+        ),
+    )
+    .expect("grants");
     let dir = PluginDir::new();
     dir.install(
         "probe",
         guests::SANDBOX_PROBE,
         &format!("timeout_ms = 2000\n{settings}"),
     );
-    let host = host_with(&dir).await;
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        plugin_grants: Some(grants.clone()),
+        ..Options::default()
+    })
+    .await;
     host.plugin_where("probe", "loaded", |p| p["state"] == "active")
         .await;
     let mut t = host.terminal(1).await;
+    // Granted, but not asked for: nothing is open.
     host.send(0, &[1], json!("probe"), false).await;
     let denied = t.next_json().await;
     assert_eq!(denied["env"], json!(null), "{denied}");
     assert_eq!(denied["file"], json!(null), "{denied}");
     assert!(
         denied["net"].as_str().is_some_and(|e| e.contains("denied")),
-        "no network without a grant: {denied}"
+        "no network without asking: {denied}"
     );
 
-    let grants = format!(
+    // Asked for and granted: each door opens, exactly.
+    let asks = format!(
         "timeout_ms = 2000\n[grants]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n{settings}",
         data.path().display().to_string()
     );
-    dir.set_manifest("probe", &grants);
-    host.plugin_where("probe", "reloaded with grants", |p| p["calls"] == 0)
+    dir.set_manifest("probe", &asks);
+    host.plugin_where("probe", "reloaded asking", |p| p["calls"] == 0)
         .await;
     host.send(0, &[1], json!("probe"), false).await;
     let path = std::env::var("PATH").expect("PATH is set");
@@ -178,6 +197,26 @@ async fn the_sandbox_opens_only_what_the_manifest_grants() {
         json!({"env": path, "file": "granted contents", "net": true}),
         "each grant opens exactly its door"
     );
+
+    // Asked for and no longer granted: the operator's file changes, a
+    // reload applies it, and the plugin says what it lacks.
+    std::fs::write(&grants, "[probe]\nenv = [\"PATH\"]\n").expect("grants");
+    let (status, answer) = host.post("/plugins/reload", json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    let row = host
+        .plugin_where("probe", "grants withdrawn", |p| {
+            p["withheld"].as_array().is_some_and(|w| w.len() == 2) && p["calls"] == 0
+        })
+        .await;
+    let withheld = row["withheld"].to_string();
+    assert!(
+        withheld.contains("directory") && withheld.contains("network"),
+        "{withheld}"
+    );
+    host.send(0, &[1], json!("probe"), false).await;
+    let now = t.next_json().await;
+    assert_eq!(now["env"], json!(path), "{now}");
+    assert_eq!(now["file"], json!(null), "{now}");
 }
 
 #[tokio::test]
@@ -239,12 +278,32 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
             key_file.display().to_string()
         ),
     );
+    // Even an operator who grants them by mistake gives none of them.
+    let operator = tempfile::tempdir().expect("tempdir");
+    let grants = operator.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        format!(
+            "[\"*\"]\nenv = [\"IMHOST_API_KEY\", \"imhost_redis\"]\ndirs = [{:?}, {:?}]\n",
+            cache.display().to_string(),
+            holds_the_cache.display().to_string()
+        ),
+    )
+    .expect("grants");
+    let grants = grants.display().to_string();
     let addr = imhost_tests::process::free_addr();
     let listen = addr.to_string();
     let plugins = dir.arg();
     let _process = imhost_tests::process::ImhostProcess::spawn(
         addr,
-        &["--listen", &listen, "--plugins", &plugins],
+        &[
+            "--listen",
+            &listen,
+            "--plugins",
+            &plugins,
+            "--plugin-grants",
+            &grants,
+        ],
         &[("IMHOST_API_KEY", imhost_tests::api::API_KEY)],
     );
     let api = imhost_tests::api::Api::new(addr);
@@ -256,6 +315,63 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
     let seen = t.next_json().await;
     assert_eq!(seen["env"], json!(null), "the API key leaked: {seen}");
     assert_eq!(seen["file"], json!(null), "the cache key leaked: {seen}");
+    let row = api
+        .plugin_where("probe", "reported", |p| p["state"] == "active")
+        .await;
+    let withheld = row["withheld"].to_string();
+    assert!(withheld.contains("IMHOST_API_KEY"), "{withheld}");
+    assert!(withheld.contains("never granted"), "{withheld}");
+}
+
+/// Host actions are the operator's to grant: a plugin whose manifest asks
+/// to send gets nothing until the grants file gives it, and says so.
+#[tokio::test]
+async fn a_plugin_acts_on_the_cluster_only_with_the_operators_grant() {
+    let operator = tempfile::tempdir().expect("tempdir");
+    let grants = operator.path().join("grants.toml");
+    std::fs::write(&grants, "").expect("no grants");
+    let dir = PluginDir::new();
+    dir.install(
+        "welcome",
+        guests::WELCOME,
+        "[grants]\nactions = [\"send\"]\n[settings]\ntext = \"Hi {client}\"\n",
+    );
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        plugin_grants: Some(grants.clone()),
+        ..Options::default()
+    })
+    .await;
+    let row = host
+        .plugin_where("welcome", "loaded", |p| p["state"] == "active")
+        .await;
+    assert_eq!(row["withheld"], json!(["action `send`"]), "{row}");
+    let mut first = host.terminal(1).await;
+    // Once the plugin has handled this socket's online event, a marker
+    // sent after it is the first thing the terminal gets: no greeting.
+    host.plugin_where("welcome", "called for the socket", |p| {
+        p["calls"].as_u64() >= Some(1)
+    })
+    .await;
+    host.send(0, &[1], json!("marker"), false).await;
+    assert_eq!(
+        first.next_text().await,
+        r#""marker""#,
+        "send was not granted"
+    );
+
+    std::fs::write(&grants, "[welcome]\nactions = [\"send\"]\n").expect("grant");
+    let (status, answer) = host.post("/plugins/reload", json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    host.plugin_where("welcome", "granted", |p| {
+        p["withheld"] == json!([]) && p["state"] == "active"
+    })
+    .await;
+    let mut second = host.terminal(2).await;
+    assert_eq!(
+        second.next_json().await,
+        json!({"type": "welcome", "text": "Hi 2"})
+    );
 }
 
 /// A burst of connects against an auth plugin with one instance: those that
