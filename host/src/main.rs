@@ -212,6 +212,11 @@ async fn plugin_command(action: &PluginCommand) -> anyhow::Result<()> {
             };
             if let Some(output) = output {
                 anyhow::ensure!(output == "-", "--output takes `-` (standard output)");
+                // `--output -` is the node's own child: background work,
+                // except the baseline tier, which a swap waits for.
+                if *tier == imhost::plugins::engine::Tier::Optimized {
+                    imhost::plugins::compile::lower_priority();
+                }
                 return match imhost::plugins::compile::compile_to_bytes(&wasm, *tier) {
                     Ok(artifact) => {
                         std::io::Write::write_all(&mut std::io::stdout().lock(), &artifact)?;

@@ -535,6 +535,23 @@ fn trim_heap() {
     }
 }
 
+/// Lowers this thread's CPU priority (and that of the threads it starts):
+/// an optimized build in a child process is background work, and must not
+/// slow a baseline build that a swap waits for, or the node's serving.
+pub fn lower_priority() {
+    // SAFETY: setpriority takes plain integers and touches no memory of
+    // ours; on Linux, PRIO_PROCESS with 0 means the calling thread, whose
+    // later threads (the compiler's) inherit the value.
+    #[allow(unsafe_code)]
+    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+    if done != 0 {
+        tracing::debug!("could not lower the compiler's priority");
+    }
+}
+
+/// The niceness of background (optimized) builds.
+const BACKGROUND_NICE: libc::c_int = 10;
+
 /// Runs `BIN plugin compile --tier T --output - -` with `wasm` on its
 /// standard input, so it compiles exactly these bytes, and returns the
 /// artifact it writes to its standard output. The compiler's heap is the

@@ -19,7 +19,10 @@
 //! running, and the failure is reported.
 //!
 //! # Loading never blocks serving
-//! Loads run in the background, several at a time (one per core). A new file
+//! Loads run in the background, several at a time. Baseline builds (what a
+//! swap waits for) and optimized builds have slots of their own (one per
+//! core, and one core fewer), and the optimized ones run in a child process
+//! at a lower CPU priority, so a swap never queues behind them. A new file
 //! is served first from the baseline tier (Winch, fast to compile), then
 //! swapped for the optimized tier (Cranelift) once that is compiled, in a
 //! child process, into the artifact cache; a file whose optimized artifact is
@@ -276,8 +279,13 @@ pub struct PluginHost {
     reloading: tokio::sync::Mutex<()>,
     /// The operator's grants as last read (kept when a later read fails).
     grants: Mutex<grants::GrantsFile>,
-    /// Compiles at once: one per core.
-    compile_slots: Arc<Semaphore>,
+    /// Baseline builds at once (one per core). A swap waits for its
+    /// baseline build only: it never queues behind optimized builds, which
+    /// have slots of their own and run at a lower CPU priority.
+    baseline_slots: Arc<Semaphore>,
+    /// Optimized builds at once: one core fewer than the machine has (at
+    /// least one), so a baseline build and serving always have a core.
+    optimized_slots: Arc<Semaphore>,
     kv: Arc<dyn PluginKv>,
     outbox: Option<Outbox>,
     events: mpsc::Sender<events::PresenceEvent>,
@@ -342,7 +350,8 @@ impl PluginHost {
             loading: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
             grants: Mutex::default(),
-            compile_slots: Arc::new(Semaphore::new(cores)),
+            baseline_slots: Arc::new(Semaphore::new(cores)),
+            optimized_slots: Arc::new(Semaphore::new(cores.saturating_sub(1).max(1))),
             kv,
             outbox,
             events,
@@ -613,14 +622,17 @@ impl PluginHost {
     }
 
     /// Compiles `source` for `tier` on a blocking thread (or in a child
-    /// process), at most one compile per core at a time.
+    /// process), within that tier's own slots (see `baseline_slots`).
     async fn compile(
         &self,
         source: &Arc<Source>,
         tier: Tier,
     ) -> Result<compile::Compiled, LoadError> {
-        let _slot = self
-            .compile_slots
+        let slots = match tier {
+            Tier::Baseline => &self.baseline_slots,
+            Tier::Optimized => &self.optimized_slots,
+        };
+        let _slot = slots
             .clone()
             .acquire_owned()
             .await
