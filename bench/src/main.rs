@@ -40,6 +40,7 @@ mod saturation;
 mod soak;
 mod sockets;
 mod source_ports;
+mod swap;
 
 const API_KEY: &str = "bench-api-key-0123456789";
 
@@ -169,6 +170,12 @@ struct Args {
     /// Messages per batch request in `--only-api`.
     #[arg(long, default_value_t = 100)]
     api_batch: usize,
+    /// Only the swap scenario: a new JavaScript filter written while the
+    /// optimized builds of four JavaScript and Python examples run, against
+    /// the same swap on an idle node, and cold against cached memory (see
+    /// `bench/src/swap.rs`; needs `examples/plugins/build`).
+    #[arg(long)]
+    only_swap: bool,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -210,6 +217,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_api {
         return api_load::run(&args).await;
+    }
+    if args.only_swap {
+        return swap::run(&args).await;
     }
     if let Some(entry) = args.hold {
         let range = args.hold_range.as_deref().unwrap_or("1-1");

@@ -40,8 +40,16 @@ fn step(s: usize) -> Step {
 /// Sends a mix of channel messages, direct messages, broadcasts and
 /// membership changes, one after another, through a word filter whose cost
 /// follows the message's length (0 to 6 KB), and checks that each socket
-/// got exactly what was meant for it, in order.
-async fn every_socket_gets_its_own_messages_in_order(api: &Api) {
+/// got what was meant for it, in order.
+///
+/// `late_window`: through Redis, a membership change is a write to Redis
+/// by the API, not a message in the stream, so a channel message published
+/// up to that many steps before a client joins or leaves may be resolved
+/// after the change (FreeIM's model; see docs/cluster.md) and reach it or
+/// not. Such messages are neither required nor refused; everything else is
+/// exact, and the order of whatever arrives is strict. Embedded, it is 0:
+/// exactly what was meant, nothing else.
+async fn every_socket_gets_its_own_messages_in_order(api: &Api, late_window: usize) {
     let mut terminals: Vec<(ClientId, Terminal)> = Vec::new();
     for client in CLIENTS {
         terminals.push((client, api.terminal(client).await));
@@ -51,6 +59,8 @@ async fn every_socket_gets_its_own_messages_in_order(api: &Api) {
         .await;
     let mut members: BTreeSet<ClientId> = [1, 2, 3].into();
     let mut expected: Vec<Vec<usize>> = vec![Vec::new(); terminals.len()];
+    // Steps at which each client joined or left.
+    let mut changes: Vec<(ClientId, usize)> = Vec::new();
     const STEPS: usize = 120;
     for s in 0..STEPS {
         let pad = "x".repeat((s * 1_237) % 6_000);
@@ -82,26 +92,43 @@ async fn every_socket_gets_its_own_messages_in_order(api: &Api) {
                 api.ok("/channels/room/join", json!({"client_ids": [client]}))
                     .await;
                 members.insert(client);
+                changes.push((client, s));
             }
             Step::Leave(client) => {
                 api.ok("/channels/room/leave", json!({"client_ids": [client]}))
                     .await;
                 members.remove(&client);
+                changes.push((client, s));
             }
         }
     }
+    api.ok("/broadcast", json!({"message": "end"})).await;
     for (i, (client, terminal)) in terminals.iter_mut().enumerate() {
         let mut got = Vec::new();
-        for _ in 0..expected[i].len() {
+        loop {
             let value = terminal.next_json().await;
+            if value == json!("end") {
+                break;
+            }
             got.push(value["s"].as_u64().expect("a step") as usize);
         }
-        assert_eq!(got, expected[i], "socket {i} (client {client})");
-    }
-    // Nothing more was queued for anyone: the next thing each gets is this.
-    api.ok("/broadcast", json!({"message": "end"})).await;
-    for (client, terminal) in &mut terminals {
-        assert_eq!(terminal.next_text().await, r#""end""#, "client {client}");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "socket {i} (client {client}): out of order: {got:?}"
+        );
+        let uncertain = |s: usize| {
+            matches!(step(s), Step::Channel)
+                && changes
+                    .iter()
+                    .any(|&(c, at)| c == *client && s < at && at <= s + late_window)
+        };
+        let must: Vec<usize> = expected[i]
+            .iter()
+            .copied()
+            .filter(|&s| !uncertain(s))
+            .collect();
+        let certain: Vec<usize> = got.iter().copied().filter(|&s| !uncertain(s)).collect();
+        assert_eq!(certain, must, "socket {i} (client {client})");
     }
 }
 
@@ -118,7 +145,7 @@ async fn order_holds_per_socket_across_four_shards_embedded() {
         ..Options::default()
     })
     .await;
-    every_socket_gets_its_own_messages_in_order(&host).await;
+    every_socket_gets_its_own_messages_in_order(&host, 0).await;
 }
 
 #[tokio::test]
@@ -132,7 +159,7 @@ async fn order_holds_per_socket_across_four_shards_through_redis() {
         &["--delivery-shards", "4", "--plugins", &plugins],
     )
     .await;
-    every_socket_gets_its_own_messages_in_order(cluster.node(0)).await;
+    every_socket_gets_its_own_messages_in_order(cluster.node(0), 5).await;
 }
 
 /// Senders at once, and messages each sends at most.

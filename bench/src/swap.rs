@@ -1,0 +1,176 @@
+//! A swap while optimized builds run (`imhost-bench --only-swap`): a node
+//! with a cold cache loads the four JavaScript and Python examples (12-18 MB
+//! components); while their optimized builds are still compiling, a new
+//! JavaScript filter is written into the plugin directory, and the time from
+//! that write to the new filter serving is measured. The same swap on the
+//! node once it is idle is the baseline, in the same command.
+//!
+//! Also reported: the node's resident memory once the four have loaded cold
+//! against a second node that loads them from the cache the first one filled
+//! (goal: at most 2×).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::{Args, free_addr, rss_bytes, spawn_imhost_bin, wait_serving};
+
+/// The examples loaded before the swap, and the file swapped in.
+const LOADED: [&str; 4] = [
+    "js-moderation",
+    "js-hmac-auth",
+    "py-moderation",
+    "py-presence-notify",
+];
+const SWAPPED: &str = "js-moderation";
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/examples");
+    for name in LOADED {
+        if !examples.join(format!("{name}.wasm")).exists() {
+            bail!("{name}.wasm not built: run examples/plugins/build first");
+        }
+    }
+    let cache = tempfile::tempdir()?;
+    let plugins = tempfile::tempdir()?;
+    for name in LOADED {
+        copy_example(&examples, plugins.path(), name, name)?;
+    }
+    let http = reqwest::Client::new();
+    let addr = free_addr()?;
+    let cache_arg = cache.path().display().to_string();
+    let dir_arg = plugins.path().display().to_string();
+    let node = spawn_imhost_bin(
+        &args.imhost,
+        args,
+        addr,
+        &["--plugins", &dir_arg, "--plugin-cache", &cache_arg],
+    )?;
+    let pid = node.id().context("node pid")?;
+    wait_serving(&http, addr).await?;
+    // Every example serves (baseline builds), optimized builds under way.
+    wait_for(&http, addr, "the examples serve", |rows| {
+        LOADED.iter().all(|n| active(rows, n))
+    })
+    .await?;
+    let building = optimized_builds(&http, addr).await?;
+    let busy = swap(&http, addr, &examples, plugins.path(), "swap-busy").await?;
+    let still_building = optimized_builds(&http, addr).await?;
+    wait_for(&http, addr, "the optimized builds finish", |rows| {
+        rows.iter()
+            .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
+    })
+    .await?;
+    let idle = swap(&http, addr, &examples, plugins.path(), "swap-idle").await?;
+    wait_for(&http, addr, "every optimized build finishes", |rows| {
+        rows.iter()
+            .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
+    })
+    .await?;
+    // Six plugins loaded cold (the four, and the two swapped in).
+    let cold_rss = rss_bytes(pid)?;
+    drop(node);
+
+    // A second node loads the same files from the cache the first filled.
+    let addr = free_addr()?;
+    let warm = spawn_imhost_bin(
+        &args.imhost,
+        args,
+        addr,
+        &["--plugins", &dir_arg, "--plugin-cache", &cache_arg],
+    )?;
+    let warm_pid = warm.id().context("node pid")?;
+    wait_serving(&http, addr).await?;
+    wait_for(&http, addr, "the cached examples serve", |rows| {
+        rows.iter().filter(|r| r["tier"] == "optimized").count() >= LOADED.len() + 2
+    })
+    .await?;
+    let cached_rss = rss_bytes(warm_pid)?;
+    drop(warm);
+
+    println!(
+        "\n{:<58}{:>10}",
+        "a new 12 MB JavaScript filter, file write to serving", "ms"
+    );
+    println!(
+        "{:<58}{:>10.0}",
+        format!("  while optimized builds run ({building} running, {still_building} after)"),
+        busy
+    );
+    println!("{:<58}{:>10.0}", "  on the idle node", idle);
+    println!("{:<58}{:>10.2}", "  busy / idle", busy / idle);
+    println!(
+        "\nresident memory after loading the four cold: {:.0} MB; from the cache: {:.0} MB; cold/cached {:.2}",
+        cold_rss as f64 / 1e6,
+        cached_rss as f64 / 1e6,
+        cold_rss as f64 / cached_rss as f64
+    );
+    Ok(())
+}
+
+/// Writes a copy of the JavaScript moderation filter as `name` and returns
+/// the milliseconds until it runs.
+async fn swap(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    examples: &Path,
+    plugins: &Path,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    copy_example(examples, plugins, SWAPPED, name)?;
+    wait_for(http, addr, "the new filter serves", |rows| {
+        active(rows, name)
+    })
+    .await?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Copies example `from` into `plugins` as `to`, the way deploys do: written
+/// aside, then renamed into place, manifest first.
+fn copy_example(examples: &Path, plugins: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+    for ext in ["toml", "wasm"] {
+        let aside = plugins.join(format!(".{to}.{ext}.partial"));
+        std::fs::copy(examples.join(format!("{from}.{ext}")), &aside)
+            .with_context(|| format!("copy {from}.{ext}"))?;
+        std::fs::rename(&aside, plugins.join(format!("{to}.{ext}")))?;
+    }
+    Ok(())
+}
+
+fn active(rows: &[serde_json::Value], name: &str) -> bool {
+    rows.iter()
+        .any(|r| r["name"] == name && r["state"] == "active")
+}
+
+/// Optimized builds running now.
+async fn optimized_builds(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<usize> {
+    let rows = super::plugins::plugin_rows(http, addr).await?;
+    Ok(rows
+        .iter()
+        .filter(|r| r["compiling"]["tier"] == "optimized")
+        .count())
+}
+
+async fn wait_for(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = super::plugins::plugin_rows(http, addr).await?;
+        if done(&rows) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within 600 s: {rows:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
