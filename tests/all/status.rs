@@ -70,9 +70,33 @@ async fn the_stream_needs_the_api_key_and_the_page_holds_no_data() {
         .expect("request");
     assert_eq!(wrong.status(), 401);
 
+    // The page is served without the key, so it must carry none of the
+    // node's data: there is a client, with metadata, in a channel, and
+    // the page names none of them, nor the node, nor the key.
+    let url = api.connect_url(987_654, Some("meta-7f3a")).await.url;
+    let _terminal = imhost_tests::terminal::Terminal::connect(&url)
+        .await
+        .expect("connect");
+    api.ok(
+        "/channels/chan-5e1d/join",
+        serde_json::json!({"client_ids": [987_654]}),
+    )
+    .await;
+    imhost_tests::eventually("the client counted", || async {
+        api.client(987_654).await.online.then_some(())
+    })
+    .await;
     let page = api.http.get(api.url("/status")).send().await.expect("page");
     assert_eq!(page.status(), 200);
     let html = page.text().await.expect("html");
     assert!(html.contains("API key") && html.contains("/status/events"));
-    assert!(!html.contains(API_KEY));
+    for secret in [
+        API_KEY,
+        "987654",
+        "meta-7f3a",
+        "chan-5e1d",
+        cluster.servers[0].as_str(),
+    ] {
+        assert!(!html.contains(secret), "the page holds {secret}");
+    }
 }

@@ -67,9 +67,13 @@ async fn hot_swap_under_a_stream_loses_and_duplicates_nothing() {
             }
         })
     };
-    // Swap to version 2 mid-stream: a new manifest renamed into place, then a
-    // reload through the API as well (each must be harmless).
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Swap to version 2 mid-stream (once the stream is flowing): a new
+    // manifest renamed into place, then a reload through the API as well
+    // (each must be harmless).
+    imhost_tests::eventually("the stream is flowing", || async {
+        (host.stats().await.frames_queued >= CLIENTS as u64 * 10).then_some(())
+    })
+    .await;
     dir.set_manifest("tagger", "[settings]\nversion = 2\n");
     let (status, _) = host.post("/plugins/reload", json!({})).await;
     assert_eq!(status, 200);
