@@ -11,6 +11,10 @@
 //! - [`hooks`] — the host's own types for what hooks see and answer.
 //! - [`host_api`] — the `host` interface plugins import.
 //! - [`manifest`] — `NAME.toml`.
+//! - [`grants`] — what the operator grants each plugin.
+//! - `source` — the files of the plugin directory, and building a version.
+//! - [`report`] — what the node says about its plugins.
+//! - `check` — `imhost plugin check`.
 //! - [`watcher`] — hot reload on file changes.
 //!
 //! The loaded set is an immutable snapshot behind an `RwLock<Arc<_>>`: a call
@@ -31,6 +35,7 @@
 //! `/ws` answers 503 with `Retry-After` (its manifest can choose otherwise).
 
 pub mod bindings;
+mod check;
 pub mod compile;
 pub mod engine;
 pub mod grants;
@@ -39,25 +44,30 @@ pub mod host_api;
 pub mod instance;
 pub mod loaded;
 pub mod manifest;
+pub mod report;
+mod source;
 pub mod watcher;
+
+pub use self::check::check_file;
+pub use self::report::{CompilingInfo, LoadFailure, PluginInfo};
+pub use self::source::plugin_name;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::Instant;
 
 use imhost_client::wire::TokenValue;
-use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
 use self::bindings::exports::imhost::plugin::{auth, events, filter, inbound};
 use self::compile::{ArtifactCache, Compiler, LoadError};
 use self::engine::Tier;
-use self::host_api::HostCtx;
 use self::loaded::{CallError, Prepared};
-use self::manifest::{Hook, Manifest, OnError, WhileLoading};
+use self::manifest::{Hook, OnError, WhileLoading};
+use self::source::{Source, read_source, scan};
 use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
 use crate::stats::Stats;
@@ -116,13 +126,6 @@ pub enum FilterOutcome {
     },
 }
 
-/// A file that failed to load.
-#[derive(Debug, Clone, Serialize)]
-pub struct LoadFailure {
-    pub error: String,
-    pub at_ms: u64,
-}
-
 /// A plugin whose version is being compiled.
 #[derive(Debug, Clone)]
 struct Loading {
@@ -131,111 +134,6 @@ struct Loading {
     /// Its hooks as the file declares them (read without compiling).
     hooks: Vec<Hook>,
     while_loading: WhileLoading,
-}
-
-/// `compiling` details in a row of `GET /api/v1/plugins`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CompilingInfo {
-    /// The tier being compiled.
-    pub tier: Tier,
-    pub elapsed_ms: u64,
-}
-
-/// One row of `GET /api/v1/plugins` and of `imhost plugin check`.
-#[derive(Debug, Clone, Serialize)]
-pub struct PluginInfo {
-    pub name: String,
-    /// `active`, `switched_off` (circuit open), `compiling` (no version runs
-    /// yet), `failed` (no version runs), or `valid` (`plugin check`).
-    pub state: &'static str,
-    pub hooks: Vec<Hook>,
-    pub exported: Vec<Hook>,
-    pub abi: String,
-    pub hash: String,
-    /// The compiler tier of the running version.
-    pub tier: Option<Tier>,
-    /// Set while a version (the first, or the optimized one) is compiling.
-    pub compiling: Option<CompilingInfo>,
-    pub order: i32,
-    pub loaded_at_ms: u64,
-    pub calls: u64,
-    pub errors: u64,
-    pub timeouts: u64,
-    pub memory_limits: u64,
-    pub traps: u64,
-    /// Calls that found no free instance within their deadline (the node
-    /// was busy; not failures of the plugin, not counted by the breaker).
-    pub overloaded: u64,
-    pub time_spent_us: u64,
-    /// Calls per latency bucket (`loaded::LATENCY_BUCKETS_US`, then the rest);
-    /// served by `/metrics`, not by the plugins API.
-    #[serde(skip)]
-    pub latency: Vec<u64>,
-    /// The last failed load of this name (the running version, if any, is older).
-    pub last_error: Option<String>,
-    /// What the manifest asks for and the operator has not granted.
-    pub withheld: Vec<String>,
-}
-
-fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-impl PluginInfo {
-    fn of(p: &Prepared, failure: Option<&LoadFailure>) -> PluginInfo {
-        let stats = p.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let open = stats
-            .open_until
-            .is_some_and(|until| std::time::Instant::now() < until);
-        PluginInfo {
-            name: p.name.clone(),
-            state: if open { "switched_off" } else { "active" },
-            hooks: p.hooks.clone(),
-            exported: p.compiled.exported.clone(),
-            abi: p.compiled.abi.clone(),
-            hash: p.hash.clone(),
-            tier: Some(p.tier()),
-            compiling: None,
-            order: p.manifest.order,
-            loaded_at_ms: unix_ms(p.loaded_at),
-            calls: stats.calls,
-            errors: stats.errors,
-            timeouts: stats.timeouts,
-            memory_limits: stats.memory_limits,
-            traps: stats.traps,
-            overloaded: stats.overloaded,
-            time_spent_us: stats.busy_ns / 1000,
-            latency: stats.latency.to_vec(),
-            last_error: failure.map(|f| f.error.clone()),
-            withheld: p.grants.withheld.clone(),
-        }
-    }
-
-    fn without_version(name: &str, state: &'static str, hooks: Vec<Hook>) -> PluginInfo {
-        PluginInfo {
-            name: name.to_owned(),
-            state,
-            hooks,
-            exported: Vec::new(),
-            abi: String::new(),
-            hash: String::new(),
-            tier: None,
-            compiling: None,
-            order: 0,
-            loaded_at_ms: 0,
-            calls: 0,
-            errors: 0,
-            timeouts: 0,
-            memory_limits: 0,
-            traps: 0,
-            overloaded: 0,
-            time_spent_us: 0,
-            latency: Vec::new(),
-            last_error: None,
-            withheld: Vec::new(),
-        }
-    }
 }
 
 /// How a node loads its plugins.
@@ -253,17 +151,6 @@ pub struct LoaderConfig {
     /// The operator's grants file (`plugin_grants`), read at every reload;
     /// none: nothing is granted.
     pub grants_file: Option<PathBuf>,
-}
-
-/// Everything one load of one file needs, owned, so it can move to a task.
-struct Source {
-    name: String,
-    wasm: Arc<[u8]>,
-    hash: String,
-    manifest: Manifest,
-    /// What the operator granted of what the manifest asks.
-    grants: Arc<grants::Effective>,
-    version: String,
 }
 
 /// A node's plugins.
@@ -291,33 +178,6 @@ pub struct PluginHost {
     events: mpsc::Sender<events::PresenceEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<events::PresenceEvent>>>,
     stats: Arc<Stats>,
-}
-
-/// A plugin name is its file stem: letters, digits, `-` and `_`, so it can
-/// namespace keys and log fields safely.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// The plugin name of `path`, if the server would load it: `NAME.wasm`.
-///
-/// # Errors
-/// Why the server would ignore the file.
-pub fn plugin_name(path: &Path) -> Result<String, String> {
-    if path.extension().is_none_or(|e| e != "wasm") {
-        return Err("plugin files are named NAME.wasm".into());
-    }
-    match path.file_stem().and_then(|s| s.to_str()) {
-        Some(stem) if valid_name(stem) => Ok(stem.to_owned()),
-        _ => Err(
-            "plugin names are 1 to 64 letters, digits, - and _ (no dots): the server ignores this file"
-                .into(),
-        ),
-    }
 }
 
 impl PluginHost {
@@ -536,7 +396,7 @@ impl PluginHost {
             name.to_owned(),
             LoadFailure {
                 error: err.to_string(),
-                at_ms: unix_ms(std::time::SystemTime::now()),
+                at_ms: report::unix_ms(std::time::SystemTime::now()),
             },
         );
     }
@@ -659,27 +519,12 @@ impl PluginHost {
     /// Builds a version from `compiled`, runs its start code once, and swaps
     /// it in place of the running version of the same name.
     async fn install(&self, source: &Source, compiled: compile::Compiled) -> Result<(), LoadError> {
-        let host = Arc::new(HostCtx {
-            name: source.name.clone(),
-            settings_json: source.manifest.settings_json(),
-            kv: self.kv.clone(),
-            outbox: self.outbox.clone(),
-            timeout: source.manifest.timeout(),
-            grants: source.grants.clone(),
-        });
         let tier = compiled.tier;
-        let prepared = Arc::new(Prepared::new(
-            source.name.clone(),
-            source.hash.clone(),
-            source.manifest.clone(),
-            compiled,
-            host,
-            source.version.clone(),
-        ));
-        prepared
-            .warm_up()
-            .await
-            .map_err(|e| LoadError::Start(e.to_string()))?;
+        let prepared = Arc::new(
+            source
+                .build(compiled, self.kv.clone(), self.outbox.clone())
+                .await?,
+        );
         let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
         let mut plugins: Vec<Arc<Prepared>> = set
             .plugins
@@ -871,123 +716,4 @@ impl PluginHost {
         }
         None
     }
-}
-
-async fn scan(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    let mut entries = tokio::fs::read_dir(dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "wasm")
-            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
-        {
-            if valid_name(stem) {
-                names.push(stem.to_owned());
-            } else {
-                warn!(file = %path.display(), "ignored: plugin names are letters, digits, - and _");
-            }
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Reads `NAME.wasm` and `NAME.toml` as a reload does; `None`: disabled.
-/// Grants no manifest can have are withheld (see
-/// [`manifest::Grants::withhold_protected`]); `protected` lists the
-/// directories no plugin may read.
-async fn read_source(
-    dir: &Path,
-    name: &str,
-    protected: &[PathBuf],
-    operator: &grants::GrantsFile,
-) -> Result<Option<Source>, LoadError> {
-    let wasm = tokio::fs::read(dir.join(format!("{name}.wasm")))
-        .await
-        .map_err(|e| LoadError::Invalid(format!("cannot read: {e}")))?;
-    let manifest_text = match tokio::fs::read_to_string(dir.join(format!("{name}.toml"))).await {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(err) => return Err(LoadError::Manifest(err.to_string())),
-    };
-    let manifest = Manifest::parse(&manifest_text).map_err(LoadError::Manifest)?;
-    if !manifest.enabled {
-        return Ok(None);
-    }
-    let grants = grants::decide(&manifest.grants, &operator.for_plugin(name), protected);
-    for line in &grants.withheld {
-        warn!(plugin = name, withheld = %line, "the manifest asks for what the operator has not granted");
-    }
-    let hash = compile::content_hash(&wasm);
-    // A change of grants is a new version: new instances, the new sandbox.
-    let version = format!(
-        "{hash}:{}:{}",
-        compile::content_hash(manifest_text.as_bytes()),
-        grants.fingerprint()
-    );
-    Ok(Some(Source {
-        name: name.to_owned(),
-        wasm: wasm.into(),
-        hash,
-        manifest,
-        grants: Arc::new(grants),
-        version,
-    }))
-}
-
-/// `imhost plugin check FILE.wasm`: what the server's loader makes of a file.
-/// The same name rules and manifest, a compile of `tier`, and one
-/// instantiation (the guest's start code) in a sandboxed store, with no node
-/// behind its host calls. With `cache`, the optimized artifact is stored
-/// there for servers using the same cache.
-///
-/// # Errors
-/// Why the server would refuse or ignore the file.
-pub async fn check_file(
-    path: &Path,
-    tier: Tier,
-    cache: Option<&ArtifactCache>,
-) -> Result<PluginInfo, LoadError> {
-    let name = plugin_name(path).map_err(LoadError::Invalid)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let protected: Vec<PathBuf> = cache.iter().map(|c| c.dir().to_path_buf()).collect();
-    // What a node without grants for it would give: the report says what
-    // the operator would have to grant.
-    let operator = grants::GrantsFile::default();
-    let Some(source) = read_source(dir, &name, &protected, &operator).await? else {
-        return Err(LoadError::Manifest(
-            "`enabled = false`: the server would not load it".into(),
-        ));
-    };
-    let (wasm, hash) = (source.wasm.clone(), source.hash.clone());
-    let cache = cache.cloned().filter(|_| tier == Tier::Optimized);
-    let compiled = tokio::task::spawn_blocking(move || {
-        compile::compile_cached(&Compiler::InProcess, cache.as_ref(), &wasm, &hash, tier)
-    })
-    .await
-    .map_err(|e| LoadError::Compiler(e.to_string()))??;
-    let host = Arc::new(HostCtx {
-        name: name.clone(),
-        settings_json: source.manifest.settings_json(),
-        kv: Arc::new(crate::cluster::kv::EmbeddedKv::default()),
-        outbox: None,
-        timeout: Duration::from_millis(source.manifest.timeout_ms),
-        grants: source.grants.clone(),
-    });
-    let prepared = Prepared::new(
-        name,
-        source.hash,
-        source.manifest,
-        compiled,
-        host,
-        source.version,
-    );
-    prepared
-        .warm_up()
-        .await
-        .map_err(|e| LoadError::Start(e.to_string()))?;
-    Ok(PluginInfo {
-        state: "valid",
-        ..PluginInfo::of(&prepared, None)
-    })
 }
