@@ -125,6 +125,49 @@ pub async fn send_chan_message(
     Ok(())
 }
 
+/// The plugins' host calls act on the cluster through the same operations
+/// as the API.
+#[async_trait::async_trait]
+impl crate::plugins::host_api::Cluster for Outbox {
+    fn max_content_bytes(&self) -> usize {
+        self.max_content_bytes
+    }
+
+    async fn send_message(
+        &self,
+        sender: ClientId,
+        receivers: &[ClientId],
+        content: String,
+        receipt: bool,
+    ) -> Result<(), String> {
+        send_message(self, sender, receivers, content, receipt)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn send_channel(
+        &self,
+        sender: ClientId,
+        channel: String,
+        content: String,
+    ) -> Result<(), String> {
+        check_channel(&channel).map_err(|e| e.to_string())?;
+        send_chan_message(self, sender, Some(channel), content)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn broadcast(&self, content: String) -> Result<(), String> {
+        send_chan_message(self, 0, None, content)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn force_offline(&self, client: ClientId) -> Result<(), String> {
+        force_offline(self, client).await.map_err(|e| e.to_string())
+    }
+}
+
 /// Closes every socket of `client_id`, wherever it is.
 pub async fn force_offline(outbox: &Outbox, client_id: ClientId) -> Result<(), BusinessError> {
     let server = outbox.topology.node_for(client_id).to_owned();

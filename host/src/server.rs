@@ -124,7 +124,7 @@ pub async fn run(
             grants_file: config.plugin_grants.clone(),
         },
         backends.kv.clone(),
-        Some(outbox.clone()),
+        Some(Arc::new(outbox.clone())),
         stats.clone(),
     ));
     let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone(), plugins.clone()));

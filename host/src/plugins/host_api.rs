@@ -15,7 +15,6 @@ use super::bindings::imhost::plugin::host::{Host, Level};
 use super::bindings::imhost::plugin::types;
 use super::grants::{Action, Effective};
 use super::instance::PluginState;
-use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
 
 /// What one plugin version's host calls need.
@@ -25,7 +24,7 @@ pub struct HostCtx {
     pub kv: Arc<dyn PluginKv>,
     /// How host calls send; `None` where there is no cluster behind the
     /// plugin (`imhost plugin check`).
-    pub outbox: Option<Outbox>,
+    pub outbox: Option<Arc<dyn Cluster>>,
     pub timeout: Duration,
     /// What the operator granted of what the manifest asks: the sandbox's
     /// doors and the host actions this plugin may take.
@@ -60,21 +59,46 @@ impl HostCtx {
         }
     }
 
-    fn outbox(&self) -> Result<&Outbox, String> {
+    fn outbox(&self) -> Result<&Arc<dyn Cluster>, String> {
         self.outbox
             .as_ref()
             .ok_or_else(|| "no cluster to send to (plugin check)".to_owned())
     }
 }
 
+/// How the plugins' host calls act on the cluster. The node's business
+/// operations implement it (`crate::business::Outbox`), so the plugin host
+/// needs nothing of the node: the dependency runs from the node to the
+/// plugins, never back.
+#[async_trait::async_trait]
+pub trait Cluster: Send + Sync {
+    /// Largest content a plugin may send (the API's body limit).
+    fn max_content_bytes(&self) -> usize;
+    async fn send_message(
+        &self,
+        sender: ClientId,
+        receivers: &[ClientId],
+        content: String,
+        receipt: bool,
+    ) -> Result<(), String>;
+    /// Checks the channel's name as the API does, then sends.
+    async fn send_channel(
+        &self,
+        sender: ClientId,
+        channel: String,
+        content: String,
+    ) -> Result<(), String>;
+    async fn broadcast(&self, content: String) -> Result<(), String>;
+    async fn force_offline(&self, client: ClientId) -> Result<(), String>;
+}
+
 /// What the HTTP API checks of a message, checked of a plugin's: at most
 /// the API's body limit, and JSON.
-fn check_content(outbox: &Outbox, content: &str) -> Result<(), String> {
-    if content.len() > outbox.max_content_bytes {
+fn check_content(max_content_bytes: usize, content: &str) -> Result<(), String> {
+    if content.len() > max_content_bytes {
         return Err(format!(
-            "content is {} bytes; at most {} (max_body_bytes)",
-            content.len(),
-            outbox.max_content_bytes
+            "content is {} bytes; at most {max_content_bytes} (max_body_bytes)",
+            content.len()
         ));
     }
     serde_json::from_str::<serde::de::IgnoredAny>(content)
@@ -139,12 +163,10 @@ impl Host for PluginState {
     ) -> Result<(), String> {
         let host = self.host.clone();
         host.allowed(Action::Send)?;
-        let outbox = host.outbox()?;
-        check_content(outbox, &content)?;
-        host.bounded(crate::business::send_message(
-            outbox, sender, &receivers, content, receipt,
-        ))
-        .await
+        let cluster = host.outbox()?;
+        check_content(cluster.max_content_bytes(), &content)?;
+        host.bounded(cluster.send_message(sender, &receivers, content, receipt))
+            .await
     }
 
     async fn send_channel(
@@ -153,35 +175,27 @@ impl Host for PluginState {
         channel: String,
         content: String,
     ) -> Result<(), String> {
-        crate::business::check_channel(&channel).map_err(|e| e.to_string())?;
         let host = self.host.clone();
         host.allowed(Action::Channel)?;
-        let outbox = host.outbox()?;
-        check_content(outbox, &content)?;
-        host.bounded(crate::business::send_chan_message(
-            outbox,
-            sender,
-            Some(channel),
-            content,
-        ))
-        .await
+        let cluster = host.outbox()?;
+        check_content(cluster.max_content_bytes(), &content)?;
+        host.bounded(cluster.send_channel(sender, channel, content))
+            .await
     }
 
     async fn broadcast(&mut self, content: String) -> Result<(), String> {
         let host = self.host.clone();
         host.allowed(Action::Broadcast)?;
-        let outbox = host.outbox()?;
-        check_content(outbox, &content)?;
-        host.bounded(crate::business::send_chan_message(outbox, 0, None, content))
-            .await
+        let cluster = host.outbox()?;
+        check_content(cluster.max_content_bytes(), &content)?;
+        host.bounded(cluster.broadcast(content)).await
     }
 
     async fn force_offline(&mut self, client: ClientId) -> Result<(), String> {
         let host = self.host.clone();
         host.allowed(Action::ForceOffline)?;
-        let outbox = host.outbox()?;
-        host.bounded(crate::business::force_offline(outbox, client))
-            .await
+        let cluster = host.outbox()?;
+        host.bounded(cluster.force_offline(client)).await
     }
 }
 
@@ -189,26 +203,12 @@ impl Host for PluginState {
 mod tests {
     use super::*;
 
-    fn outbox(max_content_bytes: usize) -> Outbox {
-        let (inbox, _) = tokio::sync::mpsc::channel(1);
-        let (events, _) = tokio::sync::broadcast::channel(1);
-        Outbox {
-            topology: crate::cluster::Topology {
-                me: "a".into(),
-                servers: vec!["a".into()],
-            },
-            relay: std::sync::Arc::new(crate::cluster::embedded::EmbeddedRelay::new(inbox, events)),
-            max_content_bytes,
-        }
-    }
-
     #[test]
     fn a_plugins_content_passes_the_apis_checks() {
-        let outbox = outbox(16);
-        assert!(check_content(&outbox, r#"{"a":1}"#).is_ok());
-        let too_big = check_content(&outbox, &format!("\"{}\"", "x".repeat(20)));
+        assert!(check_content(16, r#"{"a":1}"#).is_ok());
+        let too_big = check_content(16, &format!("\"{}\"", "x".repeat(20)));
         assert!(too_big.is_err_and(|e| e.contains("at most 16")));
-        let not_json = check_content(&outbox, "{oops");
+        let not_json = check_content(16, "{oops");
         assert!(not_json.is_err_and(|e| e.contains("not JSON")));
     }
 }

@@ -68,7 +68,6 @@ use self::engine::Tier;
 use self::loaded::{CallError, Prepared};
 use self::manifest::{Hook, OnError, WhileLoading};
 use self::source::{Source, read_source, scan};
-use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
 use crate::stats::Stats;
 
@@ -174,7 +173,7 @@ pub struct PluginHost {
     /// least one), so a baseline build and serving always have a core.
     optimized_slots: Arc<Semaphore>,
     kv: Arc<dyn PluginKv>,
-    outbox: Option<Outbox>,
+    outbox: Option<Arc<dyn host_api::Cluster>>,
     events: mpsc::Sender<events::PresenceEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<events::PresenceEvent>>>,
     stats: Arc<Stats>,
@@ -186,7 +185,7 @@ impl PluginHost {
     pub fn new(
         loader: LoaderConfig,
         kv: Arc<dyn PluginKv>,
-        outbox: Option<Outbox>,
+        outbox: Option<Arc<dyn host_api::Cluster>>,
         stats: Arc<Stats>,
     ) -> PluginHost {
         let (events, events_rx) = mpsc::channel(EVENTS_QUEUE);

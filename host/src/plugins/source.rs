@@ -11,10 +11,9 @@ use tracing::warn;
 
 use super::compile::{self, Compiled, LoadError};
 use super::grants;
-use super::host_api::HostCtx;
+use super::host_api::{Cluster, HostCtx};
 use super::loaded::Prepared;
 use super::manifest::Manifest;
-use crate::business::Outbox;
 use crate::cluster::kv::PluginKv;
 
 /// Everything one load of one file needs, owned, so it can move to a task.
@@ -42,7 +41,7 @@ impl Source {
         &self,
         compiled: Compiled,
         kv: Arc<dyn PluginKv>,
-        outbox: Option<Outbox>,
+        outbox: Option<Arc<dyn Cluster>>,
     ) -> Result<Prepared, LoadError> {
         let host = Arc::new(HostCtx {
             name: self.name.clone(),
