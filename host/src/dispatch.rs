@@ -101,7 +101,10 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
             biased;
             Some(done) = filtering.next(), if !filtering.is_empty() => match done {
                 // Waits for room: never refused.
-                Ok(ready) => { let _ = apply(&node, ready, Admission::Wait).await; }
+                Ok(ready) => {
+                    let admission = stream_admission(&inbox, filtering.is_empty());
+                    let _ = apply(&node, ready, admission).await;
+                }
                 Err(err) => {
                     Stats::incr(&node.stats.dispatch_errors);
                     warn!(cause = %err, "a filter task failed; its message is lost");
@@ -115,7 +118,8 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
                     if filtering.is_empty() && (inbox.is_empty() || !has_filter(&node)) {
                         // No filter, or nothing waits behind it: a task of
                         // its own would only hop to another worker and back.
-                        let _ = filter_and_apply(&node, message, Admission::Wait).await;
+                        let admission = stream_admission(&inbox, true);
+                        let _ = filter_and_apply(&node, message, admission).await;
                     } else {
                         let node = node.clone();
                         filtering.push_back(tokio::spawn(async move { filter_stage(&node, message).await }));
@@ -127,6 +131,19 @@ pub async fn run(node: Node, mut inbox: mpsc::Receiver<ServerMessage>) {
         }
     }
     debug!("dispatcher stopped");
+}
+
+/// How the dispatcher hands a message over: it waits for room in the
+/// backlog, and it writes a small audience itself only when nothing waits
+/// behind the message; otherwise the message goes to the shards' queues, so
+/// the one dispatcher task never becomes the node's only writer while
+/// Redis has more for it.
+fn stream_admission(inbox: &mpsc::Receiver<ServerMessage>, nothing_in_flight: bool) -> Admission {
+    if nothing_in_flight && inbox.is_empty() {
+        Admission::Wait
+    } else {
+        Admission::WaitQueued
+    }
 }
 
 /// The embedded relay's way in: [`handle`] in the sender's task, refused

@@ -16,7 +16,9 @@
 //! writing, is written by the caller at once (the non-blocking write of
 //! `ws::outbound`): no queue, no wake-up, no task switch, the latency and
 //! cost of a node at rest. Anything else is queued: messages that arrive
-//! while a caller writes line up behind it. A shard task takes up to [`PASS`] messages at a time;
+//! while a caller writes line up behind it. The Redis dispatcher, one task
+//! for the node's whole stream, writes at once only when nothing waits
+//! behind the message ([`Admission::WaitQueued`] otherwise). A shard task takes up to [`PASS`] messages at a time;
 //! when it took several, it first gathers each socket's frames of the pass
 //! (the socket's [`SocketHandle::slot`] says where, without a hash map) and
 //! then writes each socket once, all its frames in one `writev`. Under load
@@ -62,6 +64,10 @@ pub enum Admission {
     Try,
     /// Wait for room (the Redis subscriber's dispatcher: it stops reading).
     Wait,
+    /// As [`Admission::Wait`], and never written by the caller, even to an
+    /// idle shard: the dispatcher with more messages waiting behind this one
+    /// hands the writes to the shards and goes on.
+    WaitQueued,
     /// Take no permit: a receipt of a message already accepted.
     Always,
 }
@@ -185,6 +191,7 @@ impl Shards {
             return Ok(());
         }
         if sockets.len() <= INLINE_MAX
+            && admission != Admission::WaitQueued
             && let Some(claim) = self.claim_idle(&sockets)
         {
             self.inner.registry.push_all(sockets, &text);
@@ -304,7 +311,10 @@ impl Shards {
                 .try_acquire_many_owned(n)
                 .map(Some)
                 .map_err(|_| Overloaded),
-            Admission::Wait => match backlog.clone().try_acquire_many_owned(n) {
+            Admission::Wait | Admission::WaitQueued => match backlog
+                .clone()
+                .try_acquire_many_owned(n)
+            {
                 Ok(permit) => Ok(Some(permit)),
                 Err(_) => {
                     crate::stats::Stats::incr(&self.inner.registry.stats().dispatch_backlog_waits);
