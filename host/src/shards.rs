@@ -78,6 +78,7 @@ pub enum Admission {
 pub struct Overloaded;
 
 /// What a queued job does to its sockets.
+#[derive(Clone)]
 enum Work {
     Write(Utf8Bytes),
     Close(CloseReason),
@@ -266,24 +267,15 @@ impl Shards {
                 split[shard].push(socket);
             }
         }
-        let text = match &work {
-            Work::Write(text) => Some(text),
-            Work::Close(_) => None,
-        };
         for (shard, sockets) in split.into_iter().enumerate() {
             if sockets.is_empty() {
                 continue;
             }
-            let shard = if n == 1 { 0 } else { shard };
-            let work = match (text, &work) {
-                (Some(text), _) => Work::Write(text.clone()),
-                (None, Work::Close(reason)) => Work::Close(*reason),
-                (None, Work::Write(_)) => unreachable!("a write has its text"),
-            };
             let queue = &queues[shard];
             queue.pending.fetch_add(1, Ordering::AcqRel);
             let job = Job {
-                work,
+                // The text is shared, not copied.
+                work: work.clone(),
                 sockets,
                 _permit: permit.clone(),
             };

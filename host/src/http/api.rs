@@ -3,8 +3,9 @@
 use axum::extract::State;
 use imhost_client::ClientId;
 use imhost_client::api::{
-    BatchItem, BatchResponse, BatchResult, BroadcastRequest, ChannelInfo, ChannelMembersRequest,
-    ChannelMessageRequest, ClientInfo, ConnectUrlRequest, ConnectUrlResponse, SendMessageRequest,
+    BatchChannelMessage, BatchItem, BatchResponse, BatchResult, BroadcastRequest, ChannelInfo,
+    ChannelMembersRequest, ChannelMessageRequest, ClientInfo, ConnectUrlRequest,
+    ConnectUrlResponse, SendMessageRequest,
 };
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -45,16 +46,7 @@ pub async fn send_message(
     State(node): State<Node>,
     Json(req): Json<SendMessageRequest>,
 ) -> Answer<Value> {
-    refuse_when_overloaded(&node)?;
-    let content = message_text(&req.message);
-    business::send_message(
-        &node.outbox,
-        req.sender,
-        &req.receivers,
-        content,
-        req.receipt,
-    )
-    .await?;
+    send(&node, BatchItem::Messages(req)).await?;
     done()
 }
 
@@ -80,13 +72,15 @@ pub async fn leave(
 
 pub async fn channel_message(
     State(node): State<Node>,
-    Path(chan): Path<String>,
+    Path(channel): Path<String>,
     Json(req): Json<ChannelMessageRequest>,
 ) -> Answer<Value> {
-    check_channel(&chan)?;
-    refuse_when_overloaded(&node)?;
-    let content = message_text(&req.message);
-    business::send_chan_message(&node.outbox, req.sender, Some(chan), content).await?;
+    let item = BatchChannelMessage {
+        channel,
+        sender: req.sender,
+        message: req.message,
+    };
+    send(&node, BatchItem::ChannelMessage(item)).await?;
     done()
 }
 
@@ -94,8 +88,7 @@ pub async fn broadcast(
     State(node): State<Node>,
     Json(req): Json<BroadcastRequest>,
 ) -> Answer<Value> {
-    refuse_when_overloaded(&node)?;
-    business::send_chan_message(&node.outbox, 0, None, message_text(&req.message)).await?;
+    send(&node, BatchItem::Broadcast(req)).await?;
     done()
 }
 
@@ -124,7 +117,7 @@ pub async fn batch(State(node): State<Node>, body: axum::body::Bytes) -> Answer<
     let mut results = Vec::with_capacity(raw.items.len());
     for item in raw.items {
         let result = match serde_json::from_str::<BatchItem>(item.get()) {
-            Ok(item) => batch_item(&node, item).await,
+            Ok(item) => send(&node, item).await,
             Err(err) => Err(AppError::BadRequest(format!("invalid item: {err}"))),
         };
         results.push(BatchResult {
@@ -134,7 +127,12 @@ pub async fn batch(State(node): State<Node>, body: axum::body::Bytes) -> Answer<
     Ok(Json(BatchResponse { results }))
 }
 
-async fn batch_item(node: &Node, item: BatchItem) -> Result<(), AppError> {
+/// One send, as its own call or as an item of a batch: checked, refused
+/// when the node is overloaded, and handed to [`business`].
+async fn send(node: &Node, item: BatchItem) -> Result<(), AppError> {
+    if let BatchItem::ChannelMessage(req) = &item {
+        check_channel(&req.channel)?;
+    }
     refuse_when_overloaded(node)?;
     match item {
         BatchItem::Messages(req) => {
@@ -149,7 +147,6 @@ async fn batch_item(node: &Node, item: BatchItem) -> Result<(), AppError> {
             .await?;
         }
         BatchItem::ChannelMessage(req) => {
-            check_channel(&req.channel)?;
             let content = message_text(&req.message);
             business::send_chan_message(&node.outbox, req.sender, Some(req.channel), content)
                 .await?;

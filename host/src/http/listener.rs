@@ -177,16 +177,26 @@ async fn serve_http<I, S>(
     <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connection = http.serve_connection(io, service).with_upgrades();
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = stop.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
+    let result = until_done_or_stopped(connection, stop, |c| c.graceful_shutdown()).await;
     if let Err(err) = result {
         debug!(%remote, cause = %err, "HTTP connection ended with an error");
+    }
+}
+
+/// Drives `connection` to its end, or, once `stop` fires, asks it to finish
+/// what is in flight (`graceful`) and waits for that.
+async fn until_done_or_stopped<C: Future>(
+    connection: C,
+    stop: &CancellationToken,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            graceful(connection.as_mut());
+            connection.await
+        }
     }
 }
 
@@ -235,14 +245,7 @@ where
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let connection = http.serve_connection(io, service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = stop.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
+    let result = until_done_or_stopped(connection, stop, |c| c.graceful_shutdown()).await;
     if let Err(err) = result {
         debug!(%remote, cause = %err, "HTTP/2 connection ended with an error");
     }
