@@ -18,11 +18,29 @@ use tokio_rustls::rustls;
 /// it, so it is fixed rather than configurable.
 pub const WS_PATH: &str = "/ws";
 
-/// Every setting, each optional so that layers can be merged. The same struct is
-/// the clap flag set and the TOML file schema, so the two cannot drift.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Options {
+/// Declares [`Options`] from one list of settings: each written once, with
+/// its flag, variable, help and TOML key, and merged layer over layer by the
+/// generated [`Options::or`] (as `stats.rs` declares its counters).
+macro_rules! options {
+    ($( $(#[$attr:meta])* $name:ident: $ty:ty, )*) => {
+        /// Every setting, each optional so that layers can be merged. The same struct is
+        /// the clap flag set and the TOML file schema, so the two cannot drift.
+        #[derive(Debug, Default, Clone, Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Options {
+            $( $(#[$attr])* pub $name: Option<$ty>, )*
+        }
+
+        impl Options {
+            /// `self` where set, else `lower`.
+            pub fn or(self, lower: Options) -> Options {
+                Options { $( $name: self.$name.or(lower.$name), )* }
+            }
+        }
+    };
+}
+
+options! {
     /// Address to listen on for HTTP and WebSocket. [default: 127.0.0.1:6001]
     #[arg(
         long,
@@ -30,7 +48,7 @@ pub struct Options {
         env = "IMHOST_LISTEN",
         value_name = "ADDR"
     )]
-    pub listen: Option<SocketAddr>,
+    listen: SocketAddr,
     /// This node's name in the cluster. [default: the listen address]
     #[arg(
         long,
@@ -38,7 +56,7 @@ pub struct Options {
         env = "IMHOST_SERVER",
         value_name = "NAME"
     )]
-    pub server: Option<String>,
+    server: String,
     /// Every node of the cluster, in the same order on every node. [default: this node
     /// alone]
     #[arg(
@@ -48,7 +66,7 @@ pub struct Options {
         value_name = "A,B,C",
         value_delimiter = ','
     )]
-    pub servers: Option<Vec<String>>,
+    servers: Vec<String>,
     /// Redis URL; without it the node runs embedded (no cluster). [default: none:
     /// embedded mode]
     #[arg(
@@ -57,7 +75,7 @@ pub struct Options {
         env = "IMHOST_REDIS",
         value_name = "URL"
     )]
-    pub redis: Option<String>,
+    redis: String,
     /// Bearer key the business API requires; a random one is made when absent.
     /// [default: random, logged at start-up]
     #[arg(
@@ -66,7 +84,7 @@ pub struct Options {
         env = "IMHOST_API_KEY",
         value_name = "KEY"
     )]
-    pub api_key: Option<String>,
+    api_key: String,
     /// Directory of WebAssembly plugins. [default: none]
     #[arg(
         long,
@@ -74,7 +92,7 @@ pub struct Options {
         env = "IMHOST_PLUGINS",
         value_name = "DIR"
     )]
-    pub plugins: Option<PathBuf>,
+    plugins: PathBuf,
     /// Where compiled plugins are cached (owner-only; outside the plugin
     /// directory). [default: $XDG_CACHE_HOME/imhost/plugins or ~/.cache/imhost/plugins]
     #[arg(
@@ -83,7 +101,7 @@ pub struct Options {
         env = "IMHOST_PLUGIN_CACHE",
         value_name = "DIR"
     )]
-    pub plugin_cache: Option<PathBuf>,
+    plugin_cache: PathBuf,
     /// Compiled plugins kept in the cache besides the running ones. [default: 8]
     #[arg(
         long,
@@ -91,7 +109,7 @@ pub struct Options {
         env = "IMHOST_PLUGIN_CACHE_KEEP",
         value_name = "N"
     )]
-    pub plugin_cache_keep: Option<usize>,
+    plugin_cache_keep: usize,
     /// The operator's grants file: what each plugin may touch (variables,
     /// directories, network, host actions), outside the plugin directory;
     /// read at start and at every reload. [default: none: nothing granted]
@@ -101,24 +119,24 @@ pub struct Options {
         env = "IMHOST_PLUGIN_GRANTS",
         value_name = "FILE"
     )]
-    pub plugin_grants: Option<PathBuf>,
+    plugin_grants: PathBuf,
     /// Serve a new plugin from the fast baseline compiler first, then swap in the
     /// optimized build. [default: true]
     #[arg(long, help_heading = "Plugins", env = "IMHOST_PLUGIN_TIERING", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub plugin_tiering: Option<bool>,
+    plugin_tiering: bool,
     /// Watch the plugin directory and reload on changes; without it, reload with SIGHUP
     /// or `POST /api/v1/plugins/reload`. [default: true]
     #[arg(long, help_heading = "Plugins", env = "IMHOST_WATCH_PLUGINS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub watch_plugins: Option<bool>,
+    watch_plugins: bool,
     /// Serve the demo chat page at `/` with its toy business backend (no API key:
     /// anyone who reaches it can send as anyone). Refused on a listen address that is
     /// not loopback, unless `demo_public` is set too. [default: false]
     #[arg(long, help_heading = "Node", env = "IMHOST_DEMO", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub demo: Option<bool>,
+    demo: bool,
     /// Allow `demo` on a non-loopback listen address (dangerous; logged). [default:
     /// false]
     #[arg(long, help_heading = "Node", env = "IMHOST_DEMO_PUBLIC", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub demo_public: Option<bool>,
+    demo_public: bool,
     /// Largest message a terminal may send, in bytes (closes the socket with 1009).
     /// [default: 65536]
     #[arg(
@@ -127,7 +145,7 @@ pub struct Options {
         env = "IMHOST_MAX_FRAME_BYTES",
         value_name = "BYTES"
     )]
-    pub max_frame_bytes: Option<usize>,
+    max_frame_bytes: usize,
     /// Messages queued per socket before the socket counts as a slow consumer.
     /// [default: 256]
     #[arg(
@@ -136,7 +154,7 @@ pub struct Options {
         env = "IMHOST_OUTBOUND_QUEUE",
         value_name = "MESSAGES"
     )]
-    pub outbound_queue: Option<usize>,
+    outbound_queue: usize,
     /// Delivery shards: each writes to its share of the sockets, in order per
     /// socket, on a task of its own. 0: one per worker thread. [default: 0]
     #[arg(
@@ -145,7 +163,7 @@ pub struct Options {
         env = "IMHOST_DELIVERY_SHARDS",
         value_name = "N"
     )]
-    pub delivery_shards: Option<usize>,
+    delivery_shards: usize,
     /// Deliveries (one message to one socket) the node queues before the API
     /// answers 503 `overloaded` and the Redis subscriber stops reading.
     /// [default: 524288]
@@ -155,19 +173,19 @@ pub struct Options {
         env = "IMHOST_DELIVERY_BACKLOG",
         value_name = "DELIVERIES"
     )]
-    pub delivery_backlog: Option<usize>,
+    delivery_backlog: usize,
     /// How often the server pings each socket. [default: 20s]
     #[arg(long, help_heading = "Terminals", env = "IMHOST_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub heartbeat_interval: Option<Duration>,
+    heartbeat_interval: Duration,
     /// Silence after which a socket is closed and counted offline. [default: 60s]
     #[arg(long, help_heading = "Terminals", env = "IMHOST_HEARTBEAT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub heartbeat_timeout: Option<Duration>,
+    heartbeat_timeout: Duration,
     /// How long a connect token stays valid. [default: 10s]
     #[arg(long, help_heading = "Terminals", env = "IMHOST_TOKEN_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub token_ttl: Option<Duration>,
+    token_ttl: Duration,
     /// Sockets this node accepts at once. [default: open-file limit - 100]
     #[arg(
         long,
@@ -175,7 +193,7 @@ pub struct Options {
         env = "IMHOST_MAX_CONNECTIONS",
         value_name = "N"
     )]
-    pub max_connections: Option<usize>,
+    max_connections: usize,
     /// Largest business API request body, in bytes. [default: 1048576]
     #[arg(
         long,
@@ -183,7 +201,7 @@ pub struct Options {
         env = "IMHOST_MAX_BODY_BYTES",
         value_name = "BYTES"
     )]
-    pub max_body_bytes: Option<usize>,
+    max_body_bytes: usize,
     /// Most items in one `POST /api/v1/batch` (each a send with its own
     /// result; the body limit applies too). [default: 1000]
     #[arg(
@@ -192,26 +210,26 @@ pub struct Options {
         env = "IMHOST_MAX_BATCH_ITEMS",
         value_name = "N"
     )]
-    pub max_batch_items: Option<usize>,
+    max_batch_items: usize,
     /// How long a node's liveness key lives without a refresh (cluster mode): a node
     /// silent this long is taken for dead and its clients go offline. [default: 15s]
     #[arg(long, help_heading = "Cluster", env = "IMHOST_NODE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub node_ttl: Option<Duration>,
+    node_ttl: Duration,
     /// How long a graceful shutdown waits for sockets to close. [default: 10s]
     #[arg(long, help_heading = "Node", env = "IMHOST_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub shutdown_grace: Option<Duration>,
+    shutdown_grace: Duration,
     /// Time a client gets to send a request's headers, counted from connect or from the
     /// previous response on a kept-alive connection (so it is also the keep-alive idle
     /// timeout). [default: 10s]
     #[arg(long, help_heading = "HTTP", env = "IMHOST_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub header_read_timeout: Option<Duration>,
+    header_read_timeout: Duration,
     /// Time a business API request body may take to arrive. [default: 30s]
     #[arg(long, help_heading = "HTTP", env = "IMHOST_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_option")]
-    pub body_read_timeout: Option<Duration>,
+    body_read_timeout: Duration,
     /// HTTP connections open at once (before any upgrade). [default: open-file limit -
     /// 100]
     #[arg(
@@ -220,7 +238,7 @@ pub struct Options {
         env = "IMHOST_MAX_HTTP_CONNECTIONS",
         value_name = "N"
     )]
-    pub max_http_connections: Option<usize>,
+    max_http_connections: usize,
     /// HTTP connections open at once from one client address, before any
     /// upgrade; 0: no limit (set 0 behind a proxy). [default: 256]
     #[arg(
@@ -229,16 +247,29 @@ pub struct Options {
         env = "IMHOST_MAX_CONNECTIONS_PER_ADDRESS",
         value_name = "N"
     )]
-    pub max_connections_per_address: Option<usize>,
-    /// WebSocket connects per second from one client address, in bursts of as many;
-    /// over it, 429 with `Retry-After`. [default: 0, no limit]
+    max_connections_per_address: usize,
+    /// WebSocket connects per second from one client address (an IPv6 client
+    /// per /64), in bursts of as many; over it, 429 with `Retry-After`; 0: no
+    /// limit. [default: 50]
     #[arg(
         long,
         help_heading = "Terminals",
         env = "IMHOST_CONNECT_RATE_PER_ADDRESS",
         value_name = "N"
     )]
-    pub connect_rate_per_address: Option<u32>,
+    connect_rate_per_address: u32,
+    /// Client addresses or networks `connect_rate_per_address` does not
+    /// apply to, comma-separated; empty: none. Loopback by default, where a
+    /// local proxy that sends no `trusted_proxy_header` puts every terminal.
+    /// [default: 127.0.0.0/8,::1]
+    #[arg(
+        long,
+        help_heading = "Terminals",
+        env = "IMHOST_CONNECT_RATE_EXEMPT",
+        value_name = "NETS",
+        value_delimiter = ','
+    )]
+    connect_rate_exempt: Vec<String>,
     /// Behind a proxy: the header whose last address is the client's. [default: none]
     #[arg(
         long,
@@ -246,7 +277,7 @@ pub struct Options {
         env = "IMHOST_TRUSTED_PROXY_HEADER",
         value_name = "NAME"
     )]
-    pub trusted_proxy_header: Option<String>,
+    trusted_proxy_header: String,
     /// The proxies whose `trusted_proxy_header` is believed: addresses or
     /// networks (`10.0.0.0/8`), comma-separated. A connection from any other
     /// peer is taken at its own address. [default: 127.0.0.0/8,::1]
@@ -257,7 +288,7 @@ pub struct Options {
         value_name = "NETS",
         value_delimiter = ','
     )]
-    pub trusted_proxies: Option<Vec<String>>,
+    trusted_proxies: Vec<String>,
     /// PEM certificate chain: serve HTTPS and WSS on the listen port (with `tls_key`).
     /// [default: none: plain HTTP and WS]
     #[arg(
@@ -266,7 +297,7 @@ pub struct Options {
         env = "IMHOST_TLS_CERT",
         value_name = "FILE"
     )]
-    pub tls_cert: Option<PathBuf>,
+    tls_cert: PathBuf,
     /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1). [default: none]
     #[arg(
         long,
@@ -274,7 +305,7 @@ pub struct Options {
         env = "IMHOST_TLS_KEY",
         value_name = "FILE"
     )]
-    pub tls_key: Option<PathBuf>,
+    tls_key: PathBuf,
     /// Scheme of the connect URLs terminals get (`ws` or `wss`): `wss` behind a proxy
     /// that terminates TLS. The host part is the node's name (`server`). [default: wss
     /// with `tls_cert`, else ws]
@@ -284,7 +315,7 @@ pub struct Options {
         env = "IMHOST_PUBLIC_SCHEME",
         value_name = "SCHEME"
     )]
-    pub public_scheme: Option<String>,
+    public_scheme: String,
     /// Serve `GET /metrics` on this address (a private interface) instead of the
     /// listen port. [default: none: /metrics on the listen port]
     #[arg(
@@ -293,7 +324,7 @@ pub struct Options {
         env = "IMHOST_METRICS_LISTEN",
         value_name = "ADDR"
     )]
-    pub metrics_listen: Option<SocketAddr>,
+    metrics_listen: SocketAddr,
 }
 
 /// The resolved configuration a node runs with.
@@ -321,6 +352,8 @@ pub struct Config {
     pub trusted_proxy_header: Option<String>,
     /// Peers whose `trusted_proxy_header` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client networks `connect_rate_per_address` does not apply to.
+    pub connect_rate_exempt: Vec<ipnet::IpNet>,
     /// `demo` on a non-loopback address, forced.
     pub demo_public: bool,
     /// Set with `tls_cert` and `tls_key`: the certificate is loaded and
@@ -333,54 +366,72 @@ pub struct Config {
     pub limits: Limits,
 }
 
-/// Bounds that keep one node's memory and time in check whatever clients do.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_frame_bytes: usize,
-    pub outbound_queue: usize,
-    /// 0: one per worker thread.
-    pub delivery_shards: usize,
-    pub delivery_backlog: usize,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub token_ttl: Duration,
-    /// `None`: derive from the open-file limit at start-up.
-    pub max_connections: Option<usize>,
-    pub max_body_bytes: usize,
-    pub max_batch_items: usize,
-    pub node_ttl: Duration,
-    pub shutdown_grace: Duration,
-    pub header_read_timeout: Duration,
-    pub body_read_timeout: Duration,
-    /// `None`: derive from the open-file limit at start-up.
-    pub max_http_connections: Option<usize>,
-    /// 0: no limit.
-    pub max_connections_per_address: usize,
-    /// 0: no limit.
-    pub connect_rate_per_address: u32,
+/// Declares [`Limits`] with each limit's type and default written once; the
+/// generated `Limits::from_options` takes what the options set.
+macro_rules! limits {
+    ($( $(#[$attr:meta])* $name:ident: $ty:ty = $default:expr, )*) => {
+        /// Bounds that keep one node's memory and time in check whatever clients do.
+        #[derive(Debug, Clone)]
+        pub struct Limits {
+            $( $(#[$attr])* pub $name: $ty, )*
+        }
+
+        impl Default for Limits {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        impl Limits {
+            /// The limits `options` sets, the defaults for the others.
+            fn from_options(options: &Options) -> Limits {
+                Limits { $( $name: Layered::layer(options.$name.clone(), $default), )* }
+            }
+        }
+    };
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_frame_bytes: 64 * 1024,
-            outbound_queue: 256,
-            delivery_shards: 0,
-            delivery_backlog: 512 * 1024,
-            heartbeat_interval: Duration::from_secs(20),
-            heartbeat_timeout: Duration::from_secs(60),
-            token_ttl: Duration::from_secs(10),
-            max_connections: None,
-            max_body_bytes: 1024 * 1024,
-            max_batch_items: 1000,
-            node_ttl: Duration::from_secs(15),
-            shutdown_grace: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(30),
-            max_http_connections: None,
-            max_connections_per_address: 256,
-            connect_rate_per_address: 0,
-        }
+limits! {
+    max_frame_bytes: usize = 64 * 1024,
+    outbound_queue: usize = 256,
+    /// 0: one per worker thread.
+    delivery_shards: usize = 0,
+    delivery_backlog: usize = 512 * 1024,
+    heartbeat_interval: Duration = Duration::from_secs(20),
+    heartbeat_timeout: Duration = Duration::from_secs(60),
+    token_ttl: Duration = Duration::from_secs(10),
+    /// `None`: derive from the open-file limit at start-up.
+    max_connections: Option<usize> = None,
+    max_body_bytes: usize = 1024 * 1024,
+    max_batch_items: usize = 1000,
+    node_ttl: Duration = Duration::from_secs(15),
+    shutdown_grace: Duration = Duration::from_secs(10),
+    header_read_timeout: Duration = Duration::from_secs(10),
+    body_read_timeout: Duration = Duration::from_secs(30),
+    /// `None`: derive from the open-file limit at start-up.
+    max_http_connections: Option<usize> = None,
+    /// 0: no limit.
+    max_connections_per_address: usize = 256,
+    /// 0: no limit.
+    connect_rate_per_address: u32 = 50,
+}
+
+/// A limit's value from an optional setting over its default: a plain
+/// limit takes the setting or the default; an optional one (`None`: derived
+/// at start-up) takes the setting, else the default.
+trait Layered<S> {
+    fn layer(set: Option<S>, default: Self) -> Self;
+}
+
+impl<T> Layered<T> for T {
+    fn layer(set: Option<T>, default: T) -> T {
+        set.unwrap_or(default)
+    }
+}
+
+impl<T> Layered<T> for Option<T> {
+    fn layer(set: Option<T>, default: Option<T>) -> Option<T> {
+        set.or(default)
     }
 }
 
@@ -426,58 +477,12 @@ impl Options {
         })
     }
 
-    /// `self` where set, else `lower`.
-    pub fn or(self, lower: Options) -> Options {
-        Options {
-            listen: self.listen.or(lower.listen),
-            server: self.server.or(lower.server),
-            servers: self.servers.or(lower.servers),
-            redis: self.redis.or(lower.redis),
-            api_key: self.api_key.or(lower.api_key),
-            plugins: self.plugins.or(lower.plugins),
-            plugin_cache: self.plugin_cache.or(lower.plugin_cache),
-            plugin_cache_keep: self.plugin_cache_keep.or(lower.plugin_cache_keep),
-            plugin_grants: self.plugin_grants.or(lower.plugin_grants),
-            plugin_tiering: self.plugin_tiering.or(lower.plugin_tiering),
-            watch_plugins: self.watch_plugins.or(lower.watch_plugins),
-            demo: self.demo.or(lower.demo),
-            demo_public: self.demo_public.or(lower.demo_public),
-            max_frame_bytes: self.max_frame_bytes.or(lower.max_frame_bytes),
-            outbound_queue: self.outbound_queue.or(lower.outbound_queue),
-            delivery_shards: self.delivery_shards.or(lower.delivery_shards),
-            delivery_backlog: self.delivery_backlog.or(lower.delivery_backlog),
-            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
-            heartbeat_timeout: self.heartbeat_timeout.or(lower.heartbeat_timeout),
-            token_ttl: self.token_ttl.or(lower.token_ttl),
-            max_connections: self.max_connections.or(lower.max_connections),
-            max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
-            max_batch_items: self.max_batch_items.or(lower.max_batch_items),
-            node_ttl: self.node_ttl.or(lower.node_ttl),
-            shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
-            header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
-            body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
-            max_http_connections: self.max_http_connections.or(lower.max_http_connections),
-            max_connections_per_address: self
-                .max_connections_per_address
-                .or(lower.max_connections_per_address),
-            connect_rate_per_address: self
-                .connect_rate_per_address
-                .or(lower.connect_rate_per_address),
-            trusted_proxy_header: self.trusted_proxy_header.or(lower.trusted_proxy_header),
-            trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
-            tls_cert: self.tls_cert.or(lower.tls_cert),
-            tls_key: self.tls_key.or(lower.tls_key),
-            public_scheme: self.public_scheme.or(lower.public_scheme),
-            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
-        }
-    }
-
     /// Fills in defaults and checks every value.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first key whose value cannot work.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let defaults = Limits::default();
+        let limits = Limits::from_options(&self);
         let listen = self
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6001)));
@@ -540,33 +545,14 @@ impl Options {
             .map(|entry| parse_network(entry))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("trusted_proxies", e))?;
-        let limits = Limits {
-            max_frame_bytes: self.max_frame_bytes.unwrap_or(defaults.max_frame_bytes),
-            outbound_queue: self.outbound_queue.unwrap_or(defaults.outbound_queue),
-            delivery_shards: self.delivery_shards.unwrap_or(defaults.delivery_shards),
-            delivery_backlog: self.delivery_backlog.unwrap_or(defaults.delivery_backlog),
-            heartbeat_interval: self
-                .heartbeat_interval
-                .unwrap_or(defaults.heartbeat_interval),
-            heartbeat_timeout: self.heartbeat_timeout.unwrap_or(defaults.heartbeat_timeout),
-            token_ttl: self.token_ttl.unwrap_or(defaults.token_ttl),
-            max_connections: self.max_connections,
-            max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
-            max_batch_items: self.max_batch_items.unwrap_or(defaults.max_batch_items),
-            node_ttl: self.node_ttl.unwrap_or(defaults.node_ttl),
-            shutdown_grace: self.shutdown_grace.unwrap_or(defaults.shutdown_grace),
-            header_read_timeout: self
-                .header_read_timeout
-                .unwrap_or(defaults.header_read_timeout),
-            body_read_timeout: self.body_read_timeout.unwrap_or(defaults.body_read_timeout),
-            max_http_connections: self.max_http_connections,
-            max_connections_per_address: self
-                .max_connections_per_address
-                .unwrap_or(defaults.max_connections_per_address),
-            connect_rate_per_address: self
-                .connect_rate_per_address
-                .unwrap_or(defaults.connect_rate_per_address),
-        };
+        let connect_rate_exempt = self
+            .connect_rate_exempt
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1".into()])
+            .iter()
+            .filter(|entry| !entry.trim().is_empty())
+            .map(|entry| parse_network(entry))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("connect_rate_exempt", e))?;
         limits.check()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(Arc::new(load_tls(cert, key)?)),
@@ -615,6 +601,7 @@ impl Options {
                 .map(|h| h.trim().to_ascii_lowercase())
                 .filter(|h| !h.is_empty()),
             trusted_proxies,
+            connect_rate_exempt,
             limits,
         })
     }

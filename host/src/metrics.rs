@@ -9,7 +9,8 @@
 //!   memory-limit hits and traps as counters, a call-latency histogram, and
 //!   its state. A swap starts the new version's counters at zero (Prometheus
 //!   reads that as a counter reset); `imhost_plugin_loaded_timestamp_seconds`
-//!   says when the running version came.
+//!   says when the running version came; node-wide, the optimized builds
+//!   stopped for a swap (`imhost_plugin_builds_paused_total`).
 //! - Redis (cluster mode): `imhost_redis_up` and a round-trip histogram, from
 //!   a PING every few seconds ([`run_redis_probe`]).
 
@@ -229,6 +230,8 @@ const PLUGIN_COUNTERS: [(&str, &str); 5] = [
 const PLUGIN_STATE: &str = "imhost_plugin_state";
 const PLUGIN_LOADED: &str = "imhost_plugin_loaded_timestamp_seconds";
 const PLUGIN_LATENCY: &str = "imhost_plugin_call_duration_seconds";
+const BUILDS_PAUSED: &str = "imhost_plugin_builds_paused_total";
+const BUILDS_PAUSED_HELP: &str = "Optimized plugin builds stopped while a swap's own build ran";
 /// Every state a plugin row can have (`PluginInfo::state`).
 const PLUGIN_STATES: [&str; 4] = ["active", "switched_off", "compiling", "failed"];
 
@@ -250,6 +253,15 @@ impl PluginCollector {
             PLUGIN_LATENCY,
             "Duration of calls to the running version",
         ));
+        descs.push(
+            Desc::new(
+                BUILDS_PAUSED.to_owned(),
+                BUILDS_PAUSED_HELP.to_owned(),
+                Vec::new(),
+                HashMap::new(),
+            )
+            .expect("a valid metric name"),
+        );
         Self { plugins, descs }
     }
 }
@@ -342,6 +354,15 @@ impl Collector for PluginCollector {
             "Duration of calls to the running version",
             MetricType::HISTOGRAM,
             latency,
+        ));
+        families.push(family(
+            BUILDS_PAUSED.to_owned(),
+            BUILDS_PAUSED_HELP,
+            MetricType::COUNTER,
+            vec![counter(
+                crate::plugins::preempt::pauses() as f64,
+                Vec::new(),
+            )],
         ));
         families
     }

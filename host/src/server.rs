@@ -160,6 +160,7 @@ pub async fn run(
         connection_slots: Arc::new(Semaphore::new(max_connections)),
         connect_rate: crate::ws::connect_rate::ConnectRate::new(
             config.limits.connect_rate_per_address,
+            config.connect_rate_exempt.clone(),
         ),
         outbox,
         max_connections,

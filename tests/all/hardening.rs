@@ -454,6 +454,59 @@ async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured()
     assert_eq!(host.stats().await.connects_rate_limited, 1);
 }
 
+/// The status codes of WebSocket handshakes from `from` (a loopback
+/// address) for `clients`, with `extra` headers, all sent at once.
+async fn handshake_statuses(
+    host: &TestHost,
+    from: &str,
+    clients: std::ops::Range<i64>,
+    extra: &str,
+) -> Vec<String> {
+    let mut requests = Vec::new();
+    for client in clients {
+        let token = token_for(host, client).await;
+        requests.push(handshake_request(&token, Some(VALID_KEY), extra));
+    }
+    let mut conns = Vec::new();
+    for request in &requests {
+        let mut conn = connect_from(from, host.addr).await;
+        conn.write_all(request.as_bytes()).await.expect("write");
+        conns.push(conn);
+    }
+    let answers = conns.into_iter().map(|mut conn| async move {
+        let mut head = vec![0u8; 1024];
+        let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
+            .await
+            .expect("answer")
+            .expect("read");
+        String::from_utf8_lossy(&head[9..12.min(n)]).into_owned()
+    });
+    futures_util::future::join_all(answers).await
+}
+
+/// A per-address connect rate ships on (50 a second, in bursts of 50), and
+/// loopback, where a local proxy naming no client puts everyone, is exempt.
+#[tokio::test]
+async fn a_default_connect_rate_limits_client_addresses_but_not_loopback() {
+    let host = TestHost::start(Options {
+        trusted_proxy_header: Some("X-Forwarded-For".into()),
+        ..Options::default()
+    })
+    .await;
+    // 120 handshakes at once from one client address: its burst of 50 (and
+    // what refills while they are answered) gets in, the rest get 429.
+    let proxied = "X-Forwarded-For: 203.0.113.50\r\n";
+    let statuses = handshake_statuses(&host, "127.0.0.1", 0..120, proxied).await;
+    let admitted = statuses.iter().filter(|s| *s == "101").count();
+    let limited = statuses.iter().filter(|s| *s == "429").count();
+    assert_eq!(admitted + limited, 120, "{statuses:?}");
+    assert!((50..120).contains(&admitted), "{statuses:?}");
+    assert_eq!(host.stats().await.connects_rate_limited, limited as u64);
+    // As many from a loopback address, which names no client: all admitted.
+    let local = handshake_statuses(&host, "127.0.0.3", 200..320, "").await;
+    assert!(local.iter().all(|s| s == "101"), "{local:?}");
+}
+
 /// A peer that is not one of `trusted_proxies` cannot pick its address with
 /// the proxy header: four connects from 127.0.0.2, each claiming another
 /// client address, count against 127.0.0.2 itself.
@@ -463,6 +516,8 @@ async fn a_forged_proxy_header_from_an_untrusted_peer_is_ignored() {
         connect_rate_per_address: Some(3),
         trusted_proxy_header: Some("X-Forwarded-For".into()),
         trusted_proxies: Some(vec!["127.0.0.1".into()]),
+        // Loopback is exempt by default; 127.0.0.2 plays an outside peer.
+        connect_rate_exempt: Some(Vec::new()),
         ..Options::default()
     })
     .await;

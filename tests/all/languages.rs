@@ -2,14 +2,15 @@
 //! (built by `examples/plugins/build`), loaded by the unchanged host and used
 //! by real WebSocket terminals: every hook in a language other than Rust, a
 //! hot swap from a JavaScript filter to a Python one under a message stream,
-//! and connects that wait for an auth plugin still compiling.
+//! a swap that does not wait for the optimized builds of others, and connects
+//! that wait for an auth plugin still compiling.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use imhost::config::Options;
 use imhost_tests::host::TestHost;
-use imhost_tests::plugins::{PluginDir, example, guests};
+use imhost_tests::plugins::{PluginDir, example, guests, variant};
 use imhost_tests::terminal::Terminal;
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -367,4 +368,122 @@ async fn plugin_check_refuses_a_plugin_whose_start_code_traps() {
         .expect("run check");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ignores this file"));
+}
+
+/// A swap never waits behind background builds: with the optimized builds
+/// of four JavaScript and Python plugins still to run (a cold cache of its
+/// own), a new JavaScript filter serves before they finish, because they
+/// are stopped while its baseline build runs, and a stream of messages
+/// through the swap loses nothing.
+#[tokio::test]
+async fn a_new_filter_serves_before_the_optimized_builds_of_others_finish() {
+    let dir = PluginDir::new();
+    let stamp = |order: u32| format!("order = {order}\n[settings]\nstamp = true\n");
+    let js = example("js-moderation");
+    let py = example("py-moderation");
+    dir.install_bytes("a-js", &variant(&js, 1), &stamp(10));
+    dir.install_bytes("b-js", &variant(&js, 2), &stamp(11));
+    dir.install_bytes("c-py", &variant(&py, 3), &stamp(12));
+    dir.install_bytes("d-py", &variant(&py, 4), &stamp(13));
+    let cache = tempfile::tempdir().expect("cache");
+    let cache_dir = cache.path().join("c");
+    let addr = imhost_tests::process::free_addr();
+    let (listen, plugins) = (addr.to_string(), dir.arg());
+    let _process = imhost_tests::process::ImhostProcess::spawn(
+        addr,
+        &[
+            "--listen",
+            &listen,
+            "--api-key",
+            imhost_tests::api::API_KEY,
+            "--plugins",
+            &plugins,
+            "--plugin-cache",
+            cache_dir.to_str().expect("path"),
+        ],
+        &[],
+    );
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+    // All four serve from their baseline builds; optimized ones pending.
+    imhost_tests::eventually_within(
+        "four plugins active, optimized builds pending",
+        imhost_tests::COMPILE_DEADLINE,
+        || async {
+            let rows = api.plugins().await;
+            let pending = rows
+                .iter()
+                .filter(|p| p["compiling"]["tier"] == "optimized")
+                .count();
+            (rows.len() == 4 && rows.iter().all(|p| p["state"] == "active") && pending >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let mut t = api.terminal(1).await;
+    // A message every 10 ms until the swap is seen (at most a minute).
+    let sender = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            for n in 0..6000 {
+                api.send(0, &[1], json!({"n": n}), false).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let first = t.next_json().await;
+    assert_eq!(first["moderated_by"], "python", "{first}");
+    let paused_before = builds_paused(&api).await;
+    dir.install_bytes("e-js", &variant(&js, 5), &stamp(14));
+    let mut seen = vec![first["n"].as_i64().expect("n")];
+    loop {
+        let value = t.next_json().await;
+        seen.push(value["n"].as_i64().expect("n"));
+        if value["moderated_by"] == "javascript" {
+            break;
+        }
+    }
+    // The new filter serves, and the four optimized builds have not all
+    // finished: they were held while it was built.
+    let rows = api.plugins().await;
+    let new = rows.iter().find(|p| p["name"] == "e-js").expect("e-js row");
+    assert_eq!(new["state"], "active", "{new}");
+    let pending = rows
+        .iter()
+        .filter(|p| p["name"] != "e-js" && p["compiling"]["tier"] == "optimized")
+        .count();
+    assert!(
+        pending >= 1,
+        "every optimized build finished first: {rows:?}"
+    );
+    assert!(
+        builds_paused(&api).await > paused_before,
+        "no background build was paused for the swap"
+    );
+    sender.abort();
+    let last = *seen.last().expect("one");
+    assert_eq!(
+        seen,
+        (0..=last).collect::<Vec<_>>(),
+        "every message once, in order, through the swap"
+    );
+}
+
+/// `imhost_plugin_builds_paused_total` from `/metrics`.
+async fn builds_paused(api: &imhost_tests::api::Api) -> u64 {
+    let text = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("imhost_plugin_builds_paused_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .expect("imhost_plugin_builds_paused_total in /metrics")
 }

@@ -29,6 +29,21 @@ pub fn example(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The component at `path` with a custom section `imhost-test-variant`
+/// holding `n` appended: the same code under another content hash, so that
+/// it is compiled (and cached) as a plugin of its own.
+pub fn variant(path: &str, n: u8) -> Vec<u8> {
+    let mut wasm = std::fs::read(path).expect("read guest");
+    let name = b"imhost-test-variant";
+    // A custom section: id 0, its size, then the name (length-prefixed) and
+    // the payload. Every size here is below 128, one LEB128 byte.
+    let size = 1 + name.len() + 1;
+    wasm.extend([0, size as u8, name.len() as u8]);
+    wasm.extend(name);
+    wasm.push(n);
+    wasm
+}
+
 /// A plugin directory in a temp dir.
 pub struct PluginDir {
     dir: TempDir,

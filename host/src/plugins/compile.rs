@@ -557,6 +557,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// artifact it writes to its standard output. The compiler's heap is the
 /// child's and goes away with it.
 fn compile_in_child(bin: &Path, wasm: &[u8], tier: Tier) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
     let mut child = std::process::Command::new(bin)
         .args([
             "plugin",
@@ -570,21 +571,44 @@ fn compile_in_child(bin: &Path, wasm: &[u8], tier: Tier) -> Result<Vec<u8>, Load
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_compiler()
         .map_err(|e| LoadError::Compiler(format!("cannot start {}: {e}", bin.display())))?;
-    // The child reads all of its input before it writes anything.
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(wasm)
-            .map_err(|e| LoadError::Compiler(format!("cannot hand the file over: {e}")))?;
-    }
-    let output = child
-        .wait_with_output()
+    let background = super::preempt::Background::register(child.id());
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let talked = std::thread::scope(|scope| {
+        let said = scope.spawn(|| {
+            let mut said = Vec::new();
+            if let Some(mut stderr) = stderr {
+                let _ = stderr.read_to_end(&mut said);
+            }
+            said
+        });
+        // The child reads all of its input before it writes anything.
+        let handed = match stdin {
+            Some(mut stdin) => stdin.write_all(wasm),
+            None => Ok(()),
+        };
+        let mut artifact = Vec::new();
+        let read = match stdout {
+            Some(mut stdout) => stdout.read_to_end(&mut artifact).map(|_| ()),
+            None => Ok(()),
+        };
+        let said = said.join().unwrap_or_default();
+        (handed, read.map(|()| artifact), said)
+    });
+    // Deregistered before it is reaped, so it is never signalled by a PID
+    // that may have been reused.
+    drop(background);
+    let status = child
+        .wait()
         .map_err(|e| LoadError::Compiler(e.to_string()))?;
-    if output.status.success() {
-        return Ok(output.stdout);
+    let (handed, artifact, said) = talked;
+    handed.map_err(|e| LoadError::Compiler(format!("cannot hand the file over: {e}")))?;
+    let artifact = artifact.map_err(|e| LoadError::Compiler(e.to_string()))?;
+    if status.success() {
+        return Ok(artifact);
     }
-    let said = String::from_utf8_lossy(&output.stderr);
+    let said = String::from_utf8_lossy(&said);
     // The child prints the refusal as the server would word it.
     let reason = said
         .lines()
@@ -594,6 +618,42 @@ fn compile_in_child(bin: &Path, wasm: &[u8], tier: Tier) -> Result<Vec<u8>, Load
     Err(LoadError::Refused(
         reason.trim_start_matches("refused: ").to_owned(),
     ))
+}
+
+/// Spawning a compiler child that never outlives the server.
+trait SpawnCompiler {
+    fn spawn_compiler(&mut self) -> std::io::Result<std::process::Child>;
+}
+
+impl SpawnCompiler for std::process::Command {
+    /// Spawns with `PR_SET_PDEATHSIG`: the child is killed when the thread
+    /// that started it ends, which is when the server dies (that thread waits
+    /// for the child to the end). A compiler stopped by `preempt` would
+    /// otherwise stay stopped forever, and a running one would burn its
+    /// seconds of CPU for nobody.
+    fn spawn_compiler(&mut self) -> std::io::Result<std::process::Child> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+            // SAFETY: runs in the child between fork and exec, where only
+            // async-signal-safe calls are allowed: prctl and getppid are.
+            #[allow(unsafe_code)]
+            unsafe {
+                self.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The server died before the line above took effect.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::other("the server is gone"));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.spawn()
+    }
 }
 
 /// `imhost plugin compile --output -`: the artifact of `wasm` for `tier`.

@@ -26,7 +26,8 @@
 //! Loads run in the background, several at a time. Baseline builds (what a
 //! swap waits for) and optimized builds have slots of their own (one per
 //! core, and one core fewer), and the optimized ones run in a child process
-//! at a lower CPU priority, so a swap never queues behind them. A new file
+//! at a lower CPU priority, stopped while any swap's own build runs
+//! (`preempt`), so a swap never queues or competes behind them. A new file
 //! is served first from the baseline tier (Winch, fast to compile), then
 //! swapped for the optimized tier (Cranelift) once that is compiled, in a
 //! child process, into the artifact cache; a file whose optimized artifact is
@@ -44,6 +45,7 @@ pub mod host_api;
 pub mod instance;
 pub mod loaded;
 pub mod manifest;
+pub mod preempt;
 pub mod report;
 mod source;
 pub mod watcher;
@@ -404,6 +406,12 @@ impl PluginHost {
     /// baseline build first and schedules the optimized one.
     async fn load(self: &Arc<Self>, source: Source) -> Result<(), String> {
         let source = Arc::new(source);
+        // Until this version serves, optimized builds running in child
+        // processes are stopped (see `preempt`). Not when the first build is
+        // itself one of them.
+        let _foreground = (self.first_tier() == Tier::Baseline
+            && matches!(self.loader.compiler, compile::Compiler::Child(_)))
+        .then(preempt::Foreground::hold);
         // A genuine optimized artifact in the cache beats any compile.
         let cached = match &self.cache {
             Some(cache) => {

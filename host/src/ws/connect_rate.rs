@@ -17,6 +17,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use ipnet::IpNet;
+
 /// Addresses tracked at once.
 const MAX_ADDRESSES: usize = 100_000;
 
@@ -47,21 +49,27 @@ impl Key {
 /// The buckets of one node.
 pub struct ConnectRate {
     per_second: f64,
+    /// Addresses never limited (loopback by default: a local proxy that
+    /// names no client puts every terminal there).
+    exempt: Vec<IpNet>,
     buckets: Mutex<HashMap<Key, Bucket>>,
 }
 
 impl ConnectRate {
     /// `per_second` connects per address, in bursts of as many; 0: no limit.
-    pub fn new(per_second: u32) -> ConnectRate {
+    /// Addresses in `exempt` are never limited.
+    pub fn new(per_second: u32, exempt: Vec<IpNet>) -> ConnectRate {
         ConnectRate {
             per_second: f64::from(per_second),
+            exempt,
             buckets: Mutex::default(),
         }
     }
 
     /// Takes a token for `ip`; false when it has none left.
     pub fn admit(&self, ip: IpAddr) -> bool {
-        if self.per_second <= 0.0 {
+        let ip = ip.to_canonical();
+        if self.per_second <= 0.0 || self.exempt.iter().any(|net| net.contains(&ip)) {
             return true;
         }
         let now = Instant::now();
@@ -110,18 +118,31 @@ mod tests {
 
     #[test]
     fn an_address_gets_its_burst_then_waits_others_are_unaffected() {
-        let rate = ConnectRate::new(3);
+        let rate = ConnectRate::new(3, Vec::new());
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         assert!((0..3).all(|_| rate.admit(a)));
         assert!(!rate.admit(a));
         assert!(rate.admit(b));
-        assert!(ConnectRate::new(0).admit(a), "0 is no limit");
+        assert!(ConnectRate::new(0, Vec::new()).admit(a), "0 is no limit");
+    }
+
+    #[test]
+    fn exempt_networks_are_never_limited() {
+        let loopback = ["127.0.0.0/8", "::1/128"].map(|n| n.parse().expect("net"));
+        let rate = ConnectRate::new(1, loopback.to_vec());
+        for ip in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert!((0..100).all(|_| rate.admit(ip)), "{ip} is exempt");
+        }
+        let outside: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(rate.admit(outside));
+        assert!(!rate.admit(outside), "others are limited");
     }
 
     #[test]
     fn an_ipv6_subscriber_counts_as_one_per_64() {
-        let rate = ConnectRate::new(2);
+        let rate = ConnectRate::new(2, Vec::new());
         let one: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
         let other_in_64: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
         let next_64: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
@@ -137,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_full_table_drops_the_least_recently_used_not_everyone() {
-        let rate = ConnectRate::new(1);
+        let rate = ConnectRate::new(1, Vec::new());
         let limited: IpAddr = "192.0.2.1".parse().expect("ip");
         assert!(rate.admit(limited));
         assert!(!rate.admit(limited));
