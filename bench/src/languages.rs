@@ -94,7 +94,11 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
             secs(cranelift),
             "s",
         );
+        let per_instance =
+            imhost::plugins::share::Needs::declared(&wasm).map_err(anyhow::Error::msg)?;
         let instantiate = |compiled: compile::Compiled| -> anyhow::Result<Duration> {
+            let share = imhost::plugins::share::reserve(compiled.tier, "bench", per_instance, 1)
+                .map_err(anyhow::Error::msg)?;
             let prepared = Prepared::new(
                 "bench".into(),
                 hash.clone(),
@@ -109,6 +113,7 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
                     grants: Arc::default(),
                 }),
                 String::new(),
+                share,
             );
             let started = Instant::now();
             tokio::task::block_in_place(|| runtime.block_on(prepared.warm_up()))?;

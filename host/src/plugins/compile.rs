@@ -81,6 +81,9 @@ pub enum LoadError {
     /// Refused by the compiler process, in its words.
     #[error("{0}")]
     Refused(String),
+    /// Over the slots of the engine's pool a plugin may hold (`share`).
+    #[error("{0}")]
+    Share(String),
 }
 
 /// A component compiled and checked against the linker; cheap to clone.

@@ -187,10 +187,13 @@ fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
     }
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(512);
-        pool.total_core_instances(1024);
-        pool.total_memories(512);
-        pool.total_tables(1024);
+        // Shared by the plugins of this tier, each within its reserved
+        // share (`share`).
+        let total = super::share::TOTAL;
+        pool.total_component_instances(total.component_instances);
+        pool.total_core_instances(total.core_instances);
+        pool.total_memories(total.memories);
+        pool.total_tables(total.tables);
         pool.max_memory_size(1 << 30);
         pool.max_component_instance_size(1 << 20);
         pool.max_core_instance_size(1 << 20);

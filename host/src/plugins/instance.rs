@@ -53,13 +53,11 @@ pub(super) struct MemoryLimiter {
 
 /// Table elements a store may hold, all tables together.
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
-/// Core instances, memories and tables one store may create: far more than
-/// any component built by the supported toolchains needs (a Python
-/// component has a few dozen modules), and few enough that creating them
-/// cannot exhaust the engine's pools.
-const MAX_INSTANCES: usize = 256;
-const MAX_MEMORIES: usize = 64;
-const MAX_TABLES: usize = 256;
+/// Core instances, memories and tables one store may create (see
+/// `share::PER_INSTANCE_MAX`).
+const MAX_INSTANCES: usize = super::share::PER_INSTANCE_MAX.core_instances as usize;
+const MAX_MEMORIES: usize = super::share::PER_INSTANCE_MAX.memories as usize;
+const MAX_TABLES: usize = super::share::PER_INSTANCE_MAX.tables as usize;
 
 impl MemoryLimiter {
     pub(super) fn new(max_bytes: usize) -> Self {

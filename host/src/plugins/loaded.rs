@@ -83,6 +83,9 @@ pub struct Prepared {
     /// What the operator granted this version (and what it withheld).
     pub grants: Arc<super::grants::Effective>,
     pub stats: Mutex<CallStats>,
+    /// This version's reserved slots in its engine's pool, held until it is
+    /// dropped with its last call.
+    pub share: super::share::Share,
 }
 
 impl Prepared {
@@ -93,6 +96,7 @@ impl Prepared {
         compiled: Compiled,
         host: Arc<HostCtx>,
         source_version: String,
+        share: super::share::Share,
     ) -> Prepared {
         let wanted = manifest.hooks.clone();
         let hooks: Vec<Hook> = compiled
@@ -127,6 +131,7 @@ impl Prepared {
             loaded_at: std::time::SystemTime::now(),
             source_version,
             stats: Mutex::new(CallStats::default()),
+            share,
         }
     }
 

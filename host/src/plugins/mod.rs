@@ -47,6 +47,7 @@ pub mod loaded;
 pub mod manifest;
 pub mod preempt;
 pub mod report;
+pub mod share;
 mod source;
 pub mod watcher;
 

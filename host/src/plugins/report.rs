@@ -60,6 +60,9 @@ pub struct PluginInfo {
     pub last_error: Option<String>,
     /// What the manifest asks for and the operator has not granted.
     pub withheld: Vec<String>,
+    /// The slots of its engine's pool the running version reserved (`pool`
+    /// × one instance's needs).
+    pub reserved: Option<super::share::Needs>,
 }
 
 pub(super) fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -94,6 +97,7 @@ impl PluginInfo {
             latency: stats.latency.to_vec(),
             last_error: failure.map(|f| f.error.clone()),
             withheld: p.grants.withheld.clone(),
+            reserved: Some(p.share.needs),
         }
     }
 
@@ -119,6 +123,7 @@ impl PluginInfo {
             latency: Vec::new(),
             last_error: None,
             withheld: Vec::new(),
+            reserved: None,
         }
     }
 }

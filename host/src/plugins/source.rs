@@ -14,6 +14,7 @@ use super::grants;
 use super::host_api::{Cluster, HostCtx};
 use super::loaded::Prepared;
 use super::manifest::Manifest;
+use super::share;
 use crate::cluster::kv::PluginKv;
 
 /// Everything one load of one file needs, owned, so it can move to a task.
@@ -24,6 +25,8 @@ pub(super) struct Source {
     pub manifest: Manifest,
     /// What the operator granted of what the manifest asks.
     pub grants: Arc<grants::Effective>,
+    /// What one instance creates, as its sections declare (see `share`).
+    pub per_instance: share::Needs,
     /// Content hashes of the wasm and the manifest, and the grants' digest:
     /// unchanged means the running version is this one.
     pub version: String,
@@ -43,6 +46,9 @@ impl Source {
         kv: Arc<dyn PluginKv>,
         outbox: Option<Arc<dyn Cluster>>,
     ) -> Result<Prepared, LoadError> {
+        let per_instance = self.per_instance.at_least_required_by(&compiled.component);
+        let share = share::reserve(compiled.tier, &self.name, per_instance, self.manifest.pool)
+            .map_err(LoadError::Share)?;
         let host = Arc::new(HostCtx {
             name: self.name.clone(),
             settings_json: self.manifest.settings_json(),
@@ -58,6 +64,7 @@ impl Source {
             compiled,
             host,
             self.version.clone(),
+            share,
         );
         prepared
             .warm_up()
@@ -139,6 +146,7 @@ pub(super) async fn read_source(
     for line in &grants.withheld {
         warn!(plugin = name, withheld = %line, "the manifest asks for what the operator has not granted");
     }
+    let per_instance = share::Needs::declared(&wasm).map_err(LoadError::Share)?;
     let hash = compile::content_hash(&wasm);
     // A change of grants is a new version: new instances, the new sandbox.
     let version = format!(
@@ -152,6 +160,7 @@ pub(super) async fn read_source(
         hash,
         manifest,
         grants: Arc::new(grants),
+        per_instance,
         version,
     }))
 }

@@ -11,6 +11,7 @@ async fn refusals_say_what_is_wrong_and_nothing_else_is_affected() {
     dir.install("future", guests::FUTURE_MAJOR, "");
     dir.install("badconf", guests::WORD_FILTER, "no_such_key = 1\n");
     dir.install("good", guests::WORD_FILTER, "[settings]\nwords = [\"x\"]\n");
+    dir.install_bytes("memories", &many_memories(70), "");
     let host = host_with(&dir).await;
     let failed = |name: &'static str, needle: &'static str| {
         let host = &host;
@@ -37,6 +38,11 @@ async fn refusals_say_what_is_wrong_and_nothing_else_is_affected() {
     assert!(!said.contains("not a WebAssembly file"), "{said}");
     failed("future", "imhost:plugin@2.0.0").await;
     failed("badconf", "no_such_key").await;
+    failed(
+        "memories",
+        "would create 70 memories; a plugin may have at most 64",
+    )
+    .await;
     host.plugin_where("good", "loaded", |p| p["state"] == "active")
         .await;
 
@@ -435,4 +441,68 @@ async fn a_connect_burst_on_a_busy_auth_plugin_gets_503_not_an_open_breaker() {
     );
     // A connect the plugin passes still gets in: nothing was switched off.
     host.terminal(1).await;
+}
+
+/// A component of `n` core modules, each with a memory, each instantiated:
+/// far more memories than any toolchain emits for one plugin.
+fn many_memories(n: usize) -> Vec<u8> {
+    let modules: String = (0..n)
+        .map(|i| format!("(core module $m{i} (memory 1)) (core instance (instantiate $m{i}))"))
+        .collect();
+    wat::parse_str(format!("(component {modules})")).expect("wat")
+}
+
+/// Each plugin holds its own share of the engine's pooled slots: a plugin
+/// whose `pool` does not fit beside the others' reservations is refused
+/// with the figures, the plugin already running keeps serving all of its
+/// share, and a smaller `pool` loads. (A process of its own: the pool is
+/// the process's.)
+#[tokio::test]
+async fn a_plugin_cannot_take_the_pool_slots_another_holds() {
+    let dir = PluginDir::new();
+    let drop_darn = "[settings]\nwords = [\"darn\"]\naction = \"drop\"\n";
+    dir.install(
+        "big",
+        guests::WORD_FILTER,
+        &format!("pool = 256\n{drop_darn}"),
+    );
+    let addr = imhost_tests::process::free_addr();
+    let (listen, plugins) = (addr.to_string(), dir.arg());
+    let _process = imhost_tests::process::ImhostProcess::spawn(
+        addr,
+        &[
+            "--listen",
+            &listen,
+            "--plugins",
+            &plugins,
+            "--api-key",
+            imhost_tests::api::API_KEY,
+        ],
+        &[],
+    );
+    let api = imhost_tests::api::Api::new(addr);
+    api.wait_serving().await;
+    api.plugin_where("big", "loaded", |p| p["state"] == "active")
+        .await;
+    // 256 of the 384 reservable instance slots are big's: 200 more do not fit.
+    dir.install("second", guests::WORD_FILTER, "pool = 200\n");
+    let row = api
+        .plugin_where("second", "refused", |p| p["state"] == "failed")
+        .await;
+    let error = row["last_error"].as_str().expect("error");
+    assert!(
+        error.contains("no room in the engine's pool")
+            && error.contains("200 component instances")
+            && error.contains("128 of 384 are left"),
+        "{error}"
+    );
+    // big still filters, with every slot it reserved.
+    let mut t = api.terminal(1).await;
+    api.send(0, &[1], json!("darn"), false).await;
+    api.send(0, &[1], json!("fine"), false).await;
+    assert_eq!(t.next_text().await, "\"fine\"");
+    // A pool that fits beside big's loads.
+    dir.set_manifest("second", "pool = 100\n");
+    api.plugin_where("second", "loaded", |p| p["state"] == "active")
+        .await;
 }
