@@ -454,8 +454,25 @@ async fn connects_over_the_rate_of_an_address_get_429_and_proxies_are_honoured()
     assert_eq!(host.stats().await.connects_rate_limited, 1);
 }
 
-/// The status codes of WebSocket handshakes from `from` (a loopback
-/// address) for `clients`, with `extra` headers, all sent at once.
+/// Opens a connection from `from` (a loopback address) and writes `request`.
+async fn send_from(from: &str, host: &TestHost, request: &str) -> TcpStream {
+    let mut conn = connect_from(from, host.addr).await;
+    conn.write_all(request.as_bytes()).await.expect("write");
+    conn
+}
+
+/// The status code of the answer on `conn`.
+async fn status_of(mut conn: TcpStream) -> String {
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
+        .await
+        .expect("answer")
+        .expect("read");
+    String::from_utf8_lossy(&head[9..12.min(n)]).into_owned()
+}
+
+/// The status codes of WebSocket handshakes from `from` for `clients`, with
+/// `extra` headers, all sent at once (tokens fetched first).
 async fn handshake_statuses(
     host: &TestHost,
     from: &str,
@@ -469,19 +486,9 @@ async fn handshake_statuses(
     }
     let mut conns = Vec::new();
     for request in &requests {
-        let mut conn = connect_from(from, host.addr).await;
-        conn.write_all(request.as_bytes()).await.expect("write");
-        conns.push(conn);
+        conns.push(send_from(from, host, request).await);
     }
-    let answers = conns.into_iter().map(|mut conn| async move {
-        let mut head = vec![0u8; 1024];
-        let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
-            .await
-            .expect("answer")
-            .expect("read");
-        String::from_utf8_lossy(&head[9..12.min(n)]).into_owned()
-    });
-    futures_util::future::join_all(answers).await
+    futures_util::future::join_all(conns.into_iter().map(status_of)).await
 }
 
 /// A per-address connect rate ships on (50 a second, in bursts of 50), and
@@ -524,16 +531,9 @@ async fn a_forged_proxy_header_from_an_untrusted_peer_is_ignored() {
     let mut statuses = Vec::new();
     for client in 0..4 {
         let token = token_for(&host, client).await;
-        let mut conn = connect_from("127.0.0.2", host.addr).await;
         let forged = format!("X-Forwarded-For: 198.51.100.{client}\r\n");
         let request = handshake_request(&token, Some(VALID_KEY), &forged);
-        conn.write_all(request.as_bytes()).await.expect("write");
-        let mut head = vec![0u8; 1024];
-        let n = tokio::time::timeout(DEADLINE, conn.read(&mut head))
-            .await
-            .expect("answer")
-            .expect("read");
-        statuses.push(String::from_utf8_lossy(&head[9..12.min(n)]).into_owned());
+        statuses.push(status_of(send_from("127.0.0.2", &host, &request).await).await);
     }
     assert_eq!(statuses, ["101", "101", "101", "429"]);
     assert_eq!(host.stats().await.connects_rate_limited, 1);

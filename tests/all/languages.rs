@@ -386,25 +386,12 @@ async fn a_new_filter_serves_before_the_optimized_builds_of_others_finish() {
     dir.install_bytes("c-py", &variant(&py, 3), &stamp(12));
     dir.install_bytes("d-py", &variant(&py, 4), &stamp(13));
     let cache = tempfile::tempdir().expect("cache");
-    let cache_dir = cache.path().join("c");
-    let addr = imhost_tests::process::free_addr();
-    let (listen, plugins) = (addr.to_string(), dir.arg());
-    let _process = imhost_tests::process::ImhostProcess::spawn(
-        addr,
-        &[
-            "--listen",
-            &listen,
-            "--api-key",
-            imhost_tests::api::API_KEY,
-            "--plugins",
-            &plugins,
-            "--plugin-cache",
-            cache_dir.to_str().expect("path"),
-        ],
-        &[],
-    );
-    let api = imhost_tests::api::Api::new(addr);
-    api.wait_serving().await;
+    let cache_dir = cache.path().join("c").display().to_string();
+    let (_process, api) = imhost_tests::process::ImhostProcess::serving_plugins(
+        dir.path(),
+        &["--plugin-cache", &cache_dir],
+    )
+    .await;
     // All four serve from their baseline builds; optimized ones pending.
     imhost_tests::eventually_within(
         "four plugins active, optimized builds pending",

@@ -44,6 +44,30 @@ pub fn variant(path: &str, n: u8) -> Vec<u8> {
     wasm
 }
 
+/// An operator's grants file (`--plugin-grants`), in a directory of its own,
+/// outside any plugin directory.
+pub struct GrantsFile {
+    _dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl GrantsFile {
+    pub fn new(text: &str) -> GrantsFile {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = GrantsFile {
+            path: dir.path().join("grants.toml"),
+            _dir: dir,
+        };
+        file.set(text);
+        file
+    }
+
+    /// Rewrites the file (a reload reads it again).
+    pub fn set(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("write the grants file");
+    }
+}
+
 /// A plugin directory in a temp dir.
 pub struct PluginDir {
     dir: TempDir,

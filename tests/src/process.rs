@@ -54,6 +54,30 @@ impl ImhostProcess {
         Self::start(addr, command)
     }
 
+    /// Starts `imhost` on a free loopback port with the test API key, serving
+    /// the plugins of `plugins` (plus `extra` arguments), and waits until it
+    /// answers; returns it and an API client for it.
+    pub async fn serving_plugins(
+        plugins: &std::path::Path,
+        extra: &[&str],
+    ) -> (ImhostProcess, crate::api::Api) {
+        let addr = free_addr();
+        let (listen, plugins) = (addr.to_string(), plugins.display().to_string());
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--api-key",
+            crate::api::API_KEY,
+            "--plugins",
+            &plugins,
+        ];
+        args.extend_from_slice(extra);
+        let process = Self::spawn(addr, &args, &[]);
+        let api = crate::api::Api::new(addr);
+        api.wait_serving().await;
+        (process, api)
+    }
+
     /// Like [`ImhostProcess::spawn`], with the open-file limit (soft and
     /// hard) lowered to `nofile` for the child only.
     pub fn spawn_with_nofile(addr: SocketAddr, args: &[&str], nofile: u64) -> ImhostProcess {

@@ -153,12 +153,12 @@ const KINDS: [&str; 4] = [
 
 /// Three quarters of [`TOTAL`]: what reservations may hold together.
 fn reservable() -> Needs {
-    let quarter = |n: u32| n - n / 4;
+    let three_quarters = |n: u32| n - n / 4;
     Needs {
-        component_instances: quarter(TOTAL.component_instances),
-        core_instances: quarter(TOTAL.core_instances),
-        memories: quarter(TOTAL.memories),
-        tables: quarter(TOTAL.tables),
+        component_instances: three_quarters(TOTAL.component_instances),
+        core_instances: three_quarters(TOTAL.core_instances),
+        memories: three_quarters(TOTAL.memories),
+        tables: three_quarters(TOTAL.tables),
     }
 }
 

@@ -153,16 +153,10 @@ async fn the_sandbox_opens_what_the_manifest_asks_and_the_operator_grants() {
     );
     // The operator grants the probe the variable, the directory and the
     // network; the test's default grants (actions only) are not used here.
-    let operator = tempfile::tempdir().expect("tempdir");
-    let grants = operator.path().join("grants.toml");
-    std::fs::write(
-        &grants,
-        format!(
-            "[probe]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n",
-            data.path().display().to_string()
-        ),
-    )
-    .expect("grants");
+    let grants = GrantsFile::new(&format!(
+        "[probe]\nenv = [\"PATH\"]\ndirs = [{:?}]\nnetwork = true\n",
+        data.path().display().to_string()
+    ));
     let dir = PluginDir::new();
     dir.install(
         "probe",
@@ -171,7 +165,7 @@ async fn the_sandbox_opens_what_the_manifest_asks_and_the_operator_grants() {
     );
     let host = TestHost::start(Options {
         plugins: Some(dir.path().to_owned()),
-        plugin_grants: Some(grants.clone()),
+        plugin_grants: Some(grants.path.clone()),
         ..Options::default()
     })
     .await;
@@ -206,7 +200,7 @@ async fn the_sandbox_opens_what_the_manifest_asks_and_the_operator_grants() {
 
     // Asked for and no longer granted: the operator's file changes, a
     // reload applies it, and the plugin says what it lacks.
-    std::fs::write(&grants, "[probe]\nenv = [\"PATH\"]\n").expect("grants");
+    grants.set("[probe]\nenv = [\"PATH\"]\n");
     let (status, answer) = host.post("/plugins/reload", json!({})).await;
     assert_eq!(status, 200, "{answer}");
     let row = host
@@ -285,18 +279,12 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
         ),
     );
     // Even an operator who grants them by mistake gives none of them.
-    let operator = tempfile::tempdir().expect("tempdir");
-    let grants = operator.path().join("grants.toml");
-    std::fs::write(
-        &grants,
-        format!(
-            "[\"*\"]\nenv = [\"IMHOST_API_KEY\", \"imhost_redis\"]\ndirs = [{:?}, {:?}]\n",
-            cache.display().to_string(),
-            holds_the_cache.display().to_string()
-        ),
-    )
-    .expect("grants");
-    let grants = grants.display().to_string();
+    let grants = GrantsFile::new(&format!(
+        "[\"*\"]\nenv = [\"IMHOST_API_KEY\", \"imhost_redis\"]\ndirs = [{:?}, {:?}]\n",
+        cache.display().to_string(),
+        holds_the_cache.display().to_string()
+    ));
+    let grants_path = grants.path.display().to_string();
     let addr = imhost_tests::process::free_addr();
     let listen = addr.to_string();
     let plugins = dir.arg();
@@ -308,7 +296,7 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
             "--plugins",
             &plugins,
             "--plugin-grants",
-            &grants,
+            &grants_path,
         ],
         &[("IMHOST_API_KEY", imhost_tests::api::API_KEY)],
     );
@@ -333,9 +321,7 @@ async fn a_manifest_cannot_grant_itself_the_nodes_secrets() {
 /// to send gets nothing until the grants file gives it, and says so.
 #[tokio::test]
 async fn a_plugin_acts_on_the_cluster_only_with_the_operators_grant() {
-    let operator = tempfile::tempdir().expect("tempdir");
-    let grants = operator.path().join("grants.toml");
-    std::fs::write(&grants, "").expect("no grants");
+    let grants = GrantsFile::new("");
     let dir = PluginDir::new();
     dir.install(
         "welcome",
@@ -344,7 +330,7 @@ async fn a_plugin_acts_on_the_cluster_only_with_the_operators_grant() {
     );
     let host = TestHost::start(Options {
         plugins: Some(dir.path().to_owned()),
-        plugin_grants: Some(grants.clone()),
+        plugin_grants: Some(grants.path.clone()),
         ..Options::default()
     })
     .await;
@@ -366,7 +352,7 @@ async fn a_plugin_acts_on_the_cluster_only_with_the_operators_grant() {
         "send was not granted"
     );
 
-    std::fs::write(&grants, "[welcome]\nactions = [\"send\"]\n").expect("grant");
+    grants.set("[welcome]\nactions = [\"send\"]\n");
     let (status, answer) = host.post("/plugins/reload", json!({})).await;
     assert_eq!(status, 200, "{answer}");
     host.plugin_where("welcome", "granted", |p| {
@@ -466,22 +452,8 @@ async fn a_plugin_cannot_take_the_pool_slots_another_holds() {
         guests::WORD_FILTER,
         &format!("pool = 256\n{drop_darn}"),
     );
-    let addr = imhost_tests::process::free_addr();
-    let (listen, plugins) = (addr.to_string(), dir.arg());
-    let _process = imhost_tests::process::ImhostProcess::spawn(
-        addr,
-        &[
-            "--listen",
-            &listen,
-            "--plugins",
-            &plugins,
-            "--api-key",
-            imhost_tests::api::API_KEY,
-        ],
-        &[],
-    );
-    let api = imhost_tests::api::Api::new(addr);
-    api.wait_serving().await;
+    let (_process, api) =
+        imhost_tests::process::ImhostProcess::serving_plugins(dir.path(), &[]).await;
     api.plugin_where("big", "loaded", |p| p["state"] == "active")
         .await;
     // 256 of the 384 reservable instance slots are big's: 200 more do not fit.

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use imhost::config::Options;
 use imhost_tests::host::TestHost;
-use imhost_tests::plugins::{PluginDir, guests};
+use imhost_tests::plugins::{GrantsFile, PluginDir, guests};
 use imhost_tests::terminal::Terminal;
 use serde_json::{Value, json};
 use sha2::Sha256;

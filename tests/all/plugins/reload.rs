@@ -107,25 +107,11 @@ async fn hot_swap_under_a_stream_loses_and_duplicates_nothing() {
 #[tokio::test]
 async fn sighup_and_the_reload_call_rescan_when_not_watching() {
     let dir = PluginDir::new();
-    let addr = imhost_tests::process::free_addr();
-    let listen = addr.to_string();
-    let plugins = dir.path().to_str().expect("path").to_owned();
-    let process = imhost_tests::process::ImhostProcess::spawn(
-        addr,
-        &[
-            "--listen",
-            &listen,
-            "--api-key",
-            imhost_tests::api::API_KEY,
-            "--plugins",
-            &plugins,
-            "--watch-plugins",
-            "false",
-        ],
-        &[],
-    );
-    let api = imhost_tests::api::Api::new(addr);
-    api.wait_serving().await;
+    let (process, api) = imhost_tests::process::ImhostProcess::serving_plugins(
+        dir.path(),
+        &["--watch-plugins", "false"],
+    )
+    .await;
     assert!(api.plugins().await.is_empty());
 
     dir.install("welcome", guests::WELCOME, "");
