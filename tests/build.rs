@@ -20,6 +20,9 @@ const GUESTS: &[&str] = &[
     "future-major",
     "sandbox-probe",
     "start-trap",
+    "abi-1-0",
+    "http-probe",
+    "webhook",
 ];
 
 fn main() {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use imhost::plugins::compile::{self, ArtifactCache};
 use imhost::plugins::engine::Tier;
-use imhost::plugins::host_api::HostCtx;
+use imhost::plugins::host_api::Services;
 use imhost::plugins::loaded::Prepared;
 use imhost::plugins::manifest::Manifest;
 
@@ -104,14 +104,12 @@ fn compile_and_instantiate(args: &Args) -> anyhow::Result<()> {
                 hash.clone(),
                 Manifest::default(),
                 compiled,
-                Arc::new(HostCtx {
-                    name: "bench".into(),
-                    settings_json: "{}".into(),
-                    kv: Arc::new(imhost::cluster::kv::EmbeddedKv::default()),
-                    outbox: None,
-                    timeout: Duration::from_secs(5),
-                    grants: Arc::default(),
-                }),
+                Arc::new(Services::detached().host_ctx(
+                    "bench",
+                    "{}".into(),
+                    Duration::from_secs(5),
+                    Arc::default(),
+                )),
                 String::new(),
                 share,
             );

@@ -100,6 +100,18 @@ counters! {
     tls_handshakes_failed,
     /// Keep-alive probes (empty text frames) terminals sent and the node answered.
     keepalive_probes,
+    /// HTTP requests the host sent for plugins (http-fetch and key sets).
+    plugin_http_requests,
+    /// Plugin HTTP requests answered from the host's cache.
+    plugin_http_cached,
+    /// Plugin HTTP requests refused: off the list, internal address, redirect off the list, circuit open, too many.
+    plugin_http_refused,
+    /// Plugin HTTP requests that failed: timeout, response over the cap, connection.
+    plugin_http_failed,
+    /// Key-set (JWKS) fetches started.
+    key_set_fetches,
+    /// Key-set fetches that failed (the cached copy, if any, kept serving).
+    key_set_fetch_failures,
 }
 
 impl Stats {

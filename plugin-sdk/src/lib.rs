@@ -1,7 +1,7 @@
 //! `imhost-sdk`: write imhost plugins in Rust.
 //!
 //! A plugin is a WebAssembly component (built for `wasm32-wasip2`) that exports
-//! any non-empty subset of the hooks of the `imhost:plugin@1.0.0` ABI and may
+//! any non-empty subset of the hooks of the `imhost:plugin@1.1.0` ABI and may
 //! call the host's functions. This crate is a thin layer over wit-bindgen: one
 //! module per hook with its types and its `Guest` trait, an export macro per
 //! hook, and the host functions with typed configuration.
@@ -33,7 +33,9 @@
 //! # Layout
 //! - [`auth`], [`filter`], [`events`], [`inbound`] — one hook each: its types,
 //!   its trait, and its `export_*!` macro.
-//! - [`host`] — logging, configuration, the key-value store, acting on the cluster.
+//! - [`host`] — logging, configuration, the key-value store, acting on the
+//!   cluster; since ABI 1.1 [`host::crypto`] (signatures, key sets) and
+//!   [`host::http`].
 //! - [`bindings`] — what wit-bindgen generated, for anything the layer hides.
 #![deny(missing_docs)]
 
@@ -56,8 +58,8 @@ pub mod bindings {
             path: "wit",
             world: "auth-plugin",
             with: {
-                "imhost:plugin/host@1.0.0": crate::bindings::host_only::imhost::plugin::host,
-                "imhost:plugin/types@1.0.0": crate::bindings::host_only::imhost::plugin::types,
+                "imhost:plugin/host@1.1.0": crate::bindings::host_only::imhost::plugin::host,
+                "imhost:plugin/types@1.1.0": crate::bindings::host_only::imhost::plugin::types,
             },
             pub_export_macro: true,
             export_macro_name: "export_auth_hook",
@@ -70,8 +72,8 @@ pub mod bindings {
             path: "wit",
             world: "filter-plugin",
             with: {
-                "imhost:plugin/host@1.0.0": crate::bindings::host_only::imhost::plugin::host,
-                "imhost:plugin/types@1.0.0": crate::bindings::host_only::imhost::plugin::types,
+                "imhost:plugin/host@1.1.0": crate::bindings::host_only::imhost::plugin::host,
+                "imhost:plugin/types@1.1.0": crate::bindings::host_only::imhost::plugin::types,
             },
             pub_export_macro: true,
             export_macro_name: "export_filter_hook",
@@ -84,8 +86,8 @@ pub mod bindings {
             path: "wit",
             world: "events-plugin",
             with: {
-                "imhost:plugin/host@1.0.0": crate::bindings::host_only::imhost::plugin::host,
-                "imhost:plugin/types@1.0.0": crate::bindings::host_only::imhost::plugin::types,
+                "imhost:plugin/host@1.1.0": crate::bindings::host_only::imhost::plugin::host,
+                "imhost:plugin/types@1.1.0": crate::bindings::host_only::imhost::plugin::types,
             },
             pub_export_macro: true,
             export_macro_name: "export_events_hook",
@@ -98,8 +100,8 @@ pub mod bindings {
             path: "wit",
             world: "inbound-plugin",
             with: {
-                "imhost:plugin/host@1.0.0": crate::bindings::host_only::imhost::plugin::host,
-                "imhost:plugin/types@1.0.0": crate::bindings::host_only::imhost::plugin::types,
+                "imhost:plugin/host@1.1.0": crate::bindings::host_only::imhost::plugin::host,
+                "imhost:plugin/types@1.1.0": crate::bindings::host_only::imhost::plugin::types,
             },
             pub_export_macro: true,
             export_macro_name: "export_inbound_hook",
@@ -290,5 +292,86 @@ pub mod host {
     /// The cluster is unavailable.
     pub fn force_offline(client: ClientId) -> Result<(), String> {
         raw::force_offline(client)
+    }
+
+    /// Hashes, HMAC, random bytes and signature checks, run by the host
+    /// (ABI 1.1): audited native code, no crypto in the plugin.
+    pub mod crypto {
+        use super::raw;
+
+        pub use raw::HashAlgorithm;
+
+        /// The SHA-2 digest of `data`.
+        pub fn digest(algorithm: HashAlgorithm, data: &[u8]) -> Vec<u8> {
+            raw::digest(algorithm, data)
+        }
+
+        /// HMAC of `data` under `key`.
+        pub fn hmac(algorithm: HashAlgorithm, key: &[u8], data: &[u8]) -> Vec<u8> {
+            raw::hmac(algorithm, key, data)
+        }
+
+        /// Whether `tag` is the HMAC of `data` under `key` (constant time).
+        pub fn hmac_verify(algorithm: HashAlgorithm, key: &[u8], data: &[u8], tag: &[u8]) -> bool {
+            raw::hmac_verify(algorithm, key, data, tag)
+        }
+
+        /// `len` secure random bytes (at most 1024).
+        pub fn random_bytes(len: u32) -> Vec<u8> {
+            raw::random_bytes(len)
+        }
+
+        /// Checks a JWS signature with a JWK (JSON text): `Ok(true)` valid,
+        /// `Ok(false)` not.
+        ///
+        /// # Errors
+        /// The algorithm is unknown or the key cannot be used for it.
+        pub fn verify_signature(
+            alg: &str,
+            jwk: &str,
+            signed: &[u8],
+            signature: &[u8],
+        ) -> Result<bool, String> {
+            raw::verify_signature(alg, jwk, signed, signature)
+        }
+
+        /// The key `kid` of the JWKS at `url` (which the operator must list
+        /// under `key_sets` for this plugin), fetched and cached by the host.
+        ///
+        /// # Errors
+        /// Not granted, or the set cannot be had.
+        pub fn key_set_key(url: &str, kid: Option<&str>) -> Result<Option<String>, String> {
+            raw::key_set_key(url, kid)
+        }
+    }
+
+    /// HTTP requests the host makes for the plugin (ABI 1.1), to origins
+    /// the operator lists under `http` for it. Auth and events hooks only.
+    pub mod http {
+        use super::raw;
+
+        pub use raw::{HttpCache as Cache, HttpRequest as Request, HttpResponse as Response};
+
+        /// Sends `request` and waits for the response (the call's deadline
+        /// does not run meanwhile).
+        ///
+        /// # Errors
+        /// Refused by the operator's rules, or failed; an HTTP error status
+        /// is a response.
+        pub fn fetch(request: &Request) -> Result<Response, String> {
+            raw::http_fetch(request)
+        }
+
+        /// A request with no headers, body or cache, and the default timeout.
+        pub fn request(method: &str, url: &str) -> Request {
+            Request {
+                method: method.to_owned(),
+                url: url.to_owned(),
+                headers: Vec::new(),
+                body: None,
+                timeout_ms: 0,
+                cache: None,
+            }
+        }
     }
 }

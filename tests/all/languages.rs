@@ -2,15 +2,19 @@
 //! (built by `examples/plugins/build`), loaded by the unchanged host and used
 //! by real WebSocket terminals: every hook in a language other than Rust, a
 //! hot swap from a JavaScript filter to a Python one under a message stream,
-//! a swap that does not wait for the optimized builds of others, and connects
-//! that wait for an auth plugin still compiling.
+//! a swap that does not wait for the optimized builds of others, connects
+//! that wait for an auth plugin still compiling, and auth plugins for real
+//! identity providers (JavaScript ES256 on a key set, Python RFC 7662
+//! introspection) that use the host's crypto and HTTP.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use imhost::config::Options;
 use imhost_tests::host::TestHost;
-use imhost_tests::plugins::{PluginDir, example, guests, variant};
+use imhost_tests::idp::Idp;
+use imhost_tests::jwt::{Signer, jwks};
+use imhost_tests::plugins::{GrantsFile, PluginDir, example, guests, variant};
 use imhost_tests::terminal::Terminal;
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -133,6 +137,155 @@ async fn javascript_moderation_masks_stamps_and_drops() {
 #[tokio::test]
 async fn python_moderation_masks_stamps_and_drops() {
     moderation_in("python", "py-moderation").await;
+}
+
+fn connect_status(result: Result<Terminal, tokio_tungstenite::tungstenite::Error>) -> u16 {
+    match result {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => 101,
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn javascript_es256_auth_checks_tokens_with_the_hosts_crypto_and_key_set() {
+    let idp = Idp::start().await;
+    let key = Signer::ec("ES256", "js-1");
+    idp.set_jwks(jwks(&[&key]));
+    let jwks_url = idp.url("/jwks.json");
+    let grants = GrantsFile::new(&format!("[es256-auth]\nkey_sets = [\"{jwks_url}\"]\n"));
+    let dir = PluginDir::new();
+    dir.install(
+        "es256-auth",
+        &example("js-es256-auth"),
+        &format!(
+            "timeout_ms = 2000\n[settings]\njwks_url = \"{jwks_url}\"\nissuer = \"https://idp.test/\"\naudience = \"imhost\"\n"
+        ),
+    );
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        plugin_grants: Some(grants.path.clone()),
+        ..Options::default()
+    })
+    .await;
+    host.plugin_where("es256-auth", "active", |p| p["state"] == "active")
+        .await;
+    let claims = json!({"sub": "31", "iss": "https://idp.test/", "aud": "imhost", "exp": unix_now() + 60, "name": "Ada"});
+    let ws = |token: &str| format!("ws://{}/ws?token={token}", host.addr);
+    let mut events = imhost_tests::sse::EventStream::open(
+        &host.http,
+        &host.url("/api/v1/events"),
+        imhost_tests::api::API_KEY,
+    )
+    .await;
+    let good = key.sign("ES256", &claims);
+    let _t = Terminal::connect(&ws(&good))
+        .await
+        .expect("a valid ES256 token connects");
+    let online: Value = serde_json::from_str(&events.expect().await.data).expect("event");
+    assert_eq!(
+        (online["client_id"].clone(), online["metadata"].clone()),
+        (json!(31), json!("Ada"))
+    );
+
+    let parts: Vec<&str> = good.split('.').collect();
+    let other_claims = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        json!({"sub": "1", "iss": "https://idp.test/", "aud": "imhost"}).to_string(),
+    );
+    let refused = [
+        format!("{}.{other_claims}.{}", parts[0], parts[2]),
+        Signer::ec("ES256", "js-1").sign("ES256", &claims),
+        Signer::rsa(0, "js-1").sign("RS256", &claims),
+        Signer::ec("ES256", "unknown").sign("ES256", &claims),
+        key.sign("ES256", &json!({"sub": "31", "iss": "https://idp.test/", "aud": "imhost", "exp": unix_now() - 5})),
+        key.sign("ES256", &json!({"sub": "31", "iss": "https://other.test/", "aud": "imhost"})),
+    ];
+    for token in &refused {
+        assert_eq!(
+            connect_status(Terminal::connect(&ws(token)).await),
+            401,
+            "{token}"
+        );
+    }
+    assert!(
+        idp.jwks_fetches() <= 2,
+        "one fetch, and one for the unknown kid"
+    );
+}
+
+#[tokio::test]
+async fn python_introspection_auth_asks_the_provider_once_per_token() {
+    let idp = Idp::start().await;
+    idp.set_token(
+        "opaque-1",
+        json!({"active": true, "sub": "77", "username": "ann"}),
+    );
+    idp.set_token("opaque-2", json!({"active": false, "sub": "78"}));
+    idp.set_token("opaque-3", json!({"active": true, "sub": "not-a-client"}));
+    let grants = GrantsFile::new(&format!("[introspect]\nhttp = [\"{}\"]\n", idp.origin()));
+    let dir = PluginDir::new();
+    dir.install(
+        "introspect",
+        &example("py-introspect"),
+        &format!(
+            "timeout_ms = 2000\n[settings]\nendpoint = \"{}\"\nclient_id = \"imhost\"\nclient_secret = \"s\"\ncache_secs = 60\n",
+            idp.url("/introspect")
+        ),
+    );
+    let host = TestHost::start(Options {
+        plugins: Some(dir.path().to_owned()),
+        plugin_grants: Some(grants.path.clone()),
+        ..Options::default()
+    })
+    .await;
+    host.plugin_where("introspect", "active", |p| p["state"] == "active")
+        .await;
+    let ws = |token: &str| format!("ws://{}/ws?token={token}", host.addr);
+    let mut events = imhost_tests::sse::EventStream::open(
+        &host.http,
+        &host.url("/api/v1/events"),
+        imhost_tests::api::API_KEY,
+    )
+    .await;
+    for _ in 0..3 {
+        let t = Terminal::connect(&ws("opaque-1"))
+            .await
+            .expect("an active token connects");
+        let online: Value = serde_json::from_str(&events.expect().await.data).expect("event");
+        assert_eq!(
+            (online["client_id"].clone(), online["metadata"].clone()),
+            (json!(77), json!("ann"))
+        );
+        drop(t);
+        let _offline = events.expect().await;
+    }
+    let asked = idp
+        .counters()
+        .introspections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(asked, 1, "the answer is cached under the token's digest");
+    for token in ["opaque-2", "opaque-3", "never-issued"] {
+        assert_eq!(
+            connect_status(Terminal::connect(&ws(token)).await),
+            401,
+            "{token}"
+        );
+    }
+    // The provider failing: connects fail closed.
+    idp.set_mode(imhost_tests::idp::Mode::Down);
+    idp.set_token("opaque-9", json!({"active": true, "sub": "79"}));
+    assert_eq!(
+        connect_status(Terminal::connect(&ws("opaque-9")).await),
+        401
+    );
 }
 
 #[tokio::test]

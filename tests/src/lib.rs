@@ -16,6 +16,8 @@
 pub mod api;
 pub mod cluster;
 pub mod host;
+pub mod idp;
+pub mod jwt;
 pub mod plugins;
 pub mod process;
 pub mod redis;

@@ -7,7 +7,7 @@
 // - `max_length`: messages longer than this many bytes are dropped;
 // - `stamp`: JSON objects get a `"moderated_by": "javascript"` key.
 
-import { config } from 'imhost:plugin/host@1.0.0';
+import { config } from 'imhost:plugin/host@1.1.0';
 
 let settings = null;
 function loadSettings() {

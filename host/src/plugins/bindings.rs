@@ -1,4 +1,4 @@
-//! Only `bindgen!`: the host side of `imhost:plugin@1.0.0`, from the one copy
+//! Only `bindgen!`: the host side of `imhost:plugin@1.1.0`, from the one copy
 //! of the WIT in `plugin-sdk/wit/`.
 //!
 //! Imports and exports are async: host functions such as `kv-incr` await Redis,

@@ -4,11 +4,11 @@
 //! start, through the same version builder as a load.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::compile::{self, ArtifactCache, Compiler, LoadError};
 use super::engine::Tier;
 use super::grants;
+use super::host_api::Services;
 use super::report::PluginInfo;
 use super::source::{plugin_name, read_source};
 
@@ -43,8 +43,7 @@ pub async fn check_file(
     })
     .await
     .map_err(|e| LoadError::Compiler(e.to_string()))??;
-    let kv = Arc::new(crate::cluster::kv::EmbeddedKv::default());
-    let prepared = source.build(compiled, kv, None).await?;
+    let prepared = source.build(compiled, &Services::detached()).await?;
     Ok(PluginInfo {
         state: "valid",
         ..PluginInfo::of(&prepared, None)

@@ -19,14 +19,22 @@
 //! env = ["JWT_SECRET"]                      # variables of the node's environment
 //! secret_files = { JWT_KEY = "/etc/imhost/jwt.key" }   # a file's contents as a variable
 //! dirs = ["/etc/imhost/data"]               # read-only, mounted at the same path
-//! network = false
+//! key_sets = ["https://login.example.com/.well-known/jwks.json"]  # JWKS URLs, whole
+//! http = ["https://introspect.example.com"] # origins http-fetch may reach
+//! private_networks = ["10.0.0.0/8"]         # internal ranges listed names may resolve to
+//! http_timeout_ms = 2000                    # the longest a request may take (at most 10 s)
+//! http_max_response_bytes = 1048576         # bigger responses are cut (at most 16 MiB)
+//! http_concurrency = 16                     # requests in flight at once
+//! network = false                           # raw sockets: see docs/security.md
 //! ```
 //!
 //! Host actions are `send` (messages as any client), `channel` (channel
 //! messages), `broadcast`, `force_offline` and `kv` (the plugin's own keys).
 //! A manifest that lists `actions` asks for those only; one that does not
 //! asks for whatever the operator grants. Environment variables, directories
-//! and the network are asked for by name. `IMHOST_*` variables and the
+//! and the network are asked for by name. Key sets and HTTP origins are the
+//! operator's alone: a plugin reaches what is listed for it, whatever its
+//! settings say (see [`super::egress`]). `IMHOST_*` variables and the
 //! compiled-plugin cache are never given, granted or not. The file is read at
 //! start and at every reload (`SIGHUP`, `POST /api/v1/plugins/reload`, a
 //! change in the plugin directory); a plugin whose grants changed is loaded
@@ -90,6 +98,21 @@ pub struct OperatorGrant {
     pub network: bool,
     #[serde(default)]
     pub actions: Vec<Action>,
+    /// JWKS URLs `key-set-key` may use.
+    #[serde(default)]
+    pub key_sets: Vec<String>,
+    /// Origins `http-fetch` may reach.
+    #[serde(default)]
+    pub http: Vec<String>,
+    /// Internal networks listed host names may resolve to.
+    #[serde(default)]
+    pub private_networks: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    pub http_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub http_max_response_bytes: Option<usize>,
+    #[serde(default)]
+    pub http_concurrency: Option<usize>,
 }
 
 /// The operator's grants file, parsed.
@@ -116,6 +139,10 @@ impl GrantsFile {
     pub fn parse(text: &str) -> Result<GrantsFile, String> {
         let by_plugin: BTreeMap<String, OperatorGrant> =
             toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, grant) in &by_plugin {
+            super::egress::validate(&grant.http, &grant.key_sets)
+                .map_err(|e| format!("[{name}]: {e}"))?;
+        }
         Ok(GrantsFile { by_plugin })
     }
 
@@ -136,6 +163,17 @@ impl GrantsFile {
             grant.dirs.extend(table.dirs.iter().cloned());
             grant.network |= table.network;
             grant.actions.extend(table.actions.iter().copied());
+            grant.key_sets.extend(table.key_sets.iter().cloned());
+            grant.http.extend(table.http.iter().cloned());
+            grant
+                .private_networks
+                .extend(table.private_networks.iter().copied());
+            // The plugin's own table overrides `"*"` for the limits.
+            grant.http_timeout_ms = table.http_timeout_ms.or(grant.http_timeout_ms);
+            grant.http_max_response_bytes = table
+                .http_max_response_bytes
+                .or(grant.http_max_response_bytes);
+            grant.http_concurrency = table.http_concurrency.or(grant.http_concurrency);
         }
         grant
     }
@@ -149,6 +187,8 @@ pub struct Effective {
     pub dirs: Vec<PathBuf>,
     pub network: bool,
     pub actions: BTreeSet<Action>,
+    /// Key sets and HTTP origins, and their limits: the operator's alone.
+    pub egress: super::egress::EgressGrant,
     /// What was asked for and not granted, one line each.
     pub withheld: Vec<String>,
 }
@@ -222,6 +262,16 @@ pub fn decide(requested: &Grants, granted: &OperatorGrant, protected: &[PathBuf]
             effective.withheld.push("network".into());
         }
     }
+    effective.egress = super::egress::EgressGrant {
+        http: granted.http.clone(),
+        key_sets: granted.key_sets.clone(),
+        private_networks: granted.private_networks.clone(),
+        timeout: granted
+            .http_timeout_ms
+            .map(std::time::Duration::from_millis),
+        max_response_bytes: granted.http_max_response_bytes,
+        concurrency: granted.http_concurrency,
+    };
     let asked: BTreeSet<Action> = match &requested.actions {
         Some(list) => list.iter().copied().collect(),
         None => Action::ALL.into_iter().collect(),

@@ -17,7 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::engine::{EPOCH_TICK, Tier, engine};
 use super::grants::Effective;
-use super::host_api::HostCtx;
+use super::host_api::{CallClock, HostCtx};
 use super::manifest::Manifest;
 
 /// Per-store state: WASI, limits and what the host interface needs.
@@ -26,6 +26,9 @@ pub struct PluginState {
     table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
     pub(super) host: Arc<HostCtx>,
+    /// The running call's clock, for hooks that may call out (auth,
+    /// events); `None` in every other call, whose deadline stays plain.
+    pub(super) clock: Option<CallClock>,
 }
 
 impl WasiView for PluginState {
@@ -172,6 +175,15 @@ impl InstancePool {
         let mut store = Store::new(engine(self.tier), self.new_state());
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks());
+        // Reached only when the deadline passes: a call that waited on the
+        // network (a clock with time left) gets the rest of its own time;
+        // every other call is interrupted, as without a callback.
+        store.epoch_deadline_callback(|ctx| match ctx.data().clock.and_then(|c| c.remaining()) {
+            Some(left) => Ok(wasmtime::UpdateDeadline::Continue(
+                (left.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1,
+            )),
+            None => Err(wasmtime::Trap::Interrupt.into()),
+        });
         let _ticking = super::engine::ticking();
         match self.pre.instantiate_async(&mut store).await {
             Ok(instance) => Ok(Warm { store, instance }),
@@ -224,6 +236,7 @@ impl InstancePool {
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(self.manifest.memory_bytes()),
             host: self.host.clone(),
+            clock: None,
         }
     }
 }

@@ -257,8 +257,10 @@ impl Prepared {
 
 /// Generates the per-hook call method: take a warm instance, set the
 /// deadline, call, classify, count, and return the instance unless it trapped.
+/// `$calls_out`: the hook may wait on key sets and HTTP (it runs with a
+/// [`super::host_api::CallClock`]); the others run as they always did.
 macro_rules! hook_call {
-    ($fn_name:ident, $field:ident, $module:ident, $call:ident, $arg:ty, $ret:ty, $waits:expr) => {
+    ($fn_name:ident, $field:ident, $module:ident, $call:ident, $arg:ty, $ret:ty, $waits:expr, $calls_out:expr) => {
         impl Prepared {
             pub async fn $fn_name(&self, arg: &$arg) -> Result<$ret, CallError> {
                 let Some(indices) = self.$field.as_ref() else {
@@ -276,6 +278,8 @@ macro_rules! hook_call {
                     };
                     warm.store
                         .set_epoch_deadline(self.instances.deadline_ticks());
+                    warm.store.data_mut().clock = $calls_out
+                        .then(|| super::host_api::CallClock::start(self.manifest.timeout()));
                     let _ticking = super::engine::ticking();
                     let called = match indices.load(&mut warm.store, &warm.instance) {
                         Ok(guest) => guest.$call(&mut warm.store, arg).await,
@@ -310,7 +314,8 @@ hook_call!(
     call_authenticate,
     auth::ConnectRequest,
     auth::Decision,
-    Wait::Deadline
+    Wait::Deadline,
+    true
 );
 hook_call!(
     call_filter,
@@ -319,7 +324,8 @@ hook_call!(
     call_check,
     filter::Message,
     filter::Verdict,
-    Wait::Turn
+    Wait::Turn,
+    false
 );
 hook_call!(
     call_events,
@@ -328,7 +334,8 @@ hook_call!(
     call_on_presence,
     events::PresenceEvent,
     (),
-    Wait::Turn
+    Wait::Turn,
+    true
 );
 hook_call!(
     call_inbound,
@@ -337,5 +344,6 @@ hook_call!(
     call_handle,
     inbound::Frame,
     inbound::Action,
-    Wait::Turn
+    Wait::Turn,
+    false
 );

@@ -10,6 +10,9 @@
 //! - [`loaded`] — one loaded version: circuit breaker and hook calls.
 //! - [`hooks`] — the host's own types for what hooks see and answer.
 //! - [`host_api`] — the `host` interface plugins import.
+//! - [`crypto`] — hashes, HMAC, random bytes and JWS checks for plugins.
+//! - [`key_sets`] — the JWKS cache the host keeps for plugins.
+//! - [`egress`] — HTTP the host makes for plugins, under the operator's list.
 //! - [`manifest`] — `NAME.toml`.
 //! - [`grants`] — what the operator grants each plugin.
 //! - `source` — the files of the plugin directory, and building a version.
@@ -38,11 +41,14 @@
 pub mod bindings;
 mod check;
 pub mod compile;
+pub mod crypto;
+pub mod egress;
 pub mod engine;
 pub mod grants;
 pub mod hooks;
 pub mod host_api;
 pub mod instance;
+pub mod key_sets;
 pub mod loaded;
 pub mod manifest;
 pub mod preempt;
@@ -175,8 +181,7 @@ pub struct PluginHost {
     /// Optimized builds at once: one core fewer than the machine has (at
     /// least one), so a baseline build and serving always have a core.
     optimized_slots: Arc<Semaphore>,
-    kv: Arc<dyn PluginKv>,
-    outbox: Option<Arc<dyn host_api::Cluster>>,
+    services: host_api::Services,
     events: mpsc::Sender<events::PresenceEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<events::PresenceEvent>>>,
     stats: Arc<Stats>,
@@ -214,8 +219,12 @@ impl PluginHost {
             grants: Mutex::default(),
             baseline_slots: Arc::new(Semaphore::new(cores)),
             optimized_slots: Arc::new(Semaphore::new(cores.saturating_sub(1).max(1))),
-            kv,
-            outbox,
+            services: host_api::Services {
+                kv,
+                outbox,
+                key_sets: Arc::new(key_sets::KeySets::new(stats.clone())),
+                egress: Arc::new(egress::EgressByPlugin::new(stats.clone())),
+            },
             events,
             events_rx: Mutex::new(Some(events_rx)),
             stats,
@@ -528,11 +537,7 @@ impl PluginHost {
     /// it in place of the running version of the same name.
     async fn install(&self, source: &Source, compiled: compile::Compiled) -> Result<(), LoadError> {
         let tier = compiled.tier;
-        let prepared = Arc::new(
-            source
-                .build(compiled, self.kv.clone(), self.outbox.clone())
-                .await?,
-        );
+        let prepared = Arc::new(source.build(compiled, &self.services).await?);
         let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
         let mut plugins: Vec<Arc<Prepared>> = set
             .plugins

@@ -11,11 +11,10 @@ use tracing::warn;
 
 use super::compile::{self, Compiled, LoadError};
 use super::grants;
-use super::host_api::{Cluster, HostCtx};
+use super::host_api::Services;
 use super::loaded::Prepared;
 use super::manifest::Manifest;
 use super::share;
-use crate::cluster::kv::PluginKv;
 
 /// Everything one load of one file needs, owned, so it can move to a task.
 pub(super) struct Source {
@@ -43,20 +42,17 @@ impl Source {
     pub(super) async fn build(
         &self,
         compiled: Compiled,
-        kv: Arc<dyn PluginKv>,
-        outbox: Option<Arc<dyn Cluster>>,
+        services: &Services,
     ) -> Result<Prepared, LoadError> {
         let per_instance = self.per_instance.at_least_required_by(&compiled.component);
         let share = share::reserve(compiled.tier, &self.name, per_instance, self.manifest.pool)
             .map_err(LoadError::Share)?;
-        let host = Arc::new(HostCtx {
-            name: self.name.clone(),
-            settings_json: self.manifest.settings_json(),
-            kv,
-            outbox,
-            timeout: self.manifest.timeout(),
-            grants: self.grants.clone(),
-        });
+        let host = Arc::new(services.host_ctx(
+            &self.name,
+            self.manifest.settings_json(),
+            self.manifest.timeout(),
+            self.grants.clone(),
+        ));
         let prepared = Prepared::new(
             self.name.clone(),
             self.hash.clone(),

@@ -14,6 +14,7 @@ use imhost_tests::terminal::Terminal;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+mod identity;
 mod isolation;
 mod loading;
 mod order;
