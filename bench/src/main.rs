@@ -843,8 +843,16 @@ mod cluster {
     }
 }
 
+/// Tokens signed as identity providers sign them: the tests' own signer
+/// (one copy of its fixed RSA keys), for the jwt-auth connect figures; the
+/// bench signs with some of its schemes only.
+#[allow(dead_code)]
+#[path = "../../tests/src/jwt.rs"]
+mod jwt_signing;
+
 /// The plugin platform: call cost, the filter chain's throughput cost, jwt-auth
-/// connects against the built-in token store, and hot-swap latency.
+/// connects (HS256, RS256, ES256) against the built-in token store, and
+/// hot-swap latency.
 mod plugins {
     use std::net::SocketAddr;
     use std::path::Path;
@@ -864,7 +872,8 @@ mod plugins {
     use tokio_tungstenite::tungstenite::Message;
 
     use super::{
-        API_KEY, Args, api, connect_url, direct_messages, free_addr, spawn_imhost, wait_serving,
+        API_KEY, Args, api, connect_url, direct_messages, free_addr, jwt_signing, spawn_imhost,
+        wait_serving,
     };
 
     const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
@@ -1113,31 +1122,43 @@ mod plugins {
         )
     }
 
-    /// WebSocket connects/s: a JWT checked by jwt-auth against a connect URL
-    /// taken from the built-in store (URLs issued beforehand, not timed).
+    /// WebSocket connects/s: a JWT checked by jwt-auth (HS256 with a shared
+    /// secret; RS256 and ES256 against a key set, verified by the host's
+    /// crypto) against a connect URL taken from the built-in store (URLs
+    /// issued beforehand, not timed).
     async fn jwt_connects(args: &Args) -> anyhow::Result<()> {
         let n = args.connections.min(3000);
+        let rsa = jwt_signing::Signer::rsa(0, "rsa");
+        let ec = jwt_signing::Signer::ec("ES256", "ec");
         let dir = tempfile::tempdir()?;
+        let key_set = jwt_signing::jwks(&[&rsa, &ec]).to_string();
         install(
             dir.path(),
             &args.guests,
             "jwt-auth",
             "jwt_auth",
-            &format!("[settings]\nsecret = \"{JWT_SECRET}\"\naudience = \"imhost\"\n"),
+            &format!(
+                "[settings]\nsecret = \"{JWT_SECRET}\"\naudience = \"imhost\"\njwks = '{key_set}'\n"
+            ),
         )?;
         let http = reqwest::Client::new();
         let mut rates = Vec::new();
-        for with_jwt in [true, false] {
+        for alg in ["HS256", "RS256", "ES256", "store"] {
+            let with_jwt = alg != "store";
             let addr = free_addr()?;
             let _node = spawn(args, addr, with_jwt.then(|| dir.path()))?;
             wait_serving(&http, addr).await?;
+            if with_jwt {
+                wait_plugins(&http, addr, 1).await?;
+            }
             let mut urls = Vec::with_capacity(n);
             for id in 1..=n as i64 {
-                urls.push(if with_jwt {
-                    wait_plugins(&http, addr, 1).await?;
-                    format!("ws://{addr}/ws?token={}", jwt(id))
-                } else {
-                    connect_url(&http, addr, id).await?
+                let claims = serde_json::json!({"sub": id, "aud": "imhost"});
+                urls.push(match alg {
+                    "HS256" => format!("ws://{addr}/ws?token={}", jwt(id)),
+                    "RS256" => format!("ws://{addr}/ws?token={}", rsa.sign(alg, &claims)),
+                    "ES256" => format!("ws://{addr}/ws?token={}", ec.sign(alg, &claims)),
+                    _ => connect_url(&http, addr, id).await?,
                 });
             }
             let gate = Arc::new(Semaphore::new(64));
@@ -1158,13 +1179,16 @@ mod plugins {
             }
             rates.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        println!(
-            "{:<40}{:>12.0}{:>12.0}{:>10.2}",
-            "connects/s, jwt-auth vs token store",
+        let row = |name: &str, a: f64, b: f64| {
+            println!("{name:<40}{a:>12.0}{b:>12.0}{:>10.2}", a / b);
+        };
+        row(
+            "connects/s, jwt-auth HS256 vs token store",
             rates[0],
-            rates[1],
-            rates[0] / rates[1]
+            rates[3],
         );
+        row("connects/s, jwt-auth RS256 vs HS256", rates[1], rates[0]);
+        row("connects/s, jwt-auth ES256 vs HS256", rates[2], rates[0]);
         Ok(())
     }
 

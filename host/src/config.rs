@@ -111,7 +111,8 @@ options! {
     )]
     plugin_cache_keep: usize,
     /// The operator's grants file: what each plugin may touch (variables,
-    /// directories, network, host actions), outside the plugin directory;
+    /// directories, host actions, key sets, HTTP origins, raw network),
+    /// outside the plugin directory;
     /// read at start and at every reload. [default: none: nothing granted]
     #[arg(
         long,

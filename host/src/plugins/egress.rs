@@ -730,4 +730,47 @@ mod tests {
             0
         );
     }
+
+    #[tokio::test]
+    async fn requests_past_the_plugins_concurrency_wait_their_timeout_then_are_refused() {
+        // A server that takes connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", silent.local_addr().expect("addr"));
+        let grant = EgressGrant {
+            http: vec![url.trim_end_matches('/').to_owned()],
+            concurrency: Some(1),
+            timeout: Some(Duration::from_secs(2)),
+            ..EgressGrant::default()
+        };
+        let stats = Arc::new(Stats::default());
+        let egress = Arc::new(Egress::new("p", &grant, stats.clone()));
+        let first = tokio::spawn({
+            let (egress, url) = (egress.clone(), url.clone());
+            async move { egress.fetch(Request::get(&url), false).await }
+        });
+        // Wait until the first holds the one slot.
+        while egress.in_flight.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut second = Request::get(&url);
+        second.timeout = Duration::from_millis(100);
+        let refused = egress.fetch(second, false).await;
+        assert!(
+            matches!(&refused, Err(EgressError::Refused(why)) if why.contains("in flight")),
+            "{refused:?}"
+        );
+        let timed_out = first.await.expect("task");
+        assert!(
+            matches!(timed_out, Err(EgressError::Failed(_))),
+            "{timed_out:?}"
+        );
+        assert_eq!(
+            stats
+                .plugin_http_failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
 }

@@ -12,7 +12,7 @@ async fn plugin_check_prints_hooks_or_the_reason() {
     assert!(ok.status.success());
     let info: Value = serde_json::from_slice(&ok.stdout).expect("json");
     assert_eq!(info["hooks"], json!(["events"]));
-    assert_eq!(info["abi"], "1.0.0");
+    assert_eq!(info["abi"], "1.1.0");
     assert_eq!(info["hash"].as_str().map(str::len), Some(64));
 
     // Two export macros in one crate make one component with both hooks.

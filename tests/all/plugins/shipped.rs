@@ -20,7 +20,7 @@ async fn word_filter_masks_case_and_unicode_aware() {
         json!(["filter"]),
         "a filter-only component wires only filter"
     );
-    assert_eq!(row["abi"], "1.0.0");
+    assert_eq!(row["abi"], "1.1.0");
 
     let mut t = host.terminal(1).await;
     host.send(
