@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
-use redis::aio::ConnectionManager;
+use futures_util::StreamExt;
 use redis::{AsyncCommands, Script};
 use serde::Serialize;
 
 use crate::ClientId;
+pub use crate::conn::RedisConn;
 use crate::wire::{
     ChanMessage, DirectMessage, Keys, ServerMessage, TokenValue, group_by_node, node_for,
 };
@@ -74,11 +74,19 @@ pub enum HelperError {
     NoServers,
 }
 
+/// Where the cluster's Redis is.
+#[derive(Clone)]
+pub enum RedisTarget {
+    Standalone(redis::Client),
+    /// Redis Cluster: its seed URLs (imhost-native mode).
+    Cluster(Vec<String>),
+}
+
 /// Talks to an imhost/FreeIM cluster through its Redis, as FreeIM's `ImHelper`.
 #[derive(Clone)]
 pub struct ImHelper {
-    client: redis::Client,
-    conn: ConnectionManager,
+    target: RedisTarget,
+    conn: RedisConn,
     keys: Keys,
     servers: Vec<String>,
     path: String,
@@ -106,13 +114,39 @@ impl ImHelper {
         Self::with_connection(client, conn, servers, path)
     }
 
+    /// Connects to a Redis Cluster through `seeds` (`redis://host:port`
+    /// URLs of some of its nodes), for a cluster of `servers` serving
+    /// WebSockets at `path`. Keys are [`Keys::for_cluster`]'s, deliveries
+    /// go over sharded pub/sub (`SPUBLISH`).
+    ///
+    /// # Errors
+    /// No seed answers as a cluster node, or `servers` is empty.
+    pub async fn connect_cluster(
+        seeds: &[String],
+        servers: Vec<String>,
+        path: &str,
+    ) -> Result<Self, HelperError> {
+        if servers.is_empty() {
+            return Err(HelperError::NoServers);
+        }
+        let conn = cluster_client(seeds, None)?.get_async_connection().await?;
+        Ok(Self {
+            target: RedisTarget::Cluster(seeds.to_vec()),
+            conn: RedisConn::Cluster(conn),
+            keys: Keys::for_cluster(path),
+            servers,
+            path: path.to_owned(),
+            token_ttl: DEFAULT_TOKEN_TTL,
+        })
+    }
+
     /// Builds a helper over connections the caller already has.
     ///
     /// # Errors
     /// `servers` is empty.
     pub fn with_connection(
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: redis::aio::ConnectionManager,
         servers: Vec<String>,
         path: &str,
     ) -> Result<Self, HelperError> {
@@ -120,8 +154,8 @@ impl ImHelper {
             return Err(HelperError::NoServers);
         }
         Ok(Self {
-            client,
-            conn,
+            target: RedisTarget::Standalone(client),
+            conn: RedisConn::Standalone(conn),
             keys: Keys::for_path(path),
             servers,
             path: path.to_owned(),
@@ -146,13 +180,45 @@ impl ImHelper {
     }
 
     /// A multiplexed connection for commands (cheap to clone).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
-    /// The underlying client, for dedicated (pub/sub) connections.
-    pub fn redis_client(&self) -> &redis::Client {
-        &self.client
+    /// Where Redis is, for dedicated (pub/sub) connections.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` on a cluster (a node's channel is in its
+    /// own slot: it reaches the node's subscriber on that slot's master).
+    fn publish_cmd(&self, channel: String, payload: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd(if self.conn.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
+        cmd.arg(channel).arg(payload);
+        cmd
+    }
+
+    /// Publishes each `(node, payload)`, returning how many heard each: in
+    /// one pipeline on standalone Redis; concurrently on a cluster, where a
+    /// pipeline may not span slots.
+    async fn publish_many(&self, items: Vec<(&str, String)>) -> Result<Vec<i64>, HelperError> {
+        if self.conn.is_cluster() {
+            let calls = items.into_iter().map(|(node, payload)| {
+                let cmd = self.publish_cmd(self.keys.server(node), &payload);
+                let mut conn = self.conn.clone();
+                async move { cmd.query_async::<i64>(&mut conn).await }
+            });
+            return Ok(futures_util::future::try_join_all(calls).await?);
+        }
+        let mut pipe = redis::pipe();
+        for (node, payload) in &items {
+            pipe.publish(self.keys.server(node), payload);
+        }
+        let mut conn = self.conn.clone();
+        Ok(pipe.query_async(&mut conn).await?)
     }
 
     /// Stores `value` under `token` for `ttl`.
@@ -207,11 +273,7 @@ impl ImHelper {
     /// # Errors
     /// Redis failed.
     pub async fn publish(&self, node: &str, message: &ServerMessage) -> Result<(), HelperError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = conn
-            .publish(self.keys.server(node), message.encode())
-            .await?;
-        Ok(())
+        self.publish_heard(node, message).await.map(|_| ())
     }
 
     /// [`ImHelper::publish`], returning how many subscribers heard it: 0 means
@@ -226,8 +288,9 @@ impl ImHelper {
         message: &ServerMessage,
     ) -> Result<i64, HelperError> {
         let mut conn = self.conn.clone();
-        Ok(conn
-            .publish(self.keys.server(node), message.encode())
+        Ok(self
+            .publish_cmd(self.keys.server(node), &message.encode())
+            .query_async(&mut conn)
             .await?)
     }
 
@@ -242,12 +305,8 @@ impl ImHelper {
         message: &ServerMessage,
     ) -> Result<Vec<i64>, HelperError> {
         let payload = message.encode();
-        let mut pipe = redis::pipe();
-        for node in nodes {
-            pipe.publish(self.keys.server(node), &payload);
-        }
-        let mut conn = self.conn.clone();
-        Ok(pipe.query_async(&mut conn).await?)
+        self.publish_many(nodes.iter().map(|n| (*n, payload.clone())).collect())
+            .await
     }
 
     /// Publishes `message` to every node in one pipeline.
@@ -256,12 +315,13 @@ impl ImHelper {
     /// Redis failed.
     pub async fn publish_all(&self, message: &ServerMessage) -> Result<(), HelperError> {
         let payload = message.encode();
-        let mut pipe = redis::pipe();
-        for node in &self.servers {
-            pipe.publish(self.keys.server(node), &payload).ignore();
-        }
-        let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
+        self.publish_many(
+            self.servers
+                .iter()
+                .map(|n| (n.as_str(), payload.clone()))
+                .collect(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -293,19 +353,19 @@ impl ImHelper {
         content: String,
         receipt: bool,
     ) -> Result<(), HelperError> {
-        let mut pipe = redis::pipe();
-        for (node, ids) in group_by_node(receivers, &self.servers) {
-            let message = ServerMessage::Direct(DirectMessage {
-                sender,
-                receivers: ids,
-                content: content.clone(),
-                receipt,
-            });
-            pipe.publish(self.keys.server(node), message.encode())
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
+        let items = group_by_node(receivers, &self.servers)
+            .into_iter()
+            .map(|(node, ids)| {
+                let message = ServerMessage::Direct(DirectMessage {
+                    sender,
+                    receivers: ids,
+                    content: content.clone(),
+                    receipt,
+                });
+                (node, message.encode())
+            })
+            .collect();
+        self.publish_many(items).await?;
         Ok(())
     }
 
@@ -369,20 +429,65 @@ impl ImHelper {
     ///
     /// # Errors
     /// The subscription could not be made.
-    pub async fn event_bus(&self) -> Result<impl Stream<Item = BusEvent> + use<>, HelperError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+    pub async fn event_bus(
+        &self,
+    ) -> Result<futures_util::stream::BoxStream<'static, BusEvent>, HelperError> {
         let online = self.keys.online_event();
-        pubsub.subscribe(&online).await?;
-        pubsub.subscribe(self.keys.offline_event()).await?;
-        Ok(pubsub.into_on_message().filter_map(move |msg| {
-            let kind = if msg.get_channel_name() == online {
+        let offline = self.keys.offline_event();
+        let event = move |channel: &[u8], payload: &[u8]| {
+            let kind = if channel == online.as_bytes() {
                 EventKind::Online
             } else {
                 EventKind::Offline
             };
-            let client = serde_json::from_slice(msg.get_payload_bytes()).ok();
-            std::future::ready(client.map(|client| BusEvent { kind, client }))
-        }))
+            serde_json::from_slice(payload)
+                .ok()
+                .map(|client| BusEvent { kind, client })
+        };
+        match &self.target {
+            RedisTarget::Standalone(client) => {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(self.keys.online_event()).await?;
+                pubsub.subscribe(&offline).await?;
+                Ok(pubsub
+                    .into_on_message()
+                    .filter_map(move |msg| {
+                        std::future::ready(event(
+                            msg.get_channel_name().as_bytes(),
+                            msg.get_payload_bytes(),
+                        ))
+                    })
+                    .boxed())
+            }
+            RedisTarget::Cluster(seeds) => {
+                // Presence events are classic pub/sub, which the cluster bus
+                // carries to every node.
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let mut conn = cluster_client(seeds, Some(tx))?
+                    .get_async_connection()
+                    .await?;
+                conn.subscribe(self.keys.online_event()).await?;
+                conn.subscribe(&offline).await?;
+                let pushes = futures_util::stream::unfold((rx, conn), |(mut rx, conn)| async {
+                    rx.recv().await.map(|push| (push, (rx, conn)))
+                });
+                Ok(pushes
+                    .filter_map(move |push| {
+                        let found = match (push.kind, push.data.as_slice()) {
+                            (
+                                redis::PushKind::Message,
+                                [
+                                    redis::Value::BulkString(channel),
+                                    redis::Value::BulkString(payload),
+                                ],
+                            ) => event(channel, payload),
+                            _ => None,
+                        };
+                        std::future::ready(found)
+                    })
+                    .boxed())
+            }
+        }
     }
 
     /// `JoinChan`: clients join `chan` (idempotent), each atomically.
@@ -535,4 +640,25 @@ impl ImHelper {
         }))
         .await
     }
+}
+
+/// A Redis Cluster client over `seeds`: RESP3 with `push` for connections
+/// that subscribe, short timeouts for commands.
+///
+/// # Errors
+/// A seed is not a valid URL.
+pub fn cluster_client(
+    seeds: &[String],
+    push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<redis::cluster::ClusterClient, HelperError> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(2))
+        .retries(3);
+    if let Some(push) = push {
+        builder = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push);
+    }
+    Ok(builder.build()?)
 }

@@ -14,6 +14,7 @@
 #![warn(clippy::print_stdout)]
 
 pub mod api;
+pub mod conn;
 pub mod helper;
 #[cfg(feature = "http")]
 pub mod http;

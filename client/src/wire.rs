@@ -38,9 +38,16 @@ const FORCE_OFFLINE_MARKER: &str = "__FreeIM__(ForceOffline)";
 
 /// Redis key and channel names for one deployment, all hanging off the prefix
 /// `"im_v2" + path with '/' replaced by '_'` (path `/ws` gives `im_v2_ws`).
+///
+/// In Redis Cluster mode ([`Keys::for_cluster`], imhost-native) the prefix is
+/// a hash tag, `{im_v2_ws}`, so every key, and every multi-key script, is in
+/// one slot; each node's delivery channel carries a tag of its own
+/// (`im_v2_ws:Server{NODE}`), so delivery spreads over the shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     prefix: String,
+    /// The prefix without braces; `Some` in cluster mode.
+    cluster: Option<String>,
 }
 
 impl Keys {
@@ -48,7 +55,23 @@ impl Keys {
     pub fn for_path(path: &str) -> Self {
         Self {
             prefix: format!("im_v2{}", path.replace('/', "_")),
+            cluster: None,
         }
+    }
+
+    /// Names for a deployment on Redis Cluster (not FreeIM-compatible: its
+    /// .NET helper cannot run against a cluster).
+    pub fn for_cluster(path: &str) -> Self {
+        let bare = format!("im_v2{}", path.replace('/', "_"));
+        Self {
+            prefix: format!("{{{bare}}}"),
+            cluster: Some(bare),
+        }
+    }
+
+    /// Whether these are Redis Cluster names.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The prefix itself, `im_v2_ws` for `/ws`.
@@ -68,7 +91,11 @@ impl Keys {
 
     /// Pub/sub channel a node listens on for deliveries and control messages.
     pub fn server(&self, node: &str) -> String {
-        format!("{}Server{node}", self.prefix)
+        match &self.cluster {
+            // A hash tag per node: its deliveries go to its own shard.
+            Some(bare) => format!("{bare}:Server{{{node}}}"),
+            None => format!("{}Server{node}", self.prefix),
+        }
     }
 
     /// Hash of a channel's members (`client id → 0`).
@@ -103,6 +130,16 @@ impl Keys {
     /// node `node`, for their offline events if the node dies.
     pub fn node_meta(&self, node: &str) -> String {
         format!("{}NodeMeta{node}", self.prefix)
+    }
+
+    /// imhost extension: a plugin's key-value entry, `plugin_key` being
+    /// `NAME:KEY`. On a cluster each plugin's keys carry its name as their
+    /// hash tag, so one plugin's counters stay together and plugins spread.
+    pub fn plugin(&self, plugin_key: &str) -> String {
+        match (&self.cluster, plugin_key.split_once(':')) {
+            (Some(bare), Some((name, key))) => format!("{bare}:Plugin{{{name}}}:{key}"),
+            _ => format!("{}Plugin{plugin_key}", self.prefix),
+        }
     }
 
     /// Pub/sub channel of online events (payload: a [`TokenValue`]).

@@ -76,6 +76,17 @@ options! {
         value_name = "URL"
     )]
     redis: String,
+    /// Redis Cluster seed URLs (some of its nodes): nodes share a Redis
+    /// Cluster over sharded pub/sub, with imhost-native keys (not readable by
+    /// FreeIM's .NET helper). [default: none]
+    #[arg(
+        long,
+        help_heading = "Cluster",
+        env = "IMHOST_REDIS_CLUSTER",
+        value_name = "URL,URL",
+        value_delimiter = ','
+    )]
+    redis_cluster: Vec<String>,
     /// Bearer key the business API requires; a random one is made when absent.
     /// [default: random, logged at start-up]
     #[arg(
@@ -335,6 +346,8 @@ pub struct Config {
     pub server: String,
     pub servers: Vec<String>,
     pub redis: Option<String>,
+    /// Redis Cluster seeds; empty: not a cluster.
+    pub redis_cluster: Vec<String>,
     pub api_key: String,
     /// True when the key was generated because none was configured (it is logged).
     pub api_key_generated: bool,
@@ -507,10 +520,17 @@ impl Options {
         if unique.len() != servers.len() {
             return Err(invalid("servers", "names a node twice"));
         }
-        if servers.len() > 1 && self.redis.is_none() {
+        let redis_cluster = self.redis_cluster.unwrap_or_default();
+        if self.redis.is_some() && !redis_cluster.is_empty() {
+            return Err(invalid(
+                "redis_cluster",
+                "set either `redis` (one Redis) or `redis_cluster` (a Redis Cluster), not both",
+            ));
+        }
+        if servers.len() > 1 && self.redis.is_none() && redis_cluster.is_empty() {
             return Err(invalid(
                 "servers",
-                "several nodes need `redis`; without it the node runs embedded",
+                "several nodes need `redis` or `redis_cluster`; without them the node runs embedded",
             ));
         }
         let demo = self.demo.unwrap_or(false);
@@ -587,6 +607,7 @@ impl Options {
             server,
             servers,
             redis: self.redis,
+            redis_cluster,
             api_key,
             api_key_generated,
             plugin_cache: self.plugin_cache.or_else(default_plugin_cache),

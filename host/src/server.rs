@@ -81,7 +81,14 @@ pub async fn run(
         servers: config.servers.clone(),
     };
     let mut embedded_relay = None;
-    let backends = match &config.redis {
+    let connect = match (&config.redis, config.redis_cluster.is_empty()) {
+        (Some(url), _) => Some(crate::cluster::redis::Connect::Standalone(url.clone())),
+        (None, false) => Some(crate::cluster::redis::Connect::Cluster(
+            config.redis_cluster.clone(),
+        )),
+        (None, true) => None,
+    };
+    let backends = match connect.clone() {
         None => {
             let relay = Arc::new(EmbeddedRelay::new(inbox_tx, events.clone()));
             embedded_relay = Some(relay.clone());
@@ -91,9 +98,9 @@ pub async fn run(
                 kv: Arc::new(EmbeddedKv::default()),
             }
         }
-        Some(url) => {
+        Some(connect) => {
             crate::cluster::redis::start(crate::cluster::redis::Setup {
-                url: url.clone(),
+                connect,
                 topology: topology.clone(),
                 inbox: inbox_tx,
                 events: events.clone(),
@@ -104,10 +111,10 @@ pub async fn run(
             .await?
         }
     };
-    let mode = if config.redis.is_some() {
-        "cluster"
-    } else {
-        "embedded"
+    let mode = match &connect {
+        Some(crate::cluster::redis::Connect::Cluster(_)) => "cluster (Redis Cluster)",
+        Some(_) => "cluster",
+        None => "embedded",
     };
     let outbox = Outbox {
         topology: topology.clone(),
@@ -128,7 +135,7 @@ pub async fn run(
         stats.clone(),
     ));
     let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone(), plugins.clone()));
-    if config.redis.is_some() {
+    if connect.is_some() {
         tokio::spawn(crate::metrics::run_redis_probe(
             metrics.clone(),
             backends.presence.clone(),

@@ -112,6 +112,8 @@ counters! {
     key_set_fetches,
     /// Key-set fetches that failed (the cached copy, if any, kept serving).
     key_set_fetch_failures,
+    /// Redis Cluster: times this node subscribed to its shard channel again (after an SUNSUBSCRIBE, a disconnection, or a watchdog ping that did not come back).
+    shard_resubscribes,
 }
 
 impl Stats {

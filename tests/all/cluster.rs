@@ -22,7 +22,12 @@ fn keys() -> Keys {
 #[tokio::test]
 async fn messages_receipts_channels_and_broadcast_cross_nodes() {
     let redis = RedisServer::start().await;
-    let cluster = Cluster::start(&redis, 3).await;
+    cross_node_delivery(Cluster::start(&redis, 3).await).await;
+}
+
+/// The body of the test above, run on a Redis Cluster too
+/// (`redis_cluster.rs`): the same API, the same answers.
+pub(crate) async fn cross_node_delivery(cluster: Cluster) {
     let (a, b, c) = (
         cluster.client_on(0, 10),
         cluster.client_on(1, 10),
@@ -438,7 +443,11 @@ async fn imhost_client_drives_the_cluster_like_freeims_imhelper() {
 #[tokio::test]
 async fn a_killed_node_is_cleaned_up_with_one_offline_event_per_client() {
     let redis = RedisServer::start().await;
-    let mut cluster = Cluster::start(&redis, 3).await;
+    killed_node_cleanup(Cluster::start(&redis, 3).await).await;
+}
+
+/// The body of the test above, run on a Redis Cluster too.
+pub(crate) async fn killed_node_cleanup(mut cluster: Cluster) {
     let (x, y) = (cluster.client_on(2, 1), cluster.client_on(2, 100));
     let survivor = cluster.client_on(0, 1);
     let _tx = cluster.node(0).terminal(x).await;

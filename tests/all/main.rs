@@ -16,6 +16,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod plugins;
+mod redis_cluster;
 mod shards;
 mod status;
 mod tls;

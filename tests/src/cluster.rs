@@ -20,7 +20,8 @@ pub struct ClusterNode {
 pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     pub servers: Vec<String>,
-    redis_url: String,
+    /// `--redis URL` or `--redis-cluster SEEDS`.
+    redis_args: [String; 2],
     extra: Vec<String>,
 }
 
@@ -31,12 +32,25 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with more arguments for every node.
     pub async fn start_with(redis: &RedisServer, n: usize, extra: &[&str]) -> Cluster {
+        Self::start_on(["--redis".into(), redis.url()], n, extra).await
+    }
+
+    /// `n` imhost processes on a Redis Cluster (`--redis-cluster`).
+    pub async fn start_on_cluster(
+        redis: &crate::redis_cluster::RedisCluster,
+        n: usize,
+        extra: &[&str],
+    ) -> Cluster {
+        Self::start_on(["--redis-cluster".into(), redis.seeds_arg()], n, extra).await
+    }
+
+    async fn start_on(redis_args: [String; 2], n: usize, extra: &[&str]) -> Cluster {
         let addrs: Vec<_> = (0..n).map(|_| free_addr()).collect();
         let servers: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let mut cluster = Cluster {
             nodes: Vec::new(),
             servers,
-            redis_url: redis.url(),
+            redis_args,
             extra: extra.iter().map(ToString::to_string).collect(),
         };
         for addr in addrs {
@@ -68,8 +82,8 @@ impl Cluster {
             &name,
             "--servers",
             &servers,
-            "--redis",
-            &self.redis_url,
+            &self.redis_args[0],
+            &self.redis_args[1],
             "--api-key",
             API_KEY,
             "--node-ttl",

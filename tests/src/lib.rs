@@ -21,6 +21,7 @@ pub mod jwt;
 pub mod plugins;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 pub mod sse;
 pub mod terminal;
 

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
+use imhost_client::conn::RedisConn;
+use imhost_client::wire::Keys;
 use tokio::time::Instant;
 
 use super::ClusterError;
@@ -112,20 +113,17 @@ impl PluginKv for EmbeddedKv {
 
 /// Keys live under `{prefix}Plugin{key}`.
 pub struct RedisKv {
-    conn: ConnectionManager,
-    prefix: String,
+    conn: RedisConn,
+    keys: Keys,
 }
 
 impl RedisKv {
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
-        Self {
-            conn,
-            prefix: format!("{prefix}Plugin"),
-        }
+    pub fn new(conn: RedisConn, keys: Keys) -> Self {
+        Self { conn, keys }
     }
 
     fn key(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
+        self.keys.plugin(key)
     }
 }
 

@@ -7,15 +7,18 @@
 //! - `channel_cache` — channel members cached for delivery, invalidated by
 //!   keyspace notifications.
 //! - `subscriber` — the pub/sub connection feeding the inbox and event stream.
+//! - `sharded` — the same on a Redis Cluster: sharded pub/sub, kept alive.
 //! - `liveness` — node liveness keys and the reaping of dead nodes.
 //!
-//! Publishing goes through the helper's `ConnectionManager`: one multiplexed
-//! connection that pipelines concurrent commands and reconnects by itself.
+//! Publishing goes through the helper's connection: one multiplexed
+//! connection that pipelines concurrent commands and reconnects by itself
+//! (on a Redis Cluster, the cluster connection, which follows the slots).
 
 mod channel_cache;
 mod liveness;
 mod presence;
 mod scripts;
+mod sharded;
 mod subscriber;
 
 use std::sync::Arc;
@@ -150,9 +153,18 @@ impl Relay for RedisRelay {
     }
 }
 
+/// Which Redis the nodes share.
+#[derive(Debug, Clone)]
+pub enum Connect {
+    /// One Redis (or a proxy in front of several): FreeIM's wire format.
+    Standalone(String),
+    /// A Redis Cluster, by some of its nodes' URLs (imhost-native keys).
+    Cluster(Vec<String>),
+}
+
 /// What joining the cluster needs.
 pub struct Setup {
-    pub url: String,
+    pub connect: Connect,
     pub topology: Topology,
     pub inbox: mpsc::Sender<ServerMessage>,
     pub events: broadcast::Sender<PresenceChange>,
@@ -167,14 +179,24 @@ pub struct Setup {
 /// # Errors
 /// Redis is unreachable or the URL is invalid.
 pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
-    let helper = ImHelper::connect(&setup.url, setup.topology.servers.clone(), WS_PATH)
-        .await
-        .with_context(|| format!("cannot connect to redis at {}", setup.url))?;
-    let db = helper
-        .redis_client()
-        .get_connection_info()
-        .redis_settings()
-        .db();
+    let servers = setup.topology.servers.clone();
+    let helper = match &setup.connect {
+        Connect::Standalone(url) => {
+            let helper = ImHelper::connect(url, servers, WS_PATH)
+                .await
+                .with_context(|| format!("cannot connect to redis at {url}"))?;
+            refuse_cluster_node(&helper, url).await?;
+            helper
+        }
+        Connect::Cluster(seeds) => ImHelper::connect_cluster(seeds, servers, WS_PATH)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to a Redis Cluster through {} (for a single Redis, use --redis)",
+                    seeds.join(",")
+                )
+            })?,
+    };
     let presence = Arc::new(RedisPresence::new(
         helper.clone(),
         setup.topology.me.clone(),
@@ -195,19 +217,41 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
         .context("cannot write this node's liveness key")?;
 
     let redis_up = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(
-        subscriber::Subscriber {
-            redis_up: redis_up.clone(),
-            presence: presence.clone(),
-            topology: setup.topology.clone(),
-            inbox: setup.inbox,
-            events: setup.events,
-            stats: setup.stats.clone(),
-            shutdown: setup.shutdown.clone(),
-            db,
+    match (&setup.connect, helper.target()) {
+        (Connect::Cluster(seeds), _) => {
+            tokio::spawn(
+                sharded::ShardedSubscriber {
+                    seeds: seeds.clone(),
+                    presence: presence.clone(),
+                    topology: setup.topology.clone(),
+                    inbox: setup.inbox,
+                    events: setup.events,
+                    stats: setup.stats.clone(),
+                    shutdown: setup.shutdown.clone(),
+                }
+                .run(),
+            );
         }
-        .run(),
-    );
+        (_, imhost_client::helper::RedisTarget::Standalone(client)) => {
+            let db = client.get_connection_info().redis_settings().db();
+            tokio::spawn(
+                subscriber::Subscriber {
+                    redis_up: redis_up.clone(),
+                    presence: presence.clone(),
+                    topology: setup.topology.clone(),
+                    inbox: setup.inbox,
+                    events: setup.events,
+                    stats: setup.stats.clone(),
+                    shutdown: setup.shutdown.clone(),
+                    db,
+                }
+                .run(),
+            );
+        }
+        (Connect::Standalone(_), imhost_client::helper::RedisTarget::Cluster(_)) => {
+            anyhow::bail!("a standalone URL gave a cluster connection");
+        }
+    }
     tokio::spawn(
         liveness::Liveness {
             presence: presence.clone(),
@@ -219,7 +263,7 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
     );
     let kv = Arc::new(super::kv::RedisKv::new(
         helper.connection(),
-        helper.keys().prefix(),
+        helper.keys().clone(),
     ));
     Ok(super::Backends {
         relay: Arc::new(RedisRelay {
@@ -230,4 +274,21 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
         presence,
         kv,
     })
+}
+
+/// A standalone URL that names a Redis Cluster node would misroute every
+/// key (MOVED errors, half the data in the wrong place): refused at start.
+async fn refuse_cluster_node(helper: &ImHelper, url: &str) -> anyhow::Result<()> {
+    let mut conn = helper.connection();
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    if info.contains("cluster_enabled:1") {
+        anyhow::bail!(
+            "{url} is a node of a Redis Cluster: start with --redis-cluster (IMHOST_REDIS_CLUSTER) and its nodes' URLs"
+        );
+    }
+    Ok(())
 }

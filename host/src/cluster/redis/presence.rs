@@ -83,7 +83,7 @@ impl RedisPresence {
         self.helper.keys()
     }
 
-    fn conn(&self) -> redis::aio::ConnectionManager {
+    fn conn(&self) -> imhost_client::conn::RedisConn {
         self.helper.connection()
     }
 

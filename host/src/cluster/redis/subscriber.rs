@@ -70,7 +70,12 @@ impl Subscriber {
         backoff: &mut Duration,
     ) -> redis::RedisResult<()> {
         let keys = self.presence.keys().clone();
-        let client = self.presence.helper.redis_client();
+        let imhost_client::helper::RedisTarget::Standalone(client) = self.presence.helper.target()
+        else {
+            return Err(redis::RedisError::from(std::io::Error::other(
+                "the standalone subscriber needs a standalone Redis",
+            )));
+        };
         let mut pubsub = client.get_async_pubsub().await?;
         let server_channel = keys.server(&self.topology.me);
         pubsub.subscribe(&server_channel).await?;

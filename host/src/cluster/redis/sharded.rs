@@ -1,0 +1,225 @@
+//! The node's subscriptions on a Redis Cluster: its delivery channel over
+//! sharded pub/sub (`SSUBSCRIBE`, on the master of the channel's slot) and
+//! the presence events over classic pub/sub (the cluster bus carries them
+//! everywhere), all on one RESP3 cluster connection.
+//!
+//! redis-rs resubscribes after a lost connection, but a shard subscription
+//! can also end without one: a `CLUSTER FAILOVER` or a slot migration makes
+//! the old owner send `SUNSUBSCRIBE`, and the library forgets the channel;
+//! after a master is killed the subscription is gone until that process
+//! returns. So this keeper does not trust it:
+//! - an `SUNSUBSCRIBE` of the node's channel, or a disconnection, makes it
+//!   subscribe again at once, on a new connection: the old one's map of the
+//!   slots may be stale, and would send the subscription back to a demoted
+//!   master, which as a replica accepts it and hears nothing;
+//! - a watchdog publishes a ping to the node's own channel every
+//!   [`WATCHDOG`] through the node's command connection (where publishers'
+//!   messages go, not where the subscription went) and subscribes again, on
+//!   a new connection, when it has not come back within [`PING_DEADLINE`]:
+//!   a silent loss lasts about a second.
+//!
+//! While the node is not subscribed, `SPUBLISH` to its channel counts no
+//! receiver, and the publisher retries (`publish_until_heard`): what is lost
+//! is only what a publisher gave up on after its retries, and that call
+//! answers 503, never 200 (see docs/cluster.md, "Redis Cluster").
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use imhost_client::api::PresenceEvent;
+use imhost_client::helper::cluster_client;
+use imhost_client::wire::{ServerMessage, TokenValue};
+use redis::{PushKind, Value};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{info, warn};
+
+use super::presence::RedisPresence;
+use crate::cluster::{PresenceChange, PresenceKind, Topology};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// How often the watchdog pings the node's own channel.
+pub const WATCHDOG: Duration = Duration::from_millis(500);
+/// How long a ping may take to come back before the node subscribes again.
+pub const PING_DEADLINE: Duration = Duration::from_millis(1000);
+/// What a watchdog ping starts with: never the start of a node message
+/// (JSON or a `__FreeIM__` marker).
+const PING: &str = "\u{0}imhost-watchdog:";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the subscriber feeds, as in standalone mode.
+pub struct ShardedSubscriber {
+    pub seeds: Vec<String>,
+    pub presence: Arc<RedisPresence>,
+    pub topology: Topology,
+    pub inbox: mpsc::Sender<ServerMessage>,
+    pub events: broadcast::Sender<PresenceChange>,
+    pub stats: Arc<Stats>,
+    pub shutdown: Shutdown,
+}
+
+impl ShardedSubscriber {
+    /// Runs until the node has drained; rebuilds the connection when it fails.
+    pub async fn run(self) {
+        // No keyspace notifications across shards: channel members are read
+        // per message (the cache stays off).
+        self.presence.cache.set_enabled(false);
+        let mut backoff = MIN_BACKOFF;
+        let mut ever_connected = false;
+        loop {
+            let outcome = tokio::select! {
+                outcome = self.listen(&mut ever_connected, &mut backoff) => outcome,
+                () = self.shutdown.drained().cancelled() => return,
+            };
+            if let Err(err) = outcome {
+                warn!(cause = %err, retry_in = ?backoff, "redis cluster subscription lost");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.shutdown.drained().cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn listen(
+        &self,
+        ever_connected: &mut bool,
+        backoff: &mut Duration,
+    ) -> redis::RedisResult<()> {
+        let keys = self.presence.keys().clone();
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+        let client = cluster_client(&self.seeds, Some(tx))
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+        let mut conn = client.get_async_connection().await?;
+        let channel = keys.server(&self.topology.me);
+        let online = keys.online_event();
+        let offline = keys.offline_event();
+        conn.ssubscribe(&channel).await?;
+        conn.subscribe(&online).await?;
+        conn.subscribe(&offline).await?;
+        if *ever_connected {
+            info!("redis cluster subscription restored");
+            self.presence.mark_dirty();
+        }
+        *ever_connected = true;
+        *backoff = MIN_BACKOFF;
+
+        let mut watchdog = tokio::time::interval(WATCHDOG);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        let mut outstanding: Option<(u64, Instant)> = None;
+        loop {
+            tokio::select! {
+                push = pushes.recv() => {
+                    let Some(push) = push else {
+                        return Err(closed("push channel closed"));
+                    };
+                    match (push.kind, push.data.as_slice()) {
+                        (PushKind::SMessage, [_, Value::BulkString(payload)]) => {
+                            if let Some(n) = payload.strip_prefix(PING.as_bytes()) {
+                                if outstanding.is_some_and(|(s, _)| n == s.to_string().as_bytes()) {
+                                    outstanding = None;
+                                }
+                                continue;
+                            }
+                            if !self.deliver(payload).await {
+                                return Ok(());
+                            }
+                        }
+                        (PushKind::Message, [Value::BulkString(name), Value::BulkString(payload)]) => {
+                            let kind = if name.as_slice() == online.as_bytes() {
+                                PresenceKind::Online
+                            } else if name.as_slice() == offline.as_bytes() {
+                                PresenceKind::Offline
+                            } else {
+                                continue;
+                            };
+                            self.event(kind, payload);
+                        }
+                        (PushKind::SUnsubscribe, [Value::BulkString(name), ..])
+                            if name.as_slice() == channel.as_bytes() =>
+                        {
+                            return Err(self.lost("sunsubscribe"));
+                        }
+                        (PushKind::Disconnection, _) => {
+                            return Err(self.lost("disconnection"));
+                        }
+                        _ => {}
+                    }
+                }
+                _ = watchdog.tick() => {
+                    if let Some((_, sent)) = outstanding
+                        && sent.elapsed() > PING_DEADLINE
+                    {
+                        return Err(self.lost("watchdog"));
+                    }
+                    if outstanding.is_none() {
+                        seq += 1;
+                        let mut publisher = self.presence.helper.connection();
+                        let ping: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
+                            .arg(&channel)
+                            .arg(format!("{PING}{seq}"))
+                            .query_async(&mut publisher)
+                            .await;
+                        if let Err(err) = ping {
+                            warn!(cause = %err, "watchdog ping not published");
+                        }
+                        outstanding = Some((seq, Instant::now()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The subscription is lost or in doubt: counted, and `run` subscribes
+    /// again on a new connection.
+    fn lost(&self, why: &'static str) -> redis::RedisError {
+        Stats::incr(&self.stats.shard_resubscribes);
+        info!(why, "subscribing to this node's shard channel again");
+        closed(why)
+    }
+
+    /// Hands a node message to the inbox; false once the inbox is closed.
+    async fn deliver(&self, payload: &[u8]) -> bool {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            self.skip("payload is not UTF-8");
+            return true;
+        };
+        match ServerMessage::decode(text) {
+            // Bounded: a burst waits here, and Redis buffers for us.
+            Ok(message) => self.inbox.send(message).await.is_ok(),
+            Err(err) => {
+                self.skip(&err.to_string());
+                true
+            }
+        }
+    }
+
+    fn event(&self, kind: PresenceKind, payload: &[u8]) {
+        match serde_json::from_slice::<TokenValue>(payload) {
+            Ok(value) => {
+                let _ = self.events.send(PresenceChange {
+                    kind,
+                    event: PresenceEvent {
+                        client_id: value.client_id,
+                        server: self.topology.node_for(value.client_id).to_owned(),
+                        metadata: value.metadata,
+                    },
+                });
+            }
+            Err(err) => self.skip(&err.to_string()),
+        }
+    }
+
+    fn skip(&self, why: &str) {
+        Stats::incr(&self.stats.dispatch_errors);
+        warn!(why, "skipped a malformed message on the node channel");
+    }
+}
+
+fn closed(why: &str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other(why.to_owned()))
+}

@@ -1,0 +1,301 @@
+//! A real Redis Cluster on loopback: `redis-server --cluster-enabled` on free
+//! ports (nothing kept on disk), joined by `redis-cli --cluster create`,
+//! every process killed by its PID on drop. Failover, slot migration and a
+//! master's death are made the way an operator (or a crash) makes them, for
+//! the failure tests of cluster mode's next step (issue 26).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+struct Server {
+    port: u16,
+    child: Option<Child>,
+}
+
+pub struct RedisCluster {
+    servers: Vec<Server>,
+    dir: TempDir,
+}
+
+async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    client.get_multiplexed_async_connection().await.ok()
+}
+
+async fn query(port: u16, cmd: &redis::Cmd) -> Option<redis::Value> {
+    let mut c = conn(port).await?;
+    cmd.query_async(&mut c).await.ok()
+}
+
+async fn text(port: u16, cmd: &redis::Cmd) -> Option<String> {
+    match query(port, cmd).await? {
+        redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+        redis::Value::VerbatimString { text, .. } => Some(text),
+        redis::Value::SimpleString(s) => Some(s),
+        redis::Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each, serving every slot.
+    pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = masters * (1 + replicas);
+        let mut cluster = RedisCluster {
+            servers: Vec::new(),
+            dir,
+        };
+        for _ in 0..n {
+            let port = crate::process::free_addr().port();
+            cluster.servers.push(Server { port, child: None });
+        }
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for server in &cluster.servers {
+            let port = server.port;
+            crate::eventually("a cluster node answers PING", || async move {
+                let pong = text(port, &redis::cmd("PING")).await?;
+                (pong == "PONG").then_some(())
+            })
+            .await;
+        }
+        let addrs: Vec<String> = cluster
+            .servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let status = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok(n).await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.servers[i].port;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.path().join(format!("nodes-{port}.conf")))
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join(format!("{port}.log")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.servers[i].child = Some(child);
+    }
+
+    /// Waits until every live node sees every slot served and `n` nodes.
+    async fn wait_ok(&self, n: usize) {
+        let ports: Vec<u16> = self
+            .servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .map(|s| s.port)
+            .collect();
+        crate::eventually_within("the redis cluster is ok", Duration::from_secs(60), || {
+            let ports = ports.clone();
+            async move {
+                for port in ports {
+                    let info = text(port, redis::cmd("CLUSTER").arg("INFO")).await?;
+                    let ok = info.contains("cluster_state:ok")
+                        && info.contains("cluster_slots_ok:16384")
+                        && info.contains(&format!("cluster_known_nodes:{n}"));
+                    if !ok {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    /// The URLs of every node, as `--redis-cluster` takes them.
+    pub fn seeds(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}/", s.port))
+            .collect()
+    }
+
+    /// `redis_cluster` seeds, comma-separated.
+    pub fn seeds_arg(&self) -> String {
+        self.seeds().join(",")
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let port = self.live_port();
+        let slot: i64 = match query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await {
+            Some(redis::Value::Int(slot)) => slot,
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        };
+        let nodes = text(port, redis::cmd("CLUSTER").arg("NODES"))
+            .await
+            .expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            for range in &fields[8..] {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                let (Ok(lo), Ok(hi)) = (lo.parse::<i64>(), hi.parse::<i64>()) else {
+                    continue;
+                };
+                if (lo..=hi).contains(&slot) {
+                    let addr = fields[1].split('@').next().unwrap_or_default();
+                    return addr
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .expect("port");
+                }
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    fn live_port(&self) -> u16 {
+        self.servers
+            .iter()
+            .find(|s| s.child.is_some())
+            .map(|s| s.port)
+            .expect("a live node")
+    }
+
+    /// Promotes a replica of the master on `port` with `CLUSTER FAILOVER`
+    /// (coordinated, no data lost) and waits until it serves.
+    pub async fn failover(&self, port: u16) -> u16 {
+        let id = text(port, redis::cmd("CLUSTER").arg("MYID"))
+            .await
+            .expect("MYID");
+        let replicas = match query(port, redis::cmd("CLUSTER").arg("REPLICAS").arg(&id)).await {
+            Some(redis::Value::Array(lines)) => lines,
+            other => panic!("CLUSTER REPLICAS: {other:?}"),
+        };
+        let line = match replicas.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::VerbatimString { text, .. }) => text.clone(),
+            other => panic!("no replica of {port}: {other:?}"),
+        };
+        let addr = line.split(' ').nth(1).expect("addr");
+        let replica: u16 = addr
+            .split('@')
+            .next()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("replica port");
+        let ok = text(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await;
+        assert_eq!(ok.as_deref(), Some("OK"), "CLUSTER FAILOVER on {replica}");
+        crate::eventually_within(
+            "the replica took over",
+            Duration::from_secs(30),
+            || async move {
+                let role = query(replica, &redis::cmd("ROLE")).await?;
+                match role {
+                    redis::Value::Array(items) => match items.first() {
+                        Some(redis::Value::BulkString(b)) if b.as_slice() == b"master" => Some(()),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        replica
+    }
+
+    /// Moves `key`'s slot (with no keys in it) from its master to another
+    /// master, as `redis-cli --cluster reshard` would.
+    pub async fn migrate_slot_of(&self, key: &str) -> (u16, u16) {
+        let from = self.master_of(key).await;
+        let port = self.live_port();
+        let slot: i64 = match query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await {
+            Some(redis::Value::Int(slot)) => slot,
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        };
+        let nodes = text(port, redis::cmd("CLUSTER").arg("NODES"))
+            .await
+            .expect("CLUSTER NODES");
+        let masters: Vec<(String, u16)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                (fields.len() > 2 && fields[2].contains("master") && !fields[2].contains("fail"))
+                    .then(|| {
+                        let port = fields[1]
+                            .split('@')
+                            .next()
+                            .and_then(|a| a.rsplit(':').next())
+                            .and_then(|p| p.parse().ok())
+                            .unwrap_or(0);
+                        (fields[0].to_owned(), port)
+                    })
+            })
+            .collect();
+        let from_id = masters
+            .iter()
+            .find(|(_, p)| *p == from)
+            .expect("from")
+            .0
+            .clone();
+        let (to_id, to) = masters
+            .iter()
+            .find(|(_, p)| *p != from)
+            .expect("another master")
+            .clone();
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        assert!(query(to, &setslot("IMPORTING", &from_id)).await.is_some());
+        assert!(query(from, &setslot("MIGRATING", &to_id)).await.is_some());
+        for (_, port) in &masters {
+            assert!(query(*port, &setslot("NODE", &to_id)).await.is_some());
+        }
+        (from, to)
+    }
+
+    /// Kills the master on `port` (SIGKILL, by PID): its replica takes over
+    /// after the node timeout.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(server) = self.servers.iter_mut().find(|s| s.port == port)
+            && let Some(mut child) = server.child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            if let Some(mut child) = server.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
