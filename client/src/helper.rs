@@ -132,7 +132,10 @@ impl ImHelper {
         let conn = cluster_client(seeds, None)?.get_async_connection().await?;
         Ok(Self {
             target: RedisTarget::Cluster(seeds.to_vec()),
-            conn: RedisConn::Cluster(conn),
+            conn: RedisConn::Cluster(std::sync::Arc::new(crate::conn::ClusterHandle::new(
+                seeds.to_vec(),
+                conn,
+            ))),
             keys: Keys::for_cluster(path),
             servers,
             path: path.to_owned(),
@@ -201,12 +204,50 @@ impl ImHelper {
         cmd
     }
 
+    /// On a cluster, makes the command connection learn where `node`'s
+    /// channel lives now: a short-lived write to a key of that channel's
+    /// slot. A publish is not a write, so a connection whose map of the
+    /// slots went stale in a failover would keep sending it to the demoted
+    /// master, which accepts it and has no subscriber; a write is answered
+    /// `MOVED` there, and the connection refreshes its map. A no-op on
+    /// standalone Redis.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn refresh_route(&self, node: &str) -> Result<(), HelperError> {
+        if !self.conn.is_cluster() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(self.keys.server(node))
+            .arg(1)
+            .arg("PX")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Publishes each `(node, payload)`, returning how many heard each: in
     /// one pipeline on standalone Redis; concurrently on a cluster, where a
     /// pipeline may not span slots.
     async fn publish_many(&self, items: Vec<(&str, String)>) -> Result<Vec<i64>, HelperError> {
+        self.publish_many_as(items, crate::wire::new_delivery_id())
+            .await
+    }
+
+    /// [`ImHelper::publish_many`] with the deliveries' id: on a cluster
+    /// the payload carries it ([`crate::wire::Envelope`]), so a retry of the
+    /// same publish is recognised and dropped by the node.
+    async fn publish_many_as(
+        &self,
+        items: Vec<(&str, String)>,
+        id: u64,
+    ) -> Result<Vec<i64>, HelperError> {
         if self.conn.is_cluster() {
             let calls = items.into_iter().map(|(node, payload)| {
+                let payload = crate::wire::Envelope::wrap(id, &payload);
                 let cmd = self.publish_cmd(self.keys.server(node), &payload);
                 let mut conn = self.conn.clone();
                 async move { cmd.query_async::<i64>(&mut conn).await }
@@ -287,11 +328,12 @@ impl ImHelper {
         node: &str,
         message: &ServerMessage,
     ) -> Result<i64, HelperError> {
-        let mut conn = self.conn.clone();
         Ok(self
-            .publish_cmd(self.keys.server(node), &message.encode())
-            .query_async(&mut conn)
-            .await?)
+            .publish_many(vec![(node, message.encode())])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0))
     }
 
     /// Publishes `message` to each of `nodes` in one pipeline and returns how
@@ -304,8 +346,25 @@ impl ImHelper {
         nodes: &[&str],
         message: &ServerMessage,
     ) -> Result<Vec<i64>, HelperError> {
+        self.publish_each_heard_as(nodes, message, crate::wire::new_delivery_id())
+            .await
+    }
+
+    /// [`ImHelper::publish_each_heard`] under a delivery id the caller keeps
+    /// across its retries: on a cluster, where a message may be heard by a
+    /// subscriber the reply does not count (one on a replica), the node
+    /// drops the second copy of an id it already delivered.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn publish_each_heard_as(
+        &self,
+        nodes: &[&str],
+        message: &ServerMessage,
+        id: u64,
+    ) -> Result<Vec<i64>, HelperError> {
         let payload = message.encode();
-        self.publish_many(nodes.iter().map(|n| (*n, payload.clone())).collect())
+        self.publish_many_as(nodes.iter().map(|n| (*n, payload.clone())).collect(), id)
             .await
     }
 

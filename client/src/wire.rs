@@ -19,6 +19,32 @@ pub fn new_token() -> String {
     hex::encode(bytes)
 }
 
+/// A random id for one delivery (kept across its retries).
+pub fn new_delivery_id() -> u64 {
+    rand::random()
+}
+
+/// imhost-native (Redis Cluster mode): a node message with its delivery id
+/// in front, `\u{1}<16 hex digits>\u{1}<message>`, so that a node can drop
+/// a retry of a delivery it already handed out. Standalone Redis keeps
+/// FreeIM's bare messages.
+pub struct Envelope;
+
+impl Envelope {
+    const MARK: char = '\u{1}';
+
+    pub fn wrap(id: u64, message: &str) -> String {
+        format!("{m}{id:016x}{m}{message}", m = Self::MARK)
+    }
+
+    /// The id and the message of an envelope; `None` for a bare message.
+    pub fn open(payload: &str) -> Option<(u64, &str)> {
+        let rest = payload.strip_prefix(Self::MARK)?;
+        let (id, message) = rest.split_once(Self::MARK)?;
+        Some((u64::from_str_radix(id, 16).ok()?, message))
+    }
+}
+
 /// Cheap shape check before any store is asked about a token.
 pub fn looks_like_token(token: &str) -> bool {
     token.len() == 128 && token.bytes().all(|b| b.is_ascii_hexdigit())

@@ -114,6 +114,8 @@ counters! {
     key_set_fetch_failures,
     /// Redis Cluster: times this node subscribed to its shard channel again (after an SUNSUBSCRIBE, a disconnection, or a watchdog ping that did not come back).
     shard_resubscribes,
+    /// Redis Cluster: copies of a delivery this node had already handed out (a publisher's retry), dropped.
+    shard_duplicates_dropped,
 }
 
 impl Stats {

@@ -1,14 +1,21 @@
 //! Nodes on a real Redis Cluster (3 masters, 3 replicas, started by the
 //! test on loopback): the cluster tests' own bodies on the second backend,
-//! and the refusals of a standalone URL that names a cluster node and of a
-//! cluster flag that names a standalone Redis.
+//! and what only a cluster does: a coordinated failover and a slot
+//! migration under a message stream, and the refusals of a
+//! standalone URL that names a cluster node and of a cluster flag that names
+//! a standalone Redis.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use imhost_client::wire::Keys;
 use imhost_tests::cluster::Cluster;
 use imhost_tests::process::{ImhostProcess, free_addr};
 use imhost_tests::redis::RedisServer;
 use imhost_tests::redis_cluster::RedisCluster;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn messages_receipts_channels_and_broadcast_cross_nodes_on_a_redis_cluster() {
@@ -20,6 +27,153 @@ async fn messages_receipts_channels_and_broadcast_cross_nodes_on_a_redis_cluster
 async fn a_killed_node_is_reaped_on_a_redis_cluster_as_on_one_redis() {
     let redis = RedisCluster::start(3, 1).await;
     super::cluster::killed_node_cleanup(Cluster::start_on_cluster(&redis, 3, &[]).await).await;
+}
+
+/// What a stream of API sends to one client saw, and what its socket got.
+struct Stream {
+    statuses: BTreeMap<u16, u32>,
+    accepted: Vec<i64>,
+    received: Vec<i64>,
+}
+
+/// Sends numbered messages from node 0's API to `client` (on node 1) until
+/// `disturb` has run and `after` more were answered, then checks the socket.
+async fn stream_through(
+    cluster: &Cluster,
+    client: i64,
+    disturb: impl std::future::Future<Output = ()>,
+) -> Stream {
+    let mut reader = cluster.node(0).terminal(client).await.into_reader();
+    let answered = Arc::new(AtomicU32::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = {
+        let api = cluster.node(0).clone();
+        let (answered, stop) = (answered.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut statuses = BTreeMap::<u16, u32>::new();
+            for n in 0..20_000i64 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let (status, _) = api
+                    .post_raw(
+                        "/messages",
+                        json!({"sender": 0, "receivers": [client], "message": {"n": n}}),
+                    )
+                    .await;
+                *statuses.entry(status).or_default() += 1;
+                if status == 200 {
+                    accepted.push(n);
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            (accepted, statuses)
+        })
+    };
+    let flowing = |more: u32| {
+        let answered = answered.clone();
+        async move {
+            let before = answered.load(Ordering::Relaxed);
+            imhost_tests::eventually_within("traffic flows", Duration::from_secs(60), || async {
+                (answered.load(Ordering::Relaxed) >= before + more).then_some(())
+            })
+            .await;
+        }
+    };
+    flowing(100).await;
+    disturb.await;
+    flowing(200).await;
+    stop.cancel();
+    let (accepted, statuses) = traffic.await.expect("traffic task");
+    cluster
+        .node(0)
+        .send(0, &[client], json!("end"), false)
+        .await;
+    let mut received = Vec::new();
+    loop {
+        let text = reader.next_text().await;
+        if text == r#""end""# {
+            break;
+        }
+        let value: Value = serde_json::from_str(&text).expect("json");
+        received.push(value["n"].as_i64().expect("n"));
+    }
+    assert!(reader.is_open(), "the socket stayed open");
+    Stream {
+        statuses,
+        accepted,
+        received,
+    }
+}
+
+impl Stream {
+    /// Every message answered 200 arrived, once; nothing else arrived twice.
+    fn assert_complete(&self) {
+        assert!(
+            self.statuses.keys().all(|s| *s == 200 || *s == 503),
+            "only 200 or 503: {:?}",
+            self.statuses
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        let duplicates: Vec<i64> = self
+            .received
+            .iter()
+            .copied()
+            .filter(|n| !seen.insert(*n))
+            .collect();
+        assert!(duplicates.is_empty(), "delivered twice: {duplicates:?}");
+        let missing: Vec<i64> = self
+            .accepted
+            .iter()
+            .copied()
+            .filter(|n| !seen.contains(n))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} answered 200 and lost: {missing:?} ({:?})",
+            missing.len(),
+            self.statuses
+        );
+    }
+}
+
+/// The key whose slot carries node `i`'s delivery channel.
+fn channel_of(cluster: &Cluster, i: usize) -> String {
+    Keys::for_cluster("/ws").server(&cluster.servers[i])
+}
+
+#[tokio::test]
+async fn a_failover_and_a_slot_migration_under_a_stream_lose_and_duplicate_nothing() {
+    let redis = RedisCluster::start(3, 1).await;
+    let cluster = Cluster::start_on_cluster(&redis, 2, &[]).await;
+    let client = cluster.client_on(1, 1);
+    let channel = channel_of(&cluster, 1);
+
+    let master = redis.master_of(&channel).await;
+    let failover = stream_through(&cluster, client, async {
+        let promoted = redis.failover(master).await;
+        assert_ne!(promoted, master);
+    })
+    .await;
+    failover.assert_complete();
+    assert_ne!(
+        redis.master_of(&channel).await,
+        master,
+        "the channel's slot moved"
+    );
+
+    let migration = stream_through(&cluster, client, async {
+        let (from, to) = redis.migrate_slot_of(&channel).await;
+        assert_ne!(from, to);
+    })
+    .await;
+    migration.assert_complete();
+    let stats = cluster.node(1).stats().await;
+    assert!(
+        stats.shard_resubscribes >= 1,
+        "node 1 subscribed again after losing its shard subscription: {stats:?}"
+    );
 }
 
 #[tokio::test]

@@ -79,8 +79,13 @@ impl RedisRelay {
     ) -> Result<Vec<String>, ClusterError> {
         let mut pending: Vec<&str> = nodes.to_vec();
         let mut pauses = UNHEARD_RETRIES.iter();
+        // One id for the publish and all its retries (see Envelope).
+        let id = imhost_client::wire::new_delivery_id();
         loop {
-            let heard = self.helper.publish_each_heard(&pending, message).await?;
+            let heard = self
+                .helper
+                .publish_each_heard_as(&pending, message, id)
+                .await?;
             self.redis_up.notify_waiters();
             pending = pending
                 .into_iter()
@@ -95,6 +100,13 @@ impl RedisRelay {
                 return Ok(pending.into_iter().map(str::to_owned).collect());
             };
             Stats::add(&self.stats.publish_retries, pending.len() as u64);
+            // On a Redis Cluster the miss may be ours: a stale map of the
+            // slots sends the publish to a demoted master (no-op otherwise).
+            for node in &pending {
+                if let Err(err) = self.helper.refresh_route(node).await {
+                    tracing::debug!(node, cause = %err, "route not refreshed");
+                }
+            }
             tokio::time::sleep(*pause).await;
         }
     }

@@ -13,22 +13,34 @@
 //!   slots may be stale, and would send the subscription back to a demoted
 //!   master, which as a replica accepts it and hears nothing;
 //! - a watchdog publishes a ping to the node's own channel every
-//!   [`WATCHDOG`] through the node's command connection (where publishers'
-//!   messages go, not where the subscription went) and subscribes again, on
-//!   a new connection, when it has not come back within [`PING_DEADLINE`]:
+//!   [`WATCHDOG`] through the node's command connection, after a write to
+//!   the channel's slot that makes that connection find the slot's true
+//!   master (`ImHelper::refresh_route`: a publish to a demoted master is
+//!   accepted, a write is redirected), so the ping goes where publishers'
+//!   messages go, not where the subscription went; when it has not come back
+//!   within [`PING_DEADLINE`] the node subscribes again on a new connection:
 //!   a silent loss lasts about a second.
 //!
 //! While the node is not subscribed, `SPUBLISH` to its channel counts no
 //! receiver, and the publisher retries (`publish_until_heard`): what is lost
 //! is only what a publisher gave up on after its retries, and that call
 //! answers 503, never 200 (see docs/cluster.md, "Redis Cluster").
+//!
+//! A subscription can also land on a replica (right after a failover, a
+//! fresh map of the slots may still name the demoted master): it still
+//! receives (replication carries shard messages), but `SPUBLISH` on the
+//! master does not count it, so publishers retry what was delivered. Hence
+//! the watchdog's ping must also be *counted* (else: subscribe again), and
+//! every cluster delivery carries an id (`Envelope`) kept across retries:
+//! the node drops a copy of an id it has delivered ([`Recent`]).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imhost_client::api::PresenceEvent;
 use imhost_client::helper::cluster_client;
-use imhost_client::wire::{ServerMessage, TokenValue};
+use imhost_client::wire::{Envelope, ServerMessage, TokenValue};
 use redis::{PushKind, Value};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
@@ -45,6 +57,33 @@ pub const PING_DEADLINE: Duration = Duration::from_millis(1000);
 /// What a watchdog ping starts with: never the start of a node message
 /// (JSON or a `__FreeIM__` marker).
 const PING: &str = "\u{0}imhost-watchdog:";
+
+/// Delivery ids remembered to drop retried copies: far more than a retry
+/// window (1.5 s) of deliveries to one node at any rate a node takes.
+const RECENT_IDS: usize = 1 << 18;
+
+/// The delivery ids this node handed out last, oldest first out.
+#[derive(Default)]
+struct Recent {
+    ids: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Recent {
+    /// True the first time `id` is seen (within the window).
+    fn first(&mut self, id: u64) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT_IDS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+}
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -107,6 +146,7 @@ impl ShardedSubscriber {
         *ever_connected = true;
         *backoff = MIN_BACKOFF;
 
+        let mut recent = Recent::default();
         let mut watchdog = tokio::time::interval(WATCHDOG);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
@@ -125,7 +165,7 @@ impl ShardedSubscriber {
                                 }
                                 continue;
                             }
-                            if !self.deliver(payload).await {
+                            if !self.deliver(payload, &mut recent).await {
                                 return Ok(());
                             }
                         }
@@ -154,18 +194,27 @@ impl ShardedSubscriber {
                     if let Some((_, sent)) = outstanding
                         && sent.elapsed() > PING_DEADLINE
                     {
-                        return Err(self.lost("watchdog"));
+                        return Err(self.lost("watchdog: ping lost"));
                     }
                     if outstanding.is_none() {
                         seq += 1;
+                        // Where publishers' messages go: the slot's master
+                        // as a write finds it (see `refresh_route`).
+                        if let Err(err) = self.presence.helper.refresh_route(&self.topology.me).await {
+                            warn!(cause = %err, "watchdog route not refreshed");
+                        }
                         let mut publisher = self.presence.helper.connection();
                         let ping: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
                             .arg(&channel)
                             .arg(format!("{PING}{seq}"))
                             .query_async(&mut publisher)
                             .await;
-                        if let Err(err) = ping {
-                            warn!(cause = %err, "watchdog ping not published");
+                        match ping {
+                            // Not counted by the slot's master: this node
+                            // is not subscribed there (perhaps on a replica).
+                            Ok(0) => return Err(self.lost("watchdog: not counted")),
+                            Ok(_) => {}
+                            Err(err) => warn!(cause = %err, "watchdog ping not published"),
                         }
                         outstanding = Some((seq, Instant::now()));
                     }
@@ -182,12 +231,20 @@ impl ShardedSubscriber {
         closed(why)
     }
 
-    /// Hands a node message to the inbox; false once the inbox is closed.
-    async fn deliver(&self, payload: &[u8]) -> bool {
-        let Ok(text) = std::str::from_utf8(payload) else {
+    /// Hands a node message to the inbox, once per delivery id; false once
+    /// the inbox is closed.
+    async fn deliver(&self, payload: &[u8], recent: &mut Recent) -> bool {
+        let Ok(mut text) = std::str::from_utf8(payload) else {
             self.skip("payload is not UTF-8");
             return true;
         };
+        if let Some((id, message)) = Envelope::open(text) {
+            if !recent.first(id) {
+                Stats::incr(&self.stats.shard_duplicates_dropped);
+                return true;
+            }
+            text = message;
+        }
         match ServerMessage::decode(text) {
             // Bounded: a burst waits here, and Redis buffers for us.
             Ok(message) => self.inbox.send(message).await.is_ok(),
@@ -222,4 +279,29 @@ impl ShardedSubscriber {
 
 fn closed(why: &str) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::other(why.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_id_is_handed_out_once_and_forgotten_past_the_window() {
+        let mut recent = Recent::default();
+        assert!(recent.first(7));
+        assert!(!recent.first(7), "a retried copy");
+        for id in 100..100 + RECENT_IDS as u64 {
+            recent.first(id);
+        }
+        assert!(recent.first(7), "long gone from the window");
+        assert_eq!(recent.order.len(), RECENT_IDS);
+    }
+
+    #[test]
+    fn an_envelope_opens_to_its_id_and_message_and_a_bare_message_is_bare() {
+        let wrapped = Envelope::wrap(0xabc, r#"{"a":1}"#);
+        assert_eq!(Envelope::open(&wrapped), Some((0xabc, r#"{"a":1}"#)));
+        assert_eq!(Envelope::open(r#"{"a":1}"#), None);
+        assert_eq!(Envelope::open("__FreeIM__(ForceOffline)7"), None);
+    }
 }
