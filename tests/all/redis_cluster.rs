@@ -1,7 +1,7 @@
 //! Nodes on a real Redis Cluster (3 masters, 3 replicas, started by the
 //! test on loopback): the cluster tests' own bodies on the second backend,
-//! and what only a cluster does: a coordinated failover and a slot
-//! migration under a message stream, and the refusals of a
+//! and what only a cluster does: a coordinated failover, a slot migration
+//! and a master killed under a message stream, and the refusals of a
 //! standalone URL that names a cluster node and of a cluster flag that names
 //! a standalone Redis.
 
@@ -174,6 +174,22 @@ async fn a_failover_and_a_slot_migration_under_a_stream_lose_and_duplicate_nothi
         stats.shard_resubscribes >= 1,
         "node 1 subscribed again after losing its shard subscription: {stats:?}"
     );
+}
+
+#[tokio::test]
+async fn a_killed_master_leaves_a_bounded_gap_answered_503_never_200() {
+    let mut redis = RedisCluster::start(3, 1).await;
+    let cluster = Cluster::start_on_cluster(&redis, 2, &[]).await;
+    let client = cluster.client_on(1, 1);
+    let master = redis.master_of(&channel_of(&cluster, 1)).await;
+    // Killed between the stream's first and last hundreds: its replica takes
+    // over after the node timeout (1 s here), the nodes find it, and sends
+    // resume; in between they are answered 503.
+    let stream = stream_through(&cluster, client, async {
+        redis.kill(master);
+    })
+    .await;
+    stream.assert_complete();
 }
 
 #[tokio::test]

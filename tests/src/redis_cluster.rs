@@ -80,6 +80,7 @@ impl RedisCluster {
             .expect("run redis-cli --cluster create");
         assert!(status.success(), "redis-cli --cluster create failed");
         cluster.wait_ok(n).await;
+        cluster.wait_replicas_synced().await;
         cluster
     }
 
@@ -88,6 +89,9 @@ impl RedisCluster {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            // Replicas sync at once (not after the default 5 s that batches
+            // them): a replica with no data is not allowed to take over.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--cluster-config-file")
             .arg(self.dir.path().join(format!("nodes-{port}.conf")))
             .args(["--save", "", "--appendonly", "no"])
@@ -120,6 +124,25 @@ impl RedisCluster {
                         && info.contains("cluster_slots_ok:16384")
                         && info.contains(&format!("cluster_known_nodes:{n}"));
                     if !ok {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until every replica's link to its master is up (it has the
+    /// data, and may take over).
+    async fn wait_replicas_synced(&self) {
+        let ports: Vec<u16> = self.servers.iter().map(|s| s.port).collect();
+        crate::eventually_within("replicas synced", Duration::from_secs(60), || {
+            let ports = ports.clone();
+            async move {
+                for port in ports {
+                    let info = text(port, redis::cmd("INFO").arg("replication")).await?;
+                    if info.contains("role:slave") && !info.contains("master_link_status:up") {
                         return None;
                     }
                 }
@@ -279,6 +302,11 @@ impl RedisCluster {
             let _ = query(*port, &setslot("NODE", &to_id)).await;
         }
         (from, to)
+    }
+
+    /// The log of the node on `port`, for a failing test's message.
+    pub fn log_of(&self, port: u16) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{port}.log"))).unwrap_or_default()
     }
 
     /// Kills the master on `port` (SIGKILL, by PID): its replica takes over
