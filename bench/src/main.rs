@@ -36,6 +36,7 @@ use tokio_tungstenite::tungstenite::Message;
 mod api_load;
 mod big_cluster;
 mod languages;
+mod redis_cluster;
 mod saturation;
 mod soak;
 mod sockets;
@@ -176,6 +177,11 @@ struct Args {
     /// `bench/src/swap.rs`; needs `examples/plugins/build`).
     #[arg(long)]
     only_swap: bool,
+    /// Only the Redis Cluster scenario: deliveries through one Redis and a
+    /// Redis Cluster of 1 and 3 masters, 3 and 6 nodes, with Redis CPU per
+    /// delivery (`bench/src/redis_cluster.rs`).
+    #[arg(long)]
+    only_redis_cluster: bool,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -220,6 +226,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_swap {
         return swap::run(&args).await;
+    }
+    if args.only_redis_cluster {
+        return redis_cluster::run(&args).await;
     }
     if let Some(entry) = args.hold {
         let range = args.hold_range.as_deref().unwrap_or("1-1");
@@ -698,8 +707,8 @@ mod cluster {
         start_redis, wait_serving,
     };
 
-    struct Run {
-        per_sec: f64,
+    pub(super) struct Run {
+        pub(super) per_sec: f64,
         p50_us: u64,
         p99_us: u64,
     }
@@ -754,7 +763,7 @@ mod cluster {
         Ok(())
     }
 
-    async fn run(args: &Args, nodes: &[SocketAddr]) -> anyhow::Result<Run> {
+    pub(super) async fn run(args: &Args, nodes: &[SocketAddr]) -> anyhow::Result<Run> {
         let http = reqwest::Client::new();
         for &node in nodes {
             wait_serving(&http, node).await?;

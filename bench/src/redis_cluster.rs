@@ -1,0 +1,220 @@
+//! `--only-redis-cluster`: cross-node deliveries per second through one Redis
+//! and through a Redis Cluster of 1 and 3 masters (sharded pub/sub), with 3
+//! and 6 imhost nodes, and what each costs Redis: deliveries per Redis
+//! CPU-second, in all and per shard. Every process shares this machine's
+//! cores, so the figures are ratios against the standalone run of the same
+//! command, not capacities.
+//!
+//! The cluster is made without `redis-cli`: masters started with
+//! `--cluster-enabled`, introduced with `CLUSTER MEET`, the 16384 slots
+//! split with `CLUSTER ADDSLOTSRANGE`. No replicas (a replica per master
+//! costs 3–3.5× the Redis CPU per message: issue 26's measurement).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::Child;
+
+use super::{Args, cluster_addrs, free_addr, spawn_imhost, start_redis};
+
+/// One Redis deployment under test.
+struct Deployment {
+    redis: Vec<Child>,
+    ports: Vec<u16>,
+    /// `--redis URL` or `--redis-cluster SEEDS`.
+    args: [String; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    async fn standalone() -> anyhow::Result<Deployment> {
+        let port = free_addr()?.port();
+        let redis = start_redis(port, &[])?;
+        wait_ping(port).await?;
+        Ok(Deployment {
+            redis: vec![redis],
+            ports: vec![port],
+            args: ["--redis".into(), format!("redis://127.0.0.1:{port}/")],
+            _dir: tempfile::tempdir()?,
+        })
+    }
+
+    async fn cluster(masters: usize) -> anyhow::Result<Deployment> {
+        let dir = tempfile::tempdir()?;
+        let mut redis = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..masters {
+            let port = free_addr()?.port();
+            let conf = dir.path().join(format!("nodes-{port}.conf"));
+            let conf = conf.to_string_lossy().into_owned();
+            redis.push(start_redis(
+                port,
+                &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+            )?);
+            ports.push(port);
+        }
+        for &port in &ports {
+            wait_ping(port).await?;
+        }
+        let per = 16384 / masters;
+        for (i, &port) in ports.iter().enumerate() {
+            let mut conn = connection(port).await?;
+            for &other in &ports[..i] {
+                let () = redis::cmd("CLUSTER")
+                    .arg("MEET")
+                    .arg("127.0.0.1")
+                    .arg(other)
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                (i + 1) * per - 1
+            };
+            let () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(i * per)
+                .arg(last)
+                .query_async(&mut conn)
+                .await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'settle: loop {
+            anyhow::ensure!(Instant::now() < deadline, "the cluster did not settle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for &port in &ports {
+                let mut conn = connection(port).await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await?;
+                if !info.contains("cluster_state:ok")
+                    || !info.contains(&format!("cluster_known_nodes:{masters}"))
+                {
+                    continue 'settle;
+                }
+            }
+            break;
+        }
+        let seeds = ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Deployment {
+            redis,
+            ports,
+            args: ["--redis-cluster".into(), seeds],
+            _dir: dir,
+        })
+    }
+
+    /// Redis CPU time so far, all processes together, in microseconds.
+    fn cpu_us(&self) -> anyhow::Result<u64> {
+        self.redis
+            .iter()
+            .map(|c| super::sockets::cpu_us(c.id().context("redis pid")?))
+            .sum()
+    }
+}
+
+async fn connection(port: u16) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+async fn wait_ping(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut conn) = connection(port).await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "redis on {port} did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Figures {
+    per_sec: f64,
+    per_redis_cpu_sec: f64,
+    shards: usize,
+}
+
+async fn measure(args: &Args, deployment: &Deployment, nodes: usize) -> anyhow::Result<Figures> {
+    let (addrs, servers): (Vec<SocketAddr>, String) = cluster_addrs(nodes)?;
+    let mut children = Vec::new();
+    for addr in &addrs {
+        let name = addr.to_string();
+        children.push(spawn_imhost(
+            args,
+            *addr,
+            &[
+                "--server",
+                &name,
+                "--servers",
+                &servers,
+                &deployment.args[0],
+                &deployment.args[1],
+            ],
+        )?);
+    }
+    let cpu_before = deployment.cpu_us()?;
+    let run = super::cluster::run(args, &addrs).await?;
+    let cpu = deployment.cpu_us()?.saturating_sub(cpu_before).max(1) as f64 / 1e6;
+    drop(children);
+    Ok(Figures {
+        per_sec: run.per_sec,
+        per_redis_cpu_sec: args.messages as f64 / cpu,
+        shards: deployment.ports.len(),
+    })
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "\n{:<44}{:>12}{:>16}{:>16}{:>10}",
+        "deliveries through Redis", "msgs/s", "per Redis CPU-s", "per shard CPU-s", "vs one"
+    );
+    for nodes in [3, 6] {
+        let standalone = {
+            let deployment = Deployment::standalone().await?;
+            measure(args, &deployment, nodes)
+                .await
+                .context("standalone run")?
+        };
+        let mut rows = vec![(format!("{nodes} nodes, one Redis"), standalone)];
+        for masters in [1, 3] {
+            let deployment = Deployment::cluster(masters).await?;
+            let figures = measure(args, &deployment, nodes)
+                .await
+                .with_context(|| format!("cluster of {masters}"))?;
+            rows.push((
+                format!("{nodes} nodes, Redis Cluster, {masters} master(s)"),
+                figures,
+            ));
+        }
+        let base = rows[0].1.per_sec;
+        for (name, f) in &rows {
+            println!(
+                "{name:<44}{:>12.0}{:>16.0}{:>16.0}{:>10.2}",
+                f.per_sec,
+                f.per_redis_cpu_sec,
+                f.per_redis_cpu_sec / f.shards as f64,
+                f.per_sec / base
+            );
+        }
+    }
+    println!(
+        "\n{} messages into node 0's API, 32 callers, {} receivers spread over the nodes; \
+         per Redis CPU-s: messages / CPU seconds of every Redis process",
+        args.messages, args.receivers
+    );
+    Ok(())
+}
