@@ -44,15 +44,28 @@ impl Deployment {
         let dir = tempfile::tempdir()?;
         let mut redis = Vec::new();
         let mut ports = Vec::new();
+        let mut buses = Vec::new();
         for _ in 0..masters {
             let port = free_addr()?.port();
+            // The bus port chosen free too (its default, port + 10000, may
+            // be taken or past 65535).
+            let bus_port = free_addr()?.port();
+            let bus = bus_port.to_string();
             let conf = dir.path().join(format!("nodes-{port}.conf"));
             let conf = conf.to_string_lossy().into_owned();
             redis.push(start_redis(
                 port,
-                &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-port",
+                    &bus,
+                ],
             )?);
             ports.push(port);
+            buses.push(bus_port);
         }
         for &port in &ports {
             wait_ping(port).await?;
@@ -60,11 +73,12 @@ impl Deployment {
         let per = 16384 / masters;
         for (i, &port) in ports.iter().enumerate() {
             let mut conn = connection(port).await?;
-            for &other in &ports[..i] {
+            for (&other, &bus) in ports[..i].iter().zip(&buses) {
                 let () = redis::cmd("CLUSTER")
                     .arg("MEET")
                     .arg("127.0.0.1")
                     .arg(other)
+                    .arg(bus)
                     .query_async(&mut conn)
                     .await?;
             }

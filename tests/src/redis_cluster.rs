@@ -11,6 +11,9 @@ use tempfile::TempDir;
 
 struct Server {
     port: u16,
+    /// The cluster bus: by default `port + 10000`, which may be taken or
+    /// past 65535 for a free port; chosen free, like `port`.
+    bus_port: u16,
     child: Option<Child>,
 }
 
@@ -50,7 +53,12 @@ impl RedisCluster {
         };
         for _ in 0..n {
             let port = crate::process::free_addr().port();
-            cluster.servers.push(Server { port, child: None });
+            let bus_port = crate::process::free_addr().port();
+            cluster.servers.push(Server {
+                port,
+                bus_port,
+                child: None,
+            });
         }
         for i in 0..n {
             cluster.spawn(i);
@@ -85,9 +93,10 @@ impl RedisCluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let port = self.servers[i].port;
+        let (port, bus_port) = (self.servers[i].port, self.servers[i].bus_port);
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-port", &bus_port.to_string()])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             // Replicas sync at once (not after the default 5 s that batches
             // them): a replica with no data is not allowed to take over.
