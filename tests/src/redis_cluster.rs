@@ -42,6 +42,11 @@ async fn text(port: u16, cmd: &redis::Cmd) -> Option<String> {
     }
 }
 
+/// The port of a `CLUSTER NODES` address, `ip:port@bus`.
+fn port_in(addr: &str) -> Option<u16> {
+    addr.split('@').next()?.rsplit(':').next()?.parse().ok()
+}
+
 impl RedisCluster {
     /// `masters` masters with `replicas` replicas each, serving every slot.
     pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
@@ -195,12 +200,7 @@ impl RedisCluster {
                     continue;
                 };
                 if (lo..=hi).contains(&slot) {
-                    let addr = fields[1].split('@').next().unwrap_or_default();
-                    return addr
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| p.parse().ok())
-                        .expect("port");
+                    return port_in(fields[1]).expect("port");
                 }
             }
         }
@@ -230,13 +230,7 @@ impl RedisCluster {
             Some(redis::Value::VerbatimString { text, .. }) => text.clone(),
             other => panic!("no replica of {port}: {other:?}"),
         };
-        let addr = line.split(' ').nth(1).expect("addr");
-        let replica: u16 = addr
-            .split('@')
-            .next()
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .expect("replica port");
+        let replica = port_in(line.split(' ').nth(1).expect("addr")).expect("replica port");
         let ok = text(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await;
         assert_eq!(ok.as_deref(), Some("OK"), "CLUSTER FAILOVER on {replica}");
         crate::eventually_within(
@@ -274,15 +268,7 @@ impl RedisCluster {
             .filter_map(|line| {
                 let fields: Vec<&str> = line.split(' ').collect();
                 (fields.len() > 2 && fields[2].contains("master") && !fields[2].contains("fail"))
-                    .then(|| {
-                        let port = fields[1]
-                            .split('@')
-                            .next()
-                            .and_then(|a| a.rsplit(':').next())
-                            .and_then(|p| p.parse().ok())
-                            .unwrap_or(0);
-                        (fields[0].to_owned(), port)
-                    })
+                    .then(|| (fields[0].to_owned(), port_in(fields[1]).unwrap_or(0)))
             })
             .collect();
         let from_id = masters

@@ -38,9 +38,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imhost_client::api::PresenceEvent;
 use imhost_client::helper::cluster_client;
-use imhost_client::wire::{Envelope, ServerMessage, TokenValue};
+use imhost_client::wire::{Envelope, ServerMessage};
 use redis::{PushKind, Value};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
@@ -256,16 +255,9 @@ impl ShardedSubscriber {
     }
 
     fn event(&self, kind: PresenceKind, payload: &[u8]) {
-        match serde_json::from_slice::<TokenValue>(payload) {
-            Ok(value) => {
-                let _ = self.events.send(PresenceChange {
-                    kind,
-                    event: PresenceEvent {
-                        client_id: value.client_id,
-                        server: self.topology.node_for(value.client_id).to_owned(),
-                        metadata: value.metadata,
-                    },
-                });
+        match super::subscriber::presence_change(&self.topology, kind, payload) {
+            Ok(change) => {
+                let _ = self.events.send(change);
             }
             Err(err) => self.skip(&err.to_string()),
         }

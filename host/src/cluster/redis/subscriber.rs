@@ -120,16 +120,8 @@ impl Subscriber {
                 } else {
                     PresenceKind::Offline
                 };
-                match serde_json::from_slice::<TokenValue>(msg.get_payload_bytes()) {
-                    Ok(value) => {
-                        let change = PresenceChange {
-                            kind,
-                            event: PresenceEvent {
-                                client_id: value.client_id,
-                                server: self.topology.node_for(value.client_id).to_owned(),
-                                metadata: value.metadata,
-                            },
-                        };
+                match presence_change(&self.topology, kind, msg.get_payload_bytes()) {
+                    Ok(change) => {
                         let _ = self.events.send(change);
                     }
                     Err(err) => self.skip(&err.to_string()),
@@ -147,6 +139,24 @@ impl Subscriber {
         Stats::incr(&self.stats.dispatch_errors);
         warn!(why, "skipped a malformed message on the node channel");
     }
+}
+
+/// A presence event as it comes over pub/sub (a FreeIM token value), with
+/// the node that holds the client: shared by both subscribers.
+pub(super) fn presence_change(
+    topology: &Topology,
+    kind: PresenceKind,
+    payload: &[u8],
+) -> Result<PresenceChange, serde_json::Error> {
+    let value: TokenValue = serde_json::from_slice(payload)?;
+    Ok(PresenceChange {
+        kind,
+        event: PresenceEvent {
+            client_id: value.client_id,
+            server: topology.node_for(value.client_id).to_owned(),
+            metadata: value.metadata,
+        },
+    })
 }
 
 /// Turns on keyspace notifications for hash and generic commands, keeping
