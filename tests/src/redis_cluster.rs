@@ -42,6 +42,14 @@ async fn text(port: u16, cmd: &redis::Cmd) -> Option<String> {
     }
 }
 
+/// A master as `CLUSTER NODES` lists it.
+struct Master {
+    id: String,
+    port: u16,
+    /// Its slot ranges, inclusive.
+    slots: Vec<(i64, i64)>,
+}
+
 /// The port of a `CLUSTER NODES` address, `ip:port@bus`.
 fn port_in(addr: &str) -> Option<u16> {
     addr.split('@').next()?.rsplit(':').next()?.parse().ok()
@@ -179,32 +187,54 @@ impl RedisCluster {
         self.seeds().join(",")
     }
 
-    /// The port of the master serving `key`'s slot now.
-    pub async fn master_of(&self, key: &str) -> u16 {
-        let port = self.live_port();
-        let slot: i64 = match query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await {
+    /// The slot of `key`.
+    async fn slot_of(&self, key: &str) -> i64 {
+        let cmd = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).clone();
+        match query(self.live_port(), &cmd).await {
             Some(redis::Value::Int(slot)) => slot,
             other => panic!("CLUSTER KEYSLOT: {other:?}"),
-        };
-        let nodes = text(port, redis::cmd("CLUSTER").arg("NODES"))
+        }
+    }
+
+    /// The masters a live node knows and does not take for failed.
+    async fn masters(&self) -> Vec<Master> {
+        let nodes = text(self.live_port(), redis::cmd("CLUSTER").arg("NODES"))
             .await
             .expect("CLUSTER NODES");
-        for line in nodes.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
-                continue;
-            }
-            for range in &fields[8..] {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                let (Ok(lo), Ok(hi)) = (lo.parse::<i64>(), hi.parse::<i64>()) else {
-                    continue;
-                };
-                if (lo..=hi).contains(&slot) {
-                    return port_in(fields[1]).expect("port");
+        nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                if fields.len() < 3 || !fields[2].contains("master") || fields[2].contains("fail") {
+                    return None;
                 }
-            }
-        }
-        panic!("no master serves slot {slot}");
+                let slots = fields
+                    .get(8..)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        Some((lo.parse().ok()?, hi.parse().ok()?))
+                    })
+                    .collect();
+                Some(Master {
+                    id: fields[0].to_owned(),
+                    port: port_in(fields[1]).unwrap_or(0),
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key).await;
+        self.masters()
+            .await
+            .into_iter()
+            .find(|m| m.slots.iter().any(|&(lo, hi)| (lo..=hi).contains(&slot)))
+            .map(|m| m.port)
+            .unwrap_or_else(|| panic!("no master serves slot {slot}"))
     }
 
     fn live_port(&self) -> u16 {
@@ -255,21 +285,12 @@ impl RedisCluster {
     /// master, as `redis-cli --cluster reshard` would.
     pub async fn migrate_slot_of(&self, key: &str) -> (u16, u16) {
         let from = self.master_of(key).await;
-        let port = self.live_port();
-        let slot: i64 = match query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await {
-            Some(redis::Value::Int(slot)) => slot,
-            other => panic!("CLUSTER KEYSLOT: {other:?}"),
-        };
-        let nodes = text(port, redis::cmd("CLUSTER").arg("NODES"))
+        let slot = self.slot_of(key).await;
+        let masters: Vec<(String, u16)> = self
+            .masters()
             .await
-            .expect("CLUSTER NODES");
-        let masters: Vec<(String, u16)> = nodes
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split(' ').collect();
-                (fields.len() > 2 && fields[2].contains("master") && !fields[2].contains("fail"))
-                    .then(|| (fields[0].to_owned(), port_in(fields[1]).unwrap_or(0)))
-            })
+            .into_iter()
+            .map(|m| (m.id, m.port))
             .collect();
         let from_id = masters
             .iter()

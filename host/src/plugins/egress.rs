@@ -150,9 +150,70 @@ struct Breaker {
     open_until: Option<Instant>,
 }
 
+/// A plugin's cached responses by its keys, with their bytes together, kept
+/// within [`CACHE_ENTRIES`] and [`CACHE_BYTES`].
+#[derive(Default)]
+struct ResponseCache {
+    entries: HashMap<String, (Instant, Response)>,
+    bytes: usize,
+}
+
+impl ResponseCache {
+    fn get(&mut self, key: &str, now: Instant) -> Option<Response> {
+        match self.entries.get(key) {
+            Some((expires, response)) if now < *expires => Some(response.clone()),
+            Some(_) => {
+                self.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, gone)) = self.entries.remove(key) {
+            self.bytes -= gone.bytes();
+        }
+    }
+
+    fn insert(&mut self, key: String, ttl: Duration, response: Response, now: Instant) {
+        self.remove(&key);
+        let size = response.bytes();
+        let full =
+            |cache: &Self| cache.entries.len() >= CACHE_ENTRIES || cache.bytes + size > CACHE_BYTES;
+        if full(self) {
+            let expired: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(_, (expires, _))| *expires <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for gone in expired {
+                self.remove(&gone);
+            }
+        }
+        // Still full: drop the entries closest to expiry.
+        while full(self) {
+            let Some(first) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (expires, _))| *expires)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.remove(&first);
+        }
+        self.bytes += size;
+        self.entries.insert(key, (now + ttl, response));
+    }
+}
+
 /// One plugin's way out: its rules, its client, its cache and breakers.
 pub struct Egress {
     plugin: String,
+    /// What it was made from (a changed grant makes a new one).
+    grant: EgressGrant,
     origins: Vec<String>,
     key_sets: Vec<String>,
     timeout: Duration,
@@ -161,7 +222,7 @@ pub struct Egress {
     in_flight: tokio::sync::Semaphore,
     concurrency: usize,
     client: reqwest::Client,
-    cache: Mutex<HashMap<String, (Instant, Response)>>,
+    cache: Mutex<ResponseCache>,
     breakers: Mutex<HashMap<String, Breaker>>,
     stats: Arc<Stats>,
 }
@@ -315,6 +376,7 @@ impl Egress {
         let concurrency = grant.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
         Egress {
             plugin: plugin.to_owned(),
+            grant: grant.clone(),
             origins,
             key_sets: grant.key_sets.clone(),
             timeout: max_timeout,
@@ -394,17 +456,10 @@ impl Egress {
 
     fn cached(&self, key: &str) -> Option<Response> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        match cache.get(key) {
-            Some((expires, response)) if Instant::now() < *expires => Some(Response {
-                cached: true,
-                ..response.clone()
-            }),
-            Some(_) => {
-                cache.remove(key);
-                None
-            }
-            None => None,
-        }
+        cache.get(key, Instant::now()).map(|response| Response {
+            cached: true,
+            ..response
+        })
     }
 
     fn keep(&self, key: String, ttl: Duration, response: &Response) {
@@ -413,26 +468,7 @@ impl Egress {
             return;
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let mut bytes: usize = cache.values().map(|(_, r)| r.bytes()).sum();
-        if cache.len() >= CACHE_ENTRIES || bytes + response.bytes() > CACHE_BYTES {
-            cache.retain(|_, (expires, _)| *expires > now);
-            bytes = cache.values().map(|(_, r)| r.bytes()).sum();
-            // Still full: drop the entries closest to expiry.
-            while cache.len() >= CACHE_ENTRIES || bytes + response.bytes() > CACHE_BYTES {
-                let Some(first) = cache
-                    .iter()
-                    .min_by_key(|(_, (expires, _))| *expires)
-                    .map(|(k, _)| k.clone())
-                else {
-                    break;
-                };
-                if let Some((_, gone)) = cache.remove(&first) {
-                    bytes -= gone.bytes();
-                }
-            }
-        }
-        cache.insert(key, (now + ttl, response.clone()));
+        cache.insert(key, ttl, response.clone(), Instant::now());
     }
 
     fn breaker_open(&self, host: &str) -> bool {
@@ -598,7 +634,6 @@ impl Egress {
 /// the same.
 pub struct EgressByPlugin {
     by_name: Mutex<HashMap<String, Arc<Egress>>>,
-    grants: Mutex<HashMap<String, EgressGrant>>,
     stats: Arc<Stats>,
 }
 
@@ -606,22 +641,20 @@ impl EgressByPlugin {
     pub fn new(stats: Arc<Stats>) -> EgressByPlugin {
         EgressByPlugin {
             by_name: Mutex::default(),
-            grants: Mutex::default(),
             stats,
         }
     }
 
     pub fn for_plugin(&self, name: &str, grant: &EgressGrant) -> Arc<Egress> {
         let mut by_name = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        if grants.get(name) != Some(grant) || !by_name.contains_key(name) {
-            by_name.insert(
-                name.to_owned(),
-                Arc::new(Egress::new(name, grant, self.stats.clone())),
-            );
-            grants.insert(name.to_owned(), grant.clone());
+        match by_name.get(name) {
+            Some(egress) if egress.grant == *grant => egress.clone(),
+            _ => {
+                let egress = Arc::new(Egress::new(name, grant, self.stats.clone()));
+                by_name.insert(name.to_owned(), egress.clone());
+                egress
+            }
         }
-        by_name[name].clone()
     }
 }
 

@@ -229,8 +229,8 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
         .context("cannot write this node's liveness key")?;
 
     let redis_up = Arc::new(tokio::sync::Notify::new());
-    match (&setup.connect, helper.target()) {
-        (Connect::Cluster(seeds), _) => {
+    match helper.target() {
+        imhost_client::helper::RedisTarget::Cluster(seeds) => {
             tokio::spawn(
                 sharded::ShardedSubscriber {
                     seeds: seeds.clone(),
@@ -244,7 +244,7 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
                 .run(),
             );
         }
-        (_, imhost_client::helper::RedisTarget::Standalone(client)) => {
+        imhost_client::helper::RedisTarget::Standalone(client) => {
             let db = client.get_connection_info().redis_settings().db();
             tokio::spawn(
                 subscriber::Subscriber {
@@ -259,9 +259,6 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
                 }
                 .run(),
             );
-        }
-        (Connect::Standalone(_), imhost_client::helper::RedisTarget::Cluster(_)) => {
-            anyhow::bail!("a standalone URL gave a cluster connection");
         }
     }
     tokio::spawn(
