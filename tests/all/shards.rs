@@ -102,7 +102,13 @@ async fn every_socket_gets_its_own_messages_in_order(api: &Api, late_window: usi
             }
         }
     }
-    api.ok("/broadcast", json!({"message": "end"})).await;
+    // The node may still be draining its backlog: a 503 `overloaded` says
+    // retry later, so the end marker is sent until it is taken.
+    imhost_tests::eventually("the end marker accepted", || async {
+        let (status, _) = api.post_raw("/broadcast", json!({"message": "end"})).await;
+        (status == 200).then_some(())
+    })
+    .await;
     for (i, (client, terminal)) in terminals.iter_mut().enumerate() {
         let mut got = Vec::new();
         loop {
@@ -236,7 +242,13 @@ async fn flood(api: &Api) -> usize {
     }
     let total: usize = accepted.iter().map(Vec::len).sum();
     assert!(total > 0, "the node accepted nothing");
-    api.ok("/broadcast", json!({"message": "end"})).await;
+    // The node may still be draining its backlog: a 503 `overloaded` says
+    // retry later, so the end marker is sent until it is taken.
+    imhost_tests::eventually("the end marker accepted", || async {
+        let (status, _) = api.post_raw("/broadcast", json!({"message": "end"})).await;
+        (status == 200).then_some(())
+    })
+    .await;
 
     // Every terminal got every accepted message, each sender's in order,
     // and nothing else; none was cut off.
