@@ -11,6 +11,7 @@ use redis::{AsyncCommands, Script};
 use serde::Serialize;
 
 use crate::ClientId;
+use crate::buckets;
 pub use crate::conn::RedisConn;
 use crate::wire::{
     ChanMessage, DirectMessage, Keys, ServerMessage, TokenValue, group_by_node, node_for,
@@ -433,8 +434,11 @@ impl ImHelper {
     /// # Errors
     /// Redis failed.
     pub async fn get_client_list_by_online(&self) -> Result<Vec<ClientId>, HelperError> {
+        if self.keys.is_cluster() {
+            return Ok(buckets::online_clients(&self.conn, &self.keys).await?);
+        }
         let mut conn = self.conn.clone();
-        Ok(conn.hkeys(self.keys.online()).await?)
+        Ok(conn.hkeys(self.keys.online(0)).await?)
     }
 
     /// `HasOnline` for one client.
@@ -453,9 +457,13 @@ impl ImHelper {
         if client_ids.is_empty() {
             return Ok(Vec::new());
         }
+        if self.keys.is_cluster() {
+            let counts = buckets::online_counts(&self.conn, &self.keys, client_ids).await?;
+            return Ok(counts.into_iter().map(|c| c > 0).collect());
+        }
         let mut conn = self.conn.clone();
         let counts: Vec<Option<i64>> = redis::cmd("HMGET")
-            .arg(self.keys.online())
+            .arg(self.keys.online(0))
             .arg(client_ids)
             .query_async(&mut conn)
             .await?;
@@ -468,7 +476,7 @@ impl ImHelper {
     /// Redis failed.
     pub async fn online_count(&self, client_id: ClientId) -> Result<u64, HelperError> {
         let mut conn = self.conn.clone();
-        let count: Option<i64> = conn.hget(self.keys.online(), client_id).await?;
+        let count: Option<i64> = conn.hget(self.keys.online(client_id), client_id).await?;
         Ok(count.unwrap_or(0).max(0) as u64)
     }
 
@@ -549,19 +557,27 @@ impl ImHelper {
         }
     }
 
-    /// `JoinChan`: clients join `chan` (idempotent), each atomically.
+    /// `JoinChan`: clients join `chan` (idempotent), each atomically on one
+    /// Redis; on a cluster each side of it atomically ([`crate::buckets`]).
     ///
     /// # Errors
     /// Redis failed.
     pub async fn join_chan(&self, chan: &str, client_ids: &[ClientId]) -> Result<(), HelperError> {
+        if self.keys.is_cluster() {
+            return Ok(buckets::join(&self.conn, &self.keys, chan, client_ids).await?);
+        }
         self.per_client_script(JOIN_CHAN, chan, client_ids).await
     }
 
-    /// `LeaveChan(chan, ids)`: clients leave `chan` (idempotent), each atomically.
+    /// `LeaveChan(chan, ids)`: clients leave `chan` (idempotent), each
+    /// atomically on one Redis; on a cluster each side of it atomically.
     ///
     /// # Errors
     /// Redis failed.
     pub async fn leave_chan(&self, chan: &str, client_ids: &[ClientId]) -> Result<(), HelperError> {
+        if self.keys.is_cluster() {
+            return Ok(buckets::leave(&self.conn, &self.keys, chan, client_ids).await?);
+        }
         self.per_client_script(LEAVE_CHAN, chan, client_ids).await
     }
 
@@ -575,8 +591,7 @@ impl ImHelper {
         chans: &[String],
     ) -> Result<(), HelperError> {
         for chan in chans {
-            self.per_client_script(LEAVE_CHAN, chan, &[client_id])
-                .await?;
+            self.leave_chan(chan, &[client_id]).await?;
         }
         Ok(())
     }
@@ -594,7 +609,7 @@ impl ImHelper {
             invocation
                 .key(self.keys.chan(chan))
                 .key(self.keys.client(id))
-                .key(self.keys.list_chan())
+                .key(self.keys.list_chan(chan))
                 .arg(id)
                 .arg(chan);
             let mut conn = self.conn.clone();
@@ -613,15 +628,19 @@ impl ImHelper {
         Ok(conn.hkeys(self.keys.chan(chan)).await?)
     }
 
-    /// `ClearChanClient`: every member leaves `chan`, atomically.
+    /// `ClearChanClient`: every member leaves `chan`, atomically on one
+    /// Redis; on a cluster the channel first, then each member's record.
     ///
     /// # Errors
     /// Redis failed.
     pub async fn clear_chan_client(&self, chan: &str) -> Result<(), HelperError> {
+        if self.keys.is_cluster() {
+            return Ok(buckets::clear(&self.conn, &self.keys, chan).await?);
+        }
         let mut conn = self.conn.clone();
         let _: i64 = Script::new(CLEAR_CHAN)
             .key(self.keys.chan(chan))
-            .key(self.keys.list_chan())
+            .key(self.keys.list_chan(chan))
             .arg(format!("{}Client", self.keys.prefix()))
             .arg(chan)
             .invoke_async(&mut conn)
@@ -634,8 +653,12 @@ impl ImHelper {
     /// # Errors
     /// Redis failed.
     pub async fn get_chan_list(&self) -> Result<Vec<(String, i64)>, HelperError> {
-        let mut conn = self.conn.clone();
-        let mut list: Vec<(String, i64)> = conn.hgetall(self.keys.list_chan()).await?;
+        let mut list: Vec<(String, i64)> = if self.keys.is_cluster() {
+            buckets::chan_list(&self.conn, &self.keys).await?
+        } else {
+            let mut conn = self.conn.clone();
+            conn.hgetall(self.keys.list_chan("")).await?
+        };
         list.sort();
         Ok(list)
     }
@@ -660,7 +683,7 @@ impl ImHelper {
     /// Redis failed.
     pub async fn get_chan_online(&self, chan: &str) -> Result<i64, HelperError> {
         let mut conn = self.conn.clone();
-        let count: Option<i64> = conn.hget(self.keys.list_chan(), chan).await?;
+        let count: Option<i64> = conn.hget(self.keys.list_chan(chan), chan).await?;
         Ok(count.unwrap_or(0))
     }
 

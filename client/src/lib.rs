@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`wire`] — FreeIM v2 over Redis, byte for byte: key names, the value-tuple JSON,
 //!   the `__FreeIM__(…)` control messages, partitioning of clients over nodes.
+//! - [`buckets`] — channels and presence spread over a Redis Cluster's slots: each side
+//!   of a membership changed on its own, in an order that keeps failures harmless.
 //! - [`helper`] — [`helper::ImHelper`], FreeIM's `ImHelper` over Redis, in async Rust.
 //! - [`api`] — request and response bodies of the business HTTP API (`/api/v1/…`).
 //! - `http` (feature `http`) — `http::ApiClient`, that API from Rust over HTTP/1.1 or
@@ -14,6 +16,7 @@
 #![warn(clippy::print_stdout)]
 
 pub mod api;
+pub mod buckets;
 pub mod conn;
 pub mod helper;
 #[cfg(feature = "http")]

@@ -65,15 +65,91 @@ const FORCE_OFFLINE_MARKER: &str = "__FreeIM__(ForceOffline)";
 /// Redis key and channel names for one deployment, all hanging off the prefix
 /// `"im_v2" + path with '/' replaced by '_'` (path `/ws` gives `im_v2_ws`).
 ///
-/// In Redis Cluster mode ([`Keys::for_cluster`], imhost-native) the prefix is
-/// a hash tag, `{im_v2_ws}`, so every key, and every multi-key script, is in
-/// one slot; each node's delivery channel carries a tag of its own
-/// (`im_v2_ws:Server{NODE}`), so delivery spreads over the shards.
+/// In Redis Cluster mode ([`Keys::for_cluster`], imhost-native) presence is
+/// spread over [`CLUSTER_BUCKETS`] hash-tag buckets, `{im_v2_ws:B}`: a
+/// client's keys (its socket count in `Online`, its channels, the nodes'
+/// records of it) are in bucket [`client_bucket`], a channel's (members,
+/// member count) in bucket [`chan_bucket`], so every script touches one
+/// slot and the buckets spread over the masters. What has to be read
+/// together (node liveness, status reports) is in the control slot
+/// `{im_v2_ws}`; each node's delivery channel (`im_v2_ws:Server{NODE}`),
+/// each connect token and each plugin's keys carry a tag of their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     prefix: String,
     /// The prefix without braces; `Some` in cluster mode.
     cluster: Option<String>,
+}
+
+/// Presence buckets of a deployment on Redis Cluster. Part of the key
+/// schema: every node and backend of a deployment must agree on it.
+pub const CLUSTER_BUCKETS: u32 = 1024;
+
+/// The bucket of a client's presence keys on a Redis Cluster: its id modulo
+/// [`CLUSTER_BUCKETS`], never negative.
+pub fn client_bucket(client_id: ClientId) -> u32 {
+    client_id.rem_euclid(i64::from(CLUSTER_BUCKETS)) as u32
+}
+
+/// The bucket of a channel's keys on a Redis Cluster: the 32-bit FNV-1a hash
+/// of its UTF-8 name modulo [`CLUSTER_BUCKETS`] (a hash any backend language
+/// can compute in three lines).
+pub fn chan_bucket(chan: &str) -> u32 {
+    let hash = chan.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % CLUSTER_BUCKETS
+}
+
+/// The keys of one presence bucket on a Redis Cluster (all in one slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    tag: String,
+}
+
+impl Bucket {
+    /// The hash tag, `{im_v2_ws:B}`: every key of the bucket starts with it.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Hash `client id → sockets in the cluster` of the bucket's clients.
+    pub fn online(&self) -> String {
+        format!("{}Online", self.tag)
+    }
+
+    /// Hash of a client's channels (`channel → 0`).
+    pub fn client(&self, client_id: ClientId) -> String {
+        format!("{}Client{client_id}", self.tag)
+    }
+
+    /// Hash of a channel's members (`client id → 0`).
+    pub fn chan(&self, chan: &str) -> String {
+        format!("{}Chan{chan}", self.tag)
+    }
+
+    /// Hash `channel → member count` of the bucket's channels.
+    pub fn list_chan(&self) -> String {
+        format!("{}ListChan", self.tag)
+    }
+
+    /// Hash `client id → sockets` that run `incarnation` of node `node`
+    /// holds, of this bucket's clients.
+    pub fn node_online(&self, node: &str, incarnation: &str) -> String {
+        format!("{}NodeOnline{node}@{incarnation}", self.tag)
+    }
+
+    /// Hash `client id → token value JSON`, beside [`Bucket::node_online`].
+    pub fn node_meta(&self, node: &str, incarnation: &str) -> String {
+        format!("{}NodeMeta{node}@{incarnation}", self.tag)
+    }
+
+    /// Hash `client id → JSON list of channels` that went offline through
+    /// that node run and whose channels (in other buckets) still list them:
+    /// the leaves left to do, finished by the node or by whoever reaps it.
+    pub fn node_leaving(&self, node: &str, incarnation: &str) -> String {
+        format!("{}NodeLeaving{node}@{incarnation}", self.tag)
+    }
 }
 
 impl Keys {
@@ -100,19 +176,47 @@ impl Keys {
         self.cluster.is_some()
     }
 
-    /// The prefix itself, `im_v2_ws` for `/ws`.
+    /// The prefix itself, `im_v2_ws` for `/ws` (`{im_v2_ws}`, the control
+    /// slot, on a cluster).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    /// String key holding a connect token's [`TokenValue`] for a few seconds.
-    pub fn token(&self, token: &str) -> String {
-        format!("{}Token{token}", self.prefix)
+    /// Presence bucket `bucket` (cluster mode; on one Redis, FreeIM's keys
+    /// are not bucketed and this names no key anyone reads).
+    pub fn bucket(&self, bucket: u32) -> Bucket {
+        let bare = self.cluster.as_deref().unwrap_or(&self.prefix);
+        Bucket {
+            tag: format!("{{{bare}:{bucket}}}"),
+        }
     }
 
-    /// Hash `client id → number of sockets` over the whole cluster.
-    pub fn online(&self) -> String {
-        format!("{}Online", self.prefix)
+    /// Every presence bucket: [`CLUSTER_BUCKETS`] on a cluster, none on one
+    /// Redis.
+    pub fn buckets(&self) -> impl Iterator<Item = Bucket> + '_ {
+        let count = if self.is_cluster() {
+            CLUSTER_BUCKETS
+        } else {
+            0
+        };
+        (0..count).map(|b| self.bucket(b))
+    }
+
+    /// String key holding a connect token's [`TokenValue`] for a few seconds.
+    pub fn token(&self, token: &str) -> String {
+        match &self.cluster {
+            Some(bare) => format!("{bare}:Token{{{token}}}"),
+            None => format!("{}Token{token}", self.prefix),
+        }
+    }
+
+    /// Hash `client id → number of sockets` over the whole cluster (on a
+    /// Redis Cluster, the part of it in `client_id`'s bucket).
+    pub fn online(&self, client_id: ClientId) -> String {
+        match self.cluster {
+            Some(_) => self.bucket(client_bucket(client_id)).online(),
+            None => format!("{}Online", self.prefix),
+        }
     }
 
     /// Pub/sub channel a node listens on for deliveries and control messages.
@@ -126,17 +230,27 @@ impl Keys {
 
     /// Hash of a channel's members (`client id → 0`).
     pub fn chan(&self, chan: &str) -> String {
-        format!("{}Chan{chan}", self.prefix)
+        match self.cluster {
+            Some(_) => self.bucket(chan_bucket(chan)).chan(chan),
+            None => format!("{}Chan{chan}", self.prefix),
+        }
     }
 
     /// Hash of a client's channels (`channel → 0`).
     pub fn client(&self, client_id: ClientId) -> String {
-        format!("{}Client{client_id}", self.prefix)
+        match self.cluster {
+            Some(_) => self.bucket(client_bucket(client_id)).client(client_id),
+            None => format!("{}Client{client_id}", self.prefix),
+        }
     }
 
-    /// Hash `channel → member count`.
-    pub fn list_chan(&self) -> String {
-        format!("{}ListChan", self.prefix)
+    /// Hash `channel → member count` (on a Redis Cluster, the part of it in
+    /// `chan`'s bucket).
+    pub fn list_chan(&self, chan: &str) -> String {
+        match self.cluster {
+            Some(_) => self.bucket(chan_bucket(chan)).list_chan(),
+            None => format!("{}ListChan", self.prefix),
+        }
     }
 
     /// imhost extension: string key that exists while node `node` is alive
@@ -145,9 +259,21 @@ impl Keys {
         format!("{}Node{node}", self.prefix)
     }
 
+    /// imhost extension, cluster mode: the id of node `node`'s current run
+    /// (its records in the buckets carry it).
+    pub fn node_incarnation(&self, node: &str) -> String {
+        format!("{}NodeInc{node}", self.prefix)
+    }
+
+    /// imhost extension, cluster mode: set of node `node`'s past runs whose
+    /// records are still to be reaped.
+    pub fn node_past(&self, node: &str) -> String {
+        format!("{}NodePast{node}", self.prefix)
+    }
+
     /// imhost extension: hash `client id → sockets` held on node `node`, what
     /// that node contributed to [`Keys::online`], so others can undo it if the
-    /// node dies.
+    /// node dies (one Redis; see [`Bucket::node_online`] on a cluster).
     pub fn node_online(&self, node: &str) -> String {
         format!("{}NodeOnline{node}", self.prefix)
     }
@@ -383,16 +509,42 @@ mod tests {
         let keys = Keys::for_path("/ws");
         assert_eq!(keys.prefix(), "im_v2_ws");
         assert_eq!(keys.token("ab"), "im_v2_wsTokenab");
-        assert_eq!(keys.online(), "im_v2_wsOnline");
+        assert_eq!(keys.online(7), "im_v2_wsOnline");
         assert_eq!(
             keys.server("127.0.0.1:6001"),
             "im_v2_wsServer127.0.0.1:6001"
         );
         assert_eq!(keys.chan("room"), "im_v2_wsChanroom");
         assert_eq!(keys.client(7), "im_v2_wsClient7");
-        assert_eq!(keys.list_chan(), "im_v2_wsListChan");
+        assert_eq!(keys.list_chan("room"), "im_v2_wsListChan");
         assert_eq!(keys.online_event(), "evt_im_v2_wsOnline");
         assert_eq!(keys.offline_event(), "evt_im_v2_wsOffline");
+        assert_eq!(keys.buckets().count(), 0, "one Redis has no buckets");
+    }
+
+    #[test]
+    fn cluster_keys_put_a_client_and_a_channel_in_their_buckets() {
+        let keys = Keys::for_cluster("/ws");
+        assert_eq!(keys.buckets().count(), CLUSTER_BUCKETS as usize);
+        assert_eq!(client_bucket(1030), 6);
+        assert_eq!(client_bucket(-1), CLUSTER_BUCKETS - 1, "never negative");
+        assert_eq!(keys.online(1030), "{im_v2_ws:6}Online");
+        assert_eq!(keys.client(1030), "{im_v2_ws:6}Client1030");
+        // FNV-1a 32 of "room" is 0x37fd327a (as any implementation computes).
+        let room = 0x37fd_327a % CLUSTER_BUCKETS;
+        assert_eq!(chan_bucket("room"), room);
+        assert_eq!(keys.chan("room"), format!("{{im_v2_ws:{room}}}Chanroom"));
+        assert_eq!(
+            keys.list_chan("room"),
+            format!("{{im_v2_ws:{room}}}ListChan")
+        );
+        assert_eq!(
+            keys.bucket(3).node_online("n1", "abc"),
+            "{im_v2_ws:3}NodeOnlinen1@abc"
+        );
+        assert_eq!(keys.token("ab"), "im_v2_ws:Token{ab}", "a slot per token");
+        assert_eq!(keys.node_alive("n1"), "{im_v2_ws}Noden1");
+        assert_eq!(keys.node_incarnation("n1"), "{im_v2_ws}NodeIncn1");
     }
 
     #[test]

@@ -205,7 +205,7 @@ async fn freeim_bytes_in_redis_work_both_ways() {
         .expect("message");
     assert_eq!(msg.get_channel_name(), keys.online_event());
     assert_eq!(msg.get_payload::<String>().expect("payload"), value);
-    let online: Option<i64> = conn.hget(keys.online(), client).await.expect("hget");
+    let online: Option<i64> = conn.hget(keys.online(client), client).await.expect("hget");
     assert_eq!(online, Some(1));
     let token_left: bool = conn.exists(keys.token(&token)).await.expect("exists");
     assert!(!token_left, "the token was taken (GETDEL)");
@@ -246,7 +246,7 @@ async fn freeim_bytes_in_redis_work_both_ways() {
     )
     .key(keys.chan("fchan"))
     .key(keys.client(client))
-    .key(keys.list_chan())
+    .key(keys.list_chan("fchan"))
     .arg(client)
     .arg("fchan")
     .invoke_async(&mut conn)
@@ -285,7 +285,10 @@ async fn freeim_bytes_in_redis_work_both_ways() {
         .await;
     let members: Vec<i64> = conn.hkeys(keys.chan("api-chan")).await.expect("hkeys");
     assert_eq!(members, vec![client]);
-    let count: i64 = conn.hget(keys.list_chan(), "api-chan").await.expect("hget");
+    let count: i64 = conn
+        .hget(keys.list_chan("api-chan"), "api-chan")
+        .await
+        .expect("hget");
     assert_eq!(count, 1);
     let chans: Vec<String> = conn.hkeys(keys.client(client)).await.expect("hkeys");
     assert!(chans.contains(&"api-chan".to_owned()) && chans.contains(&"fchan".to_owned()));
@@ -310,7 +313,7 @@ async fn freeim_bytes_in_redis_work_both_ways() {
             break;
         }
     }
-    let online: Option<i64> = conn.hget(keys.online(), client).await.expect("hget");
+    let online: Option<i64> = conn.hget(keys.online(client), client).await.expect("hget");
     assert_eq!(online, None, "HDEL at zero");
     let chans: Vec<String> = conn.hkeys(keys.client(client)).await.expect("hkeys");
     assert!(chans.is_empty(), "left its channels with its last socket");
@@ -491,8 +494,13 @@ pub(crate) async fn killed_node_cleanup(mut cluster: Cluster) {
 
     let (_, online) = cluster.node(1).get("/online").await;
     assert_eq!(online, json!([survivor]));
-    let (_, members) = cluster.node(1).get("/channels/room/members").await;
-    assert_eq!(members, json!([survivor]));
+    // On a Redis Cluster the channels (in other slots) are left right after
+    // the clients are reaped and their events told.
+    imhost_tests::eventually("the reaped clients left their channels", || async {
+        let (_, members) = cluster.node(1).get("/channels/room/members").await;
+        (members == json!([survivor])).then_some(())
+    })
+    .await;
 
     // Let several reaper rounds pass, then prove no further offline event for
     // x or y came: the next event is the one we cause now.
@@ -505,6 +513,113 @@ pub(crate) async fn killed_node_cleanup(mut cluster: Cluster) {
         serde_json::from_str::<Value>(&next.data).expect("json")["client_id"],
         late
     );
+}
+
+#[tokio::test]
+async fn a_node_late_beyond_its_ttl_is_reaped_then_rewrites_its_records() {
+    let redis = RedisServer::start().await;
+    late_node_comes_back(Cluster::start(&redis, 3).await).await;
+}
+
+/// The next event about `client` on `events`, skipping others'.
+async fn next_event_of(events: &mut EventStream, client: i64) -> String {
+    loop {
+        let event = events.expect().await;
+        let data: Value = serde_json::from_str(&event.data).expect("json");
+        if data["client_id"] == client {
+            return event.event;
+        }
+    }
+}
+
+/// The body of the test above, run on a Redis Cluster too: a node stopped
+/// (SIGSTOP) past its liveness TTL is taken for dead and reaped (offline
+/// event, channels left); resumed, it finds out, writes its records again
+/// and announces its still-connected client online, which is reachable.
+pub(crate) async fn late_node_comes_back(cluster: Cluster) {
+    let late = cluster.client_on(2, 1);
+    let mut terminal = cluster.node(0).terminal(late).await.into_reader();
+    cluster
+        .node(0)
+        .ok("/channels/room/join", json!({"client_ids": [late]}))
+        .await;
+    let mut events = EventStream::open(
+        &cluster.node(0).http,
+        &cluster.node(0).url("/api/v1/events"),
+        API_KEY,
+    )
+    .await;
+
+    let process = cluster.nodes[2].process.as_ref().expect("running");
+    process.signal("STOP");
+    assert_eq!(next_event_of(&mut events, late).await, "offline");
+    // The event is told as the client is reaped; its channels (on a Redis
+    // Cluster, in other slots) are left right after.
+    imhost_tests::eventually("the reaped client left its channels", || async {
+        let (_, members) = cluster.node(1).get("/channels/room/members").await;
+        (members == json!([])).then_some(())
+    })
+    .await;
+    let (_, online) = cluster.node(1).get("/online").await;
+    assert_eq!(online, json!([]));
+    process.signal("CONT");
+
+    assert_eq!(next_event_of(&mut events, late).await, "online");
+    let (_, online) = cluster.node(1).get("/online").await;
+    assert_eq!(online, json!([late]), "records written again");
+    assert_eq!(cluster.node(1).client(late).await.connections, 1);
+    cluster
+        .node(1)
+        .send(0, &[late], json!("still here"), false)
+        .await;
+    assert_eq!(terminal.next_text().await, r#""still here""#);
+}
+
+#[tokio::test]
+async fn a_restarted_node_reaps_its_past_once_and_keeps_its_new_clients() {
+    let redis = RedisServer::start().await;
+    restarted_node_keeps_new_clients(Cluster::start(&redis, 3).await).await;
+}
+
+/// The body of the test above, run on a Redis Cluster too: a node killed
+/// and started again under the same name (reaped by itself or by the
+/// others, whichever comes first, perhaps both at once) reaps the client of
+/// its previous run exactly once, and never the client of its new run.
+pub(crate) async fn restarted_node_keeps_new_clients(mut cluster: Cluster) {
+    let old = cluster.client_on(2, 1);
+    let new = cluster.client_on(2, old + 1);
+    let _old_terminal = cluster.node(0).terminal(old).await.into_reader();
+    cluster
+        .node(0)
+        .ok("/channels/room/join", json!({"client_ids": [old]}))
+        .await;
+    let mut events = EventStream::open(
+        &cluster.node(0).http,
+        &cluster.node(0).url("/api/v1/events"),
+        API_KEY,
+    )
+    .await;
+
+    cluster.kill(2).await;
+    cluster.launch(2);
+    cluster.node(2).wait_serving().await;
+    let mut new_terminal = cluster.node(0).terminal(new).await.into_reader();
+    assert_eq!(next_event_of(&mut events, old).await, "offline");
+
+    // Several reaper rounds (node TTL 1.5 s, a round every 0.5 s) pass;
+    // then the new run's client is still online, reachable, counted once,
+    // and the old one was told offline once (the next event about it is
+    // the one this test causes).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, online) = cluster.node(1).get("/online").await;
+    assert_eq!(online, json!([new]));
+    assert_eq!(cluster.node(1).client(new).await.connections, 1);
+    cluster.node(1).send(0, &[new], json!("hello"), false).await;
+    assert_eq!(new_terminal.next_text().await, r#""hello""#);
+    let (_, members) = cluster.node(1).get("/channels/room/members").await;
+    assert_eq!(members, json!([]));
+    let _again = cluster.node(0).terminal(old).await.into_reader();
+    assert_eq!(next_event_of(&mut events, old).await, "online");
 }
 
 #[tokio::test]

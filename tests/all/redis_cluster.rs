@@ -29,6 +29,86 @@ async fn a_killed_node_is_reaped_on_a_redis_cluster_as_on_one_redis() {
     super::cluster::killed_node_cleanup(Cluster::start_on_cluster(&redis, 3, &[]).await).await;
 }
 
+#[tokio::test]
+async fn a_node_late_beyond_its_ttl_is_reaped_then_rewrites_its_records_on_a_redis_cluster() {
+    let redis = RedisCluster::start(3, 1).await;
+    super::cluster::late_node_comes_back(Cluster::start_on_cluster(&redis, 3, &[]).await).await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_reaps_its_past_once_and_keeps_its_new_clients_on_a_redis_cluster() {
+    let redis = RedisCluster::start(3, 1).await;
+    super::cluster::restarted_node_keeps_new_clients(
+        Cluster::start_on_cluster(&redis, 3, &[]).await,
+    )
+    .await;
+}
+
+/// Presence is spread over the masters: every master holds clients' and
+/// channels' buckets, nothing of it is in the control slot, and the
+/// listings (the union of the buckets) are whole and exact.
+#[tokio::test]
+async fn presence_spreads_over_every_master_and_lists_whole() {
+    let redis = RedisCluster::start(3, 0).await;
+    let cluster = Cluster::start_on_cluster(&redis, 2, &[]).await;
+    const CLIENTS: i64 = 60;
+    let mut readers = Vec::new();
+    // Client 2's socket is closed by the test: a plain terminal, whose
+    // drop closes it at once.
+    let two = cluster.node(0).terminal(2).await;
+    for id in (1..=CLIENTS).filter(|&id| id != 2) {
+        readers.push(cluster.node(0).terminal(id).await.into_reader());
+    }
+    // Channel `c{k}` has members k..=k+1: 2 each, 30 channels.
+    for k in 1..=30 {
+        cluster
+            .node(1)
+            .ok(
+                &format!("/channels/c{k}/join"),
+                json!({"client_ids": [k, k + 1]}),
+            )
+            .await;
+    }
+    for pattern in [
+        "{im_v2_ws:*}Online",
+        "{im_v2_ws:*}Chanc*",
+        "{im_v2_ws:*}Client*",
+    ] {
+        let per_master = redis.keys_per_master(pattern).await;
+        assert_eq!(per_master.len(), 3);
+        assert!(
+            per_master.iter().all(|&n| n > 0),
+            "{pattern}: every master holds some, {per_master:?}"
+        );
+    }
+    assert_eq!(redis.keys_per_master("{im_v2_ws}Online*").await, [0, 0, 0]);
+
+    let (_, online) = cluster.node(1).get("/online").await;
+    let expected: Vec<i64> = (1..=CLIENTS).collect();
+    assert_eq!(online, json!(expected));
+    let (_, channels) = cluster.node(0).get("/channels").await;
+    let channels = channels.as_array().expect("a list");
+    assert_eq!(channels.len(), 30, "{channels:?}");
+    assert!(channels.iter().all(|c| c["online"] == 2), "{channels:?}");
+
+    // A client going offline leaves channels in other buckets (c1 and c2
+    // hold client 2; their buckets are not client 2's).
+    drop(two);
+    imhost_tests::eventually("client 2 left c1 and c2", || async {
+        let (_, c1) = cluster.node(1).get("/channels/c1/members").await;
+        let (_, c2) = cluster.node(1).get("/channels/c2/members").await;
+        (c1 == json!([1]) && c2 == json!([3])).then_some(())
+    })
+    .await;
+    let info = cluster.node(0).client(2).await;
+    assert!(!info.online && info.channels.is_empty(), "{info:?}");
+    // Nothing is left pending once the leaves are done.
+    assert_eq!(
+        redis.keys_per_master("{im_v2_ws:*}NodeLeaving*").await,
+        [0, 0, 0]
+    );
+}
+
 /// What a stream of API sends to one client saw, and what its socket got.
 struct Stream {
     statuses: BTreeMap<u16, u32>,

@@ -226,6 +226,20 @@ impl RedisCluster {
             .collect()
     }
 
+    /// How many keys matching `pattern` each master holds (`KEYS`: a
+    /// test's data set is small).
+    pub async fn keys_per_master(&self, pattern: &str) -> Vec<usize> {
+        let mut counts = Vec::new();
+        for master in self.masters().await {
+            let found = query(master.port, redis::cmd("KEYS").arg(pattern)).await;
+            counts.push(match found {
+                Some(redis::Value::Array(keys)) => keys.len(),
+                other => panic!("KEYS {pattern} on {}: {other:?}", master.port),
+            });
+        }
+        counts
+    }
+
     /// The port of the master serving `key`'s slot now.
     pub async fn master_of(&self, key: &str) -> u16 {
         let slot = self.slot_of(key).await;

@@ -1,8 +1,9 @@
 //! Node liveness: each node refreshes a key with a TTL; every node checks the
 //! others' and reaps a dead node's presence (its clients leave `Online` and,
 //! when that was their last socket, their channels; one offline event each).
-//! The reap is one Lua script that deletes what it undoes, so however many
-//! nodes notice a death at once, it happens exactly once.
+//! The reap is one Lua script that deletes what it undoes (on a Redis
+//! Cluster, one per presence bucket, for the dead run's incarnations), so
+//! however many nodes notice a death at once, it happens exactly once.
 //!
 //! The same task rewrites this node's own records when they may be wrong
 //! (Redis came back, a write failed).
@@ -57,7 +58,7 @@ impl Liveness {
             if *node == self.topology.me {
                 continue;
             }
-            match self.presence.reap(node, false).await {
+            match self.presence.reap(node).await {
                 Ok(0) => {}
                 Ok(clients) => warn!(
                     node,

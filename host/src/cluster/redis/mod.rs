@@ -4,6 +4,8 @@
 //! - `presence` — [`RedisPresence`]: tokens, online counts, channels, this
 //!   node's own records.
 //! - `scripts` — the Lua behind this node's records.
+//! - `buckets` — the same records on a Redis Cluster, spread over presence
+//!   buckets, with run incarnations so that only the dead are reaped.
 //! - `channel_cache` — channel members cached for delivery, invalidated by
 //!   keyspace notifications.
 //! - `subscriber` — the pub/sub connection feeding the inbox and event stream.
@@ -14,6 +16,7 @@
 //! connection that pipelines concurrent commands and reconnects by itself
 //! (on a Redis Cluster, the cluster connection, which follows the slots).
 
+mod buckets;
 mod channel_cache;
 mod liveness;
 mod presence;
@@ -212,9 +215,10 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
     let presence = Arc::new(RedisPresence::new(
         helper.clone(),
         setup.topology.me.clone(),
+        setup.node_ttl,
     ));
     let stale = presence
-        .reap(&setup.topology.me, true)
+        .begin(setup.node_ttl)
         .await
         .context("cannot clear this node's previous presence records")?;
     if stale > 0 {
@@ -223,10 +227,6 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
             "cleared presence left by this node's previous run"
         );
     }
-    presence
-        .refresh_alive(setup.node_ttl)
-        .await
-        .context("cannot write this node's liveness key")?;
 
     let redis_up = Arc::new(tokio::sync::Notify::new());
     match helper.target() {

@@ -1,5 +1,5 @@
 //! Presence in Redis: FreeIM's keys through [`ImHelper`], plus this node's own
-//! records (see [`super::scripts`]).
+//! records (see [`super::scripts`]; on a Redis Cluster, [`super::buckets`]).
 //!
 //! The node also keeps, in memory, the truth about its own sockets. Writes to
 //! Redis can fail (Redis restarting); a failed write marks the records dirty
@@ -20,6 +20,7 @@ use imhost_client::wire::{Keys, TokenValue};
 use redis::AsyncCommands;
 use tokio::sync::{Notify, RwLock};
 
+use super::buckets::BucketRecords;
 use super::channel_cache::ChannelCache;
 use super::scripts;
 use crate::cluster::{ClusterError, Presence, TokenClaim, Topology};
@@ -62,19 +63,35 @@ pub struct RedisPresence {
     gate: RwLock<()>,
     /// Redis may disagree with `local`: a resync is due.
     dirty: AtomicBool,
+    /// This node was found reaped while alive: the resync announces its
+    /// clients online again (one Redis; the buckets track this themselves).
+    reaped_alive: AtomicBool,
     /// Wakes the liveness task when a resync became due.
     pub(super) resync_due: Notify,
+    /// This node's records on a Redis Cluster (`None` on one Redis).
+    buckets: Option<BucketRecords>,
 }
 
 impl RedisPresence {
-    pub fn new(helper: ImHelper, me: String) -> Self {
+    /// `node_ttl`: how long this node's liveness key lives unrefreshed.
+    pub fn new(helper: ImHelper, me: String, node_ttl: Duration) -> Self {
+        let buckets = helper.keys().is_cluster().then(|| {
+            BucketRecords::new(
+                helper.connection(),
+                helper.keys().clone(),
+                me.clone(),
+                node_ttl,
+            )
+        });
         Self {
+            buckets,
             helper,
             me,
             cache: ChannelCache::default(),
             local: Mutex::default(),
             gate: RwLock::new(()),
             dirty: AtomicBool::new(false),
+            reaped_alive: AtomicBool::new(false),
             resync_due: Notify::new(),
         }
     }
@@ -109,14 +126,32 @@ impl RedisPresence {
     /// Redis failed (the records stay dirty).
     pub async fn resync(&self) -> Result<(), ClusterError> {
         let _exclusive = self.gate.write().await;
+        if let Some(buckets) = &self.buckets {
+            let local: HashMap<ClientId, (u64, String)> = {
+                let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+                local
+                    .iter()
+                    .map(|(id, c)| (*id, (c.sockets, c.value.clone())))
+                    .collect()
+            };
+            return buckets
+                .resync(&local)
+                .await
+                .map_err(|err| self.write_failed(err));
+        }
         let keys = self.keys();
         let mut invocation = scripts::RESYNC.prepare_invoke();
         invocation
             .key(keys.node_online(&self.me))
             .key(keys.node_meta(&self.me))
-            .key(keys.online())
-            .key(keys.list_chan())
-            .arg(keys.prefix());
+            .key(keys.online(0))
+            .key(keys.list_chan(""))
+            .arg(keys.prefix())
+            .arg(if self.reaped_alive.swap(false, Ordering::SeqCst) {
+                keys.online_event()
+            } else {
+                String::new()
+            });
         {
             let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
             for (id, client) in local.iter() {
@@ -130,20 +165,42 @@ impl RedisPresence {
         }
     }
 
-    /// Undoes the presence of node `node` if it is dead (or unconditionally
-    /// with `force`, for this node's own records from before a restart).
-    /// Returns how many clients were reaped.
+    /// Starts this node's run: undoes its records from before a restart and
+    /// writes its liveness key. Returns how many clients were reaped.
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn reap(&self, node: &str, force: bool) -> Result<u64, ClusterError> {
+    pub async fn begin(&self, ttl: Duration) -> Result<u64, ClusterError> {
+        if let Some(buckets) = &self.buckets {
+            return Ok(buckets.begin().await?);
+        }
+        let reaped = self.reap_records(&self.me, true).await?;
+        self.write_alive(ttl).await?;
+        Ok(reaped)
+    }
+
+    /// Undoes the presence of node `node` if it is dead. Returns how many
+    /// clients were reaped.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn reap(&self, node: &str) -> Result<u64, ClusterError> {
+        if let Some(buckets) = &self.buckets {
+            return Ok(buckets.reap(node).await?);
+        }
+        self.reap_records(node, false).await
+    }
+
+    /// One Redis: undoes node `node`'s records if it is dead, or
+    /// unconditionally with `force` (this node's own, from before a restart).
+    async fn reap_records(&self, node: &str, force: bool) -> Result<u64, ClusterError> {
         let keys = self.keys();
         let mut conn = self.conn();
         let reaped: i64 = scripts::REAP
             .key(keys.node_online(node))
             .key(keys.node_meta(node))
-            .key(keys.online())
-            .key(keys.list_chan())
+            .key(keys.online(0))
+            .key(keys.list_chan(""))
             .key(keys.node_alive(node))
             .arg(keys.prefix())
             .arg(keys.offline_event())
@@ -153,20 +210,35 @@ impl RedisPresence {
         Ok(reaped.max(0) as u64)
     }
 
-    /// Says this node is alive for `ttl`.
+    /// Says this node is alive for `ttl`. A node whose key had expired may
+    /// have been reaped by the others (it was late beyond `ttl`): its
+    /// records are rewritten, and its clients announced online again.
     ///
     /// # Errors
     /// Redis failed.
     pub async fn refresh_alive(&self, ttl: Duration) -> Result<(), ClusterError> {
-        let mut conn = self.conn();
-        let () = conn
-            .pset_ex(
-                self.keys().node_alive(&self.me),
-                1,
-                ttl.as_millis().max(1) as u64,
-            )
-            .await?;
+        let current = match &self.buckets {
+            Some(buckets) => buckets.refresh_alive().await?,
+            None => self.write_alive(ttl).await?,
+        };
+        if !current {
+            tracing::warn!(
+                "this node's liveness key had expired (it was late beyond node_ttl); rewriting its records"
+            );
+            self.reaped_alive.store(true, Ordering::SeqCst);
+            self.mark_dirty();
+        }
         Ok(())
+    }
+
+    /// One Redis: writes the liveness key; `false` when it had expired.
+    async fn write_alive(&self, ttl: Duration) -> Result<bool, ClusterError> {
+        let existed: i64 = scripts::ALIVE
+            .key(self.keys().node_alive(&self.me))
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(existed == 1)
     }
 
     /// Withdraws this node's liveness key (graceful stop).
@@ -253,10 +325,16 @@ impl Presence for RedisPresence {
             entry.sockets += 1;
             entry.value.clone_from(&value);
         }
+        if let Some(buckets) = &self.buckets {
+            return buckets
+                .connected(client.client_id, &value)
+                .await
+                .map_err(|e| self.write_failed(e));
+        }
         let keys = self.keys();
         let mut conn = self.conn();
         let count = scripts::CONNECTED
-            .key(keys.online())
+            .key(keys.online(0))
             .key(keys.node_online(&self.me))
             .key(keys.node_meta(&self.me))
             .arg(client.client_id)
@@ -278,13 +356,19 @@ impl Presence for RedisPresence {
                 }
             }
         }
+        if let Some(buckets) = &self.buckets {
+            return buckets
+                .disconnected(client.client_id)
+                .await
+                .map_err(|e| self.write_failed(e));
+        }
         let keys = self.keys();
         let mut conn = self.conn();
         let left = scripts::DISCONNECTED
-            .key(keys.online())
+            .key(keys.online(0))
             .key(keys.node_online(&self.me))
             .key(keys.node_meta(&self.me))
-            .key(keys.list_chan())
+            .key(keys.list_chan(""))
             .arg(client.client_id)
             .arg(keys.prefix())
             .invoke_async::<i64>(&mut conn)

@@ -56,6 +56,18 @@ return c"
     ))
 });
 
+/// Refreshes a node's liveness key: KEYS: Node{me}. ARGV: TTL in ms.
+/// Returns 1 when the key still existed (0: it had expired, and the node
+/// may have been reaped meanwhile).
+pub static ALIVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+return existed",
+    )
+});
+
 /// Undoes a dead node's presence, once: KEYS: NodeOnline{dead},
 /// NodeMeta{dead}, Online, ListChan, Node{dead}. ARGV: P, offline event
 /// channel, '1' to skip the liveness check (a node reaping its own past).
@@ -88,15 +100,19 @@ return reaped"#
 
 /// Makes this node's records match its sockets (after Redis came back,
 /// perhaps empty, or writes failed): KEYS: NodeOnline{me}, NodeMeta{me},
-/// Online, ListChan. ARGV: P, then (id, sockets, token value JSON) triples.
+/// Online, ListChan. ARGV: P, the online event channel to announce the
+/// clients it had no record of on ('' for none: after this node was reaped
+/// while alive, the cluster was told they went offline), then (id, sockets,
+/// token value JSON) triples.
 pub static RESYNC: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{LEAVE_ALL}
 local old = {{}}
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do old[entries[i]] = tonumber(entries[i + 1]) or 0 end
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local id, n, meta = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if ARGV[2] ~= '' and not old[id] then redis.call('PUBLISH', ARGV[2], meta) end
   local delta = n - (old[id] or 0)
   if delta ~= 0 then redis.call('HINCRBY', KEYS[3], id, delta) end
   redis.call('HSET', KEYS[1], id, n)
