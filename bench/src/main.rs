@@ -540,6 +540,22 @@ async fn api(
         .await?)
 }
 
+/// `GET /api/v1{path}` with the API key.
+async fn api_get(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .get(format!("http://{addr}/api/v1{path}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
 async fn connect_url(
     http: &reqwest::Client,
     addr: SocketAddr,

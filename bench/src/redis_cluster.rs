@@ -1,9 +1,12 @@
 //! `--only-redis-cluster`: cross-node deliveries per second through one Redis
 //! and through a Redis Cluster of 1 and 3 masters (sharded pub/sub), with 3
 //! and 6 imhost nodes, and what each costs Redis: deliveries per Redis
-//! CPU-second, in all and per shard. Every process shares this machine's
-//! cores, so the figures are ratios against the standalone run of the same
-//! command, not capacities.
+//! CPU-second, in all and per shard. Then presence churn (terminals
+//! connecting and closing) through one Redis and 3 masters: changes per
+//! second, per Redis CPU-second, and the busiest Redis's share of the Redis
+//! CPU (how evenly the presence buckets spread the writes). Every process
+//! shares this machine's cores, so the figures are ratios against the
+//! standalone run of the same command, not capacities.
 //!
 //! The cluster is made without `redis-cli`: masters started with
 //! `--cluster-enabled`, introduced with `CLUSTER MEET`, the 16384 slots
@@ -14,6 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::process::Child;
 
 use super::{Args, cluster_addrs, free_addr, spawn_imhost, start_redis};
@@ -127,10 +131,15 @@ impl Deployment {
 
     /// Redis CPU time so far, all processes together, in microseconds.
     fn cpu_us(&self) -> anyhow::Result<u64> {
+        Ok(self.cpu_us_each()?.iter().sum())
+    }
+
+    /// Each Redis process's CPU time so far, in microseconds.
+    fn cpu_us_each(&self) -> anyhow::Result<Vec<u64>> {
         self.redis
             .iter()
             .map(|c| super::sockets::cpu_us(c.id().context("redis pid")?))
-            .sum()
+            .collect()
     }
 }
 
@@ -191,6 +200,98 @@ async fn measure(args: &Args, deployment: &Deployment, nodes: usize) -> anyhow::
     })
 }
 
+struct Churn {
+    per_sec: f64,
+    per_redis_cpu_sec: f64,
+    /// The busiest Redis process's part of all Redis CPU (1.0 with one).
+    busiest_share: f64,
+}
+
+/// Terminals connecting and closing: each takes a connect URL from node
+/// 0's API (a token written), connects at its node (the token taken, the
+/// connect script) and closes (the disconnect script), 32 at a time.
+async fn churn(args: &Args, deployment: &Deployment, clients: i64) -> anyhow::Result<Churn> {
+    let (addrs, servers): (Vec<SocketAddr>, String) = cluster_addrs(3)?;
+    let mut children = Vec::new();
+    for addr in &addrs {
+        let name = addr.to_string();
+        children.push(spawn_imhost(
+            args,
+            *addr,
+            &[
+                "--server",
+                &name,
+                "--servers",
+                &servers,
+                &deployment.args[0],
+                &deployment.args[1],
+            ],
+        )?);
+    }
+    let http = reqwest::Client::new();
+    for &addr in &addrs {
+        super::wait_serving(&http, addr).await?;
+    }
+    let before = deployment.cpu_us_each()?;
+    let started = Instant::now();
+    let entry = addrs[0];
+    futures_util::stream::iter(1..=clients)
+        .map(|id| {
+            let http = http.clone();
+            async move {
+                let url = super::connect_url(&http, entry, id).await?;
+                let host = url
+                    .trim_start_matches("ws://")
+                    .split('/')
+                    .next()
+                    .context("host")?
+                    .to_owned();
+                let tcp = tokio::net::TcpStream::connect(host).await?;
+                let mut ws = super::terminal(url, tcp).await?;
+                ws.close(None).await?;
+                while ws.next().await.is_some() {}
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    // Every node has seen every close; the last disconnect scripts are
+    // one round trip behind.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &addr in &addrs {
+        loop {
+            let stats = super::api_get(&http, addr, "/stats").await?;
+            if stats["connections"] == 0 {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "sockets still open on {addr}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let used: Vec<u64> = deployment
+        .cpu_us_each()?
+        .into_iter()
+        .zip(&before)
+        .map(|(now, then)| now.saturating_sub(*then))
+        .collect();
+    let total = used.iter().sum::<u64>().max(1) as f64;
+    let online = super::api_get(&http, addrs[0], "/online").await?;
+    anyhow::ensure!(
+        online.as_array().is_some_and(Vec::is_empty),
+        "clients left online: {online}"
+    );
+    drop(children);
+    let changes = 2.0 * clients as f64;
+    Ok(Churn {
+        per_sec: changes / elapsed,
+        per_redis_cpu_sec: changes / (total / 1e6),
+        busiest_share: used.iter().copied().max().unwrap_or(0) as f64 / total,
+    })
+}
+
 pub async fn run(args: &Args) -> anyhow::Result<()> {
     println!(
         "\n{:<44}{:>12}{:>16}{:>16}{:>10}",
@@ -229,6 +330,43 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         "\n{} messages into node 0's API, 32 callers, {} receivers spread over the nodes; \
          per Redis CPU-s: messages / CPU seconds of every Redis process",
         args.messages, args.receivers
+    );
+
+    println!(
+        "\n{:<44}{:>12}{:>16}{:>16}{:>10}",
+        "presence churn, 3 nodes", "changes/s", "per Redis CPU-s", "busiest share", "vs one"
+    );
+    let clients = args.connections.min(5000) as i64;
+    let mut rows = Vec::new();
+    for masters in [0, 3] {
+        let deployment = if masters == 0 {
+            Deployment::standalone().await?
+        } else {
+            Deployment::cluster(masters).await?
+        };
+        let figures = churn(args, &deployment, clients)
+            .await
+            .with_context(|| format!("churn, {masters} masters"))?;
+        let name = if masters == 0 {
+            "one Redis".to_owned()
+        } else {
+            format!("Redis Cluster, {masters} masters")
+        };
+        rows.push((name, figures));
+    }
+    let base = rows[0].1.per_sec;
+    for (name, c) in &rows {
+        println!(
+            "{name:<44}{:>12.0}{:>16.0}{:>16.2}{:>10.2}",
+            c.per_sec,
+            c.per_redis_cpu_sec,
+            c.busiest_share,
+            c.per_sec / base
+        );
+    }
+    println!(
+        "\n{clients} terminals connect (a connect URL from node 0, the socket at their node) \
+         and close, 32 at a time; a change is a connect or a disconnect"
     );
     Ok(())
 }

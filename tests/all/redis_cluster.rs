@@ -44,6 +44,77 @@ async fn a_restarted_node_reaps_its_past_once_and_keeps_its_new_clients_on_a_red
     .await;
 }
 
+/// A join stopped between its two steps (the client's side written, the
+/// channel's not) is harmless and completed by a retry; joins and leaves
+/// are idempotent; counts never drift.
+#[tokio::test]
+async fn joins_and_leaves_across_slots_are_idempotent_and_survive_a_stop_in_between() {
+    use imhost_client::helper::ImHelper;
+    use redis::AsyncCommands;
+    let redis = RedisCluster::start(3, 0).await;
+    let helper = ImHelper::connect_cluster(&redis.seeds(), vec!["n1".into()], "/ws")
+        .await
+        .expect("helper");
+    let keys = helper.keys().clone();
+    let (client, chan) = (7, "x");
+    assert_ne!(
+        redis.master_of(&keys.client(client)).await,
+        redis.master_of(&keys.chan(chan)).await,
+        "the two sides are on different masters (else this tests one slot)"
+    );
+    // The first step of a join alone, as a stopped join leaves it.
+    let mut conn = helper.connection();
+    let () = conn
+        .hset(keys.client(client), chan, 0)
+        .await
+        .expect("client side");
+    assert!(
+        helper
+            .get_chan_client_list(chan)
+            .await
+            .expect("members")
+            .is_empty()
+    );
+    assert_eq!(helper.get_chan_online(chan).await.expect("count"), 0);
+
+    for _ in 0..2 {
+        helper.join_chan(chan, &[client, 8]).await.expect("join");
+    }
+    let mut members = helper.get_chan_client_list(chan).await.expect("members");
+    members.sort_unstable();
+    assert_eq!(members, [client, 8]);
+    assert_eq!(helper.get_chan_online(chan).await.expect("count"), 2);
+    assert_eq!(
+        helper.get_chan_list().await.expect("list"),
+        [(chan.to_owned(), 2)]
+    );
+
+    for _ in 0..2 {
+        helper.leave_chan(chan, &[client]).await.expect("leave");
+    }
+    assert_eq!(
+        helper.get_chan_client_list(chan).await.expect("members"),
+        [8]
+    );
+    assert_eq!(helper.get_chan_online(chan).await.expect("count"), 1);
+    assert!(
+        helper
+            .get_chan_list_by_client_id(client)
+            .await
+            .expect("channels")
+            .is_empty()
+    );
+    helper.clear_chan_client(chan).await.expect("clear");
+    assert!(helper.get_chan_list().await.expect("list").is_empty());
+    assert!(
+        helper
+            .get_chan_list_by_client_id(8)
+            .await
+            .expect("channels")
+            .is_empty()
+    );
+}
+
 /// Presence is spread over the masters: every master holds clients' and
 /// channels' buckets, nothing of it is in the control slot, and the
 /// listings (the union of the buckets) are whole and exact.
