@@ -216,12 +216,21 @@ impl ImHelper {
     /// # Errors
     /// Redis failed.
     pub async fn refresh_route(&self, node: &str) -> Result<(), HelperError> {
+        self.refresh_route_of(&self.keys.server(node)).await
+    }
+
+    /// [`ImHelper::refresh_route`] for any sharded channel: the key of the
+    /// same name is in the channel's slot.
+    ///
+    /// # Errors
+    /// Redis failed.
+    pub async fn refresh_route_of(&self, channel: &str) -> Result<(), HelperError> {
         if !self.conn.is_cluster() {
             return Ok(());
         }
         let mut conn = self.conn.clone();
         let () = redis::cmd("SET")
-            .arg(self.keys.server(node))
+            .arg(channel)
             .arg(1)
             .arg("PX")
             .arg(1000)
@@ -499,10 +508,10 @@ impl ImHelper {
     pub async fn event_bus(
         &self,
     ) -> Result<futures_util::stream::BoxStream<'static, BusEvent>, HelperError> {
-        let online = self.keys.online_event();
         let offline = self.keys.offline_event();
+        // Every event channel, classic or sharded, ends with its kind.
         let event = move |channel: &[u8], payload: &[u8]| {
-            let kind = if channel == online.as_bytes() {
+            let kind = if channel.ends_with(b"Online") {
                 EventKind::Online
             } else {
                 EventKind::Offline
@@ -527,32 +536,47 @@ impl ImHelper {
                     .boxed())
             }
             RedisTarget::Cluster(seeds) => {
-                // Presence events are classic pub/sub, which the cluster bus
-                // carries to every node.
+                // A connect's or a disconnect's event is on its event
+                // shard's sharded channel; a reap's on the classic channel.
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let mut conn = cluster_client(seeds, Some(tx))?
                     .get_async_connection()
                     .await?;
                 conn.subscribe(self.keys.online_event()).await?;
                 conn.subscribe(&offline).await?;
-                let pushes = futures_util::stream::unfold((rx, conn), |(mut rx, conn)| async {
-                    rx.recv().await.map(|push| (push, (rx, conn)))
-                });
-                Ok(pushes
-                    .filter_map(move |push| {
-                        let found = match (push.kind, push.data.as_slice()) {
-                            (
-                                redis::PushKind::Message,
-                                [
-                                    redis::Value::BulkString(channel),
-                                    redis::Value::BulkString(payload),
-                                ],
-                            ) => event(channel, payload),
-                            _ => None,
-                        };
-                        std::future::ready(found)
-                    })
-                    .boxed())
+                for (online, offline) in self.keys.event_shards() {
+                    conn.ssubscribe(&[online, offline]).await?;
+                }
+                // An event shard moved (failover, migration): the stream
+                // ends, as on a lost connection, and the caller subscribes
+                // again.
+                let events =
+                    futures_util::stream::unfold((rx, conn), move |(mut rx, conn)| async move {
+                        loop {
+                            let push = rx.recv().await?;
+                            match (push.kind, push.data.as_slice()) {
+                                (
+                                    redis::PushKind::Message | redis::PushKind::SMessage,
+                                    [
+                                        redis::Value::BulkString(channel),
+                                        redis::Value::BulkString(payload),
+                                    ],
+                                ) => {
+                                    if let Some(found) = event(channel, payload) {
+                                        return Some((found, (rx, conn)));
+                                    }
+                                }
+                                (
+                                    redis::PushKind::SUnsubscribe | redis::PushKind::Disconnection,
+                                    _,
+                                ) => {
+                                    return None;
+                                }
+                                _ => {}
+                            }
+                        }
+                    });
+                Ok(events.boxed())
             }
         }
     }

@@ -85,10 +85,22 @@ pub struct Keys {
 /// schema: every node and backend of a deployment must agree on it.
 pub const CLUSTER_BUCKETS: u32 = 1024;
 
+/// Shards of the presence events on a Redis Cluster: a connect's or a
+/// disconnect's event goes over sharded pub/sub to the channel of shard
+/// `client_bucket(id) % EVENT_SHARDS` ([`Keys::online_event_of`]), so the
+/// events spread over up to this many masters and none of them is copied
+/// to every master by the cluster bus, as a classic `PUBLISH` is. Part of
+/// the key schema.
+pub const EVENT_SHARDS: u32 = 16;
+
 /// The bucket of a client's presence keys on a Redis Cluster: its id modulo
 /// [`CLUSTER_BUCKETS`], never negative.
 pub fn client_bucket(client_id: ClientId) -> u32 {
     client_id.rem_euclid(i64::from(CLUSTER_BUCKETS)) as u32
+}
+
+fn event_shard(client_id: ClientId) -> u32 {
+    client_bucket(client_id) % EVENT_SHARDS
 }
 
 /// The bucket of a channel's keys on a Redis Cluster: the 32-bit FNV-1a hash
@@ -294,14 +306,53 @@ impl Keys {
         }
     }
 
-    /// Pub/sub channel of online events (payload: a [`TokenValue`]).
+    /// Pub/sub channel of online events (payload: a [`TokenValue`]). On a
+    /// Redis Cluster the classic channel, for the rare events told from
+    /// inside a bucket's script (a reap, a node announcing its clients
+    /// again); a connect's event goes to [`Keys::online_event_of`].
     pub fn online_event(&self) -> String {
         format!("evt_{}Online", self.prefix)
     }
 
-    /// Pub/sub channel of offline events (payload: a [`TokenValue`]).
+    /// Pub/sub channel of offline events; see [`Keys::online_event`].
     pub fn offline_event(&self) -> String {
         format!("evt_{}Offline", self.prefix)
+    }
+
+    /// The channel of `client_id`'s online event on a connect: on one
+    /// Redis FreeIM's; on a cluster the sharded channel of its event shard
+    /// (publish with `SPUBLISH`).
+    pub fn online_event_of(&self, client_id: ClientId) -> String {
+        match &self.cluster {
+            Some(bare) => format!("evt_{{{bare}:e{}}}Online", event_shard(client_id)),
+            None => self.online_event(),
+        }
+    }
+
+    /// The channel of `client_id`'s offline event on a disconnect; see
+    /// [`Keys::online_event_of`].
+    pub fn offline_event_of(&self, client_id: ClientId) -> String {
+        match &self.cluster {
+            Some(bare) => format!("evt_{{{bare}:e{}}}Offline", event_shard(client_id)),
+            None => self.offline_event(),
+        }
+    }
+
+    /// Every sharded event channel, `(online, offline)` per shard: what a
+    /// subscriber to a cluster's events listens to (with `SSUBSCRIBE`)
+    /// beside the two classic channels. None on one Redis.
+    pub fn event_shards(&self) -> Vec<(String, String)> {
+        let Some(bare) = &self.cluster else {
+            return Vec::new();
+        };
+        (0..EVENT_SHARDS)
+            .map(|e| {
+                (
+                    format!("evt_{{{bare}:e{e}}}Online"),
+                    format!("evt_{{{bare}:e{e}}}Offline"),
+                )
+            })
+            .collect()
     }
 }
 
@@ -520,6 +571,8 @@ mod tests {
         assert_eq!(keys.online_event(), "evt_im_v2_wsOnline");
         assert_eq!(keys.offline_event(), "evt_im_v2_wsOffline");
         assert_eq!(keys.buckets().count(), 0, "one Redis has no buckets");
+        assert_eq!(keys.online_event_of(7), keys.online_event());
+        assert!(keys.event_shards().is_empty());
     }
 
     #[test]
@@ -545,6 +598,10 @@ mod tests {
         assert_eq!(keys.token("ab"), "im_v2_ws:Token{ab}", "a slot per token");
         assert_eq!(keys.node_alive("n1"), "{im_v2_ws}Noden1");
         assert_eq!(keys.node_incarnation("n1"), "{im_v2_ws}NodeIncn1");
+        assert_eq!(keys.online_event_of(1030), "evt_{im_v2_ws:e6}Online");
+        assert_eq!(keys.offline_event_of(1030), "evt_{im_v2_ws:e6}Offline");
+        assert_eq!(keys.event_shards().len(), EVENT_SHARDS as usize);
+        assert_eq!(keys.online_event(), "evt_{im_v2_ws}Online", "classic");
     }
 
     #[test]

@@ -162,9 +162,29 @@ async fn presence_spreads_over_every_master_and_lists_whole() {
     assert_eq!(channels.len(), 30, "{channels:?}");
     assert!(channels.iter().all(|c| c["online"] == 2), "{channels:?}");
 
+    // A backend's event bus (imhost-client) hears a disconnect's event on
+    // its event shard.
+    let helper = imhost_client::helper::ImHelper::connect_cluster(
+        &redis.seeds(),
+        cluster.servers.clone(),
+        "/ws",
+    )
+    .await
+    .expect("helper");
+    let mut bus = helper.event_bus().await.expect("event bus");
+
     // A client going offline leaves channels in other buckets (c1 and c2
     // hold client 2; their buckets are not client 2's).
     drop(two);
+    let event = tokio::time::timeout(
+        imhost_tests::DEADLINE,
+        futures_util::StreamExt::next(&mut bus),
+    )
+    .await
+    .expect("an event in time")
+    .expect("the bus is open");
+    assert_eq!(event.kind, imhost_client::helper::EventKind::Offline);
+    assert_eq!(event.client.client_id, 2);
     imhost_tests::eventually("client 2 left c1 and c2", || async {
         let (_, c1) = cluster.node(1).get("/channels/c1/members").await;
         let (_, c2) = cluster.node(1).get("/channels/c2/members").await;

@@ -153,9 +153,10 @@ impl Relay for RedisRelay {
 
     async fn announce(&self, change: PresenceChange) -> Result<(), ClusterError> {
         let keys = self.helper.keys();
+        let client = change.event.client_id;
         let channel = match change.kind {
-            PresenceKind::Online => keys.online_event(),
-            PresenceKind::Offline => keys.offline_event(),
+            PresenceKind::Online => keys.online_event_of(client),
+            PresenceKind::Offline => keys.offline_event_of(client),
         };
         let payload = serde_json::to_string(&TokenValue {
             client_id: change.event.client_id,
@@ -163,7 +164,17 @@ impl Relay for RedisRelay {
         })
         .unwrap_or_default();
         let mut conn = self.helper.connection();
-        let _: i64 = redis::AsyncCommands::publish(&mut conn, channel, payload).await?;
+        // On a cluster, sharded: one master carries it, not all of them.
+        let publish = if keys.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let _: i64 = redis::cmd(publish)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
-//! The node's subscriptions on a Redis Cluster: its delivery channel over
-//! sharded pub/sub (`SSUBSCRIBE`, on the master of the channel's slot) and
-//! the presence events over classic pub/sub (the cluster bus carries them
-//! everywhere), all on one RESP3 cluster connection.
+//! The node's subscriptions on a Redis Cluster: its delivery channel and
+//! the presence events' shard channels over sharded pub/sub (`SSUBSCRIBE`,
+//! on the master of each channel's slot), and the two classic event
+//! channels (for the rare events told from inside a script: reaps), all on
+//! one RESP3 cluster connection.
 //!
 //! redis-rs resubscribes after a lost connection, but a shard subscription
 //! can also end without one: a `CLUSTER FAILOVER` or a slot migration makes
@@ -13,7 +14,8 @@
 //!   slots may be stale, and would send the subscription back to a demoted
 //!   master, which as a replica accepts it and hears nothing;
 //! - a watchdog publishes a ping to the node's own channel every
-//!   [`WATCHDOG`] through the node's command connection, after a write to
+//!   [`WATCHDOG`] (and to one event shard's channel, in turn) through the
+//!   node's command connection, after a write to
 //!   the channel's slot that makes that connection find the slot's true
 //!   master (`ImHelper::refresh_route`: a publish to a demoted master is
 //!   accepted, a write is redirected), so the ping goes where publishers'
@@ -34,7 +36,7 @@
 //! every cluster delivery carries an id (`Envelope`) kept across retries:
 //! the node drops a copy of an id it has delivered ([`Recent`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,6 +140,15 @@ impl ShardedSubscriber {
         conn.ssubscribe(&channel).await?;
         conn.subscribe(&online).await?;
         conn.subscribe(&offline).await?;
+        let shards = keys.event_shards();
+        let mut shard_kinds: HashMap<Vec<u8>, PresenceKind> = HashMap::new();
+        for (shard_online, shard_offline) in &shards {
+            // Both in one slot: one command.
+            conn.ssubscribe(&[shard_online, shard_offline]).await?;
+            shard_kinds.insert(shard_online.as_bytes().to_vec(), PresenceKind::Online);
+            shard_kinds.insert(shard_offline.as_bytes().to_vec(), PresenceKind::Offline);
+        }
+        let me = &self.topology.me;
         if *ever_connected {
             info!("redis cluster subscription restored");
             self.presence.mark_dirty();
@@ -150,6 +161,9 @@ impl ShardedSubscriber {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut outstanding: Option<(u64, Instant)> = None;
+        // The last ping to an event shard, and when it was sent.
+        let mut event_seq: u64 = 0;
+        let mut event_outstanding: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 push = pushes.recv() => {
@@ -157,6 +171,22 @@ impl ShardedSubscriber {
                         return Err(closed("push channel closed"));
                     };
                     match (push.kind, push.data.as_slice()) {
+                        (PushKind::SMessage, [Value::BulkString(name), Value::BulkString(payload)])
+                            if name.as_slice() != channel.as_bytes() =>
+                        {
+                            let Some(&kind) = shard_kinds.get(name.as_slice()) else {
+                                continue;
+                            };
+                            if payload.starts_with(PING.as_bytes()) {
+                                // Every node's pings pass here; ours is
+                                // the one the watchdog waits for.
+                                if event_outstanding.as_ref().is_some_and(|(ping, _)| payload == ping.as_bytes()) {
+                                    event_outstanding = None;
+                                }
+                                continue;
+                            }
+                            self.event(kind, payload);
+                        }
                         (PushKind::SMessage, [_, Value::BulkString(payload)]) => {
                             if let Some(n) = payload.strip_prefix(PING.as_bytes()) {
                                 if outstanding.is_some_and(|(s, _)| n == s.to_string().as_bytes()) {
@@ -179,7 +209,8 @@ impl ShardedSubscriber {
                             self.event(kind, payload);
                         }
                         (PushKind::SUnsubscribe, [Value::BulkString(name), ..])
-                            if name.as_slice() == channel.as_bytes() =>
+                            if name.as_slice() == channel.as_bytes()
+                                || shard_kinds.contains_key(name.as_slice()) =>
                         {
                             return Err(self.lost("sunsubscribe"));
                         }
@@ -194,6 +225,20 @@ impl ShardedSubscriber {
                         && sent.elapsed() > PING_DEADLINE
                     {
                         return Err(self.lost("watchdog: ping lost"));
+                    }
+                    if let Some((_, sent)) = &event_outstanding
+                        && sent.elapsed() > PING_DEADLINE
+                    {
+                        return Err(self.lost("watchdog: event shard ping lost"));
+                    }
+                    if event_outstanding.is_none() && !shards.is_empty() {
+                        event_seq += 1;
+                        let (shard, _) = &shards[(event_seq % shards.len() as u64) as usize];
+                        let ping = format!("{PING}{me}:{event_seq}");
+                        if !self.ping_event_shard(shard, &ping).await {
+                            return Err(self.lost("watchdog: event shard ping not counted"));
+                        }
+                        event_outstanding = Some((ping, Instant::now()));
                     }
                     if outstanding.is_none() {
                         seq += 1;
@@ -218,6 +263,29 @@ impl ShardedSubscriber {
                         outstanding = Some((seq, Instant::now()));
                     }
                 }
+            }
+        }
+    }
+
+    /// Publishes the watchdog's `ping` to an event shard's channel, where
+    /// publishers' events go; false when its master did not count this
+    /// node as subscribed.
+    async fn ping_event_shard(&self, shard: &str, ping: &str) -> bool {
+        if let Err(err) = self.presence.helper.refresh_route_of(shard).await {
+            warn!(cause = %err, "watchdog route not refreshed");
+        }
+        let mut publisher = self.presence.helper.connection();
+        let heard: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
+            .arg(shard)
+            .arg(ping)
+            .query_async(&mut publisher)
+            .await;
+        match heard {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(err) => {
+                warn!(cause = %err, "watchdog ping not published");
+                true
             }
         }
     }
