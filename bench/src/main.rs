@@ -179,9 +179,12 @@ struct Args {
     only_swap: bool,
     /// Only the Redis Cluster scenario: deliveries through one Redis and a
     /// Redis Cluster of 1 and 3 masters, 3 and 6 nodes, with Redis CPU per
-    /// delivery (`bench/src/redis_cluster.rs`).
+    /// delivery, then presence churn (`bench/src/redis_cluster.rs`).
     #[arg(long)]
     only_redis_cluster: bool,
+    /// Only the presence churn of `--only-redis-cluster`.
+    #[arg(long)]
+    only_presence_churn: bool,
     /// Skip the latency-against-rate sweep of `--only-sockets`.
     #[arg(long)]
     no_sweep: bool,
@@ -229,6 +232,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_redis_cluster {
         return redis_cluster::run(&args).await;
+    }
+    if args.only_presence_churn {
+        return redis_cluster::run_churn(&args).await;
     }
     if let Some(entry) = args.hold {
         let range = args.hold_range.as_deref().unwrap_or("1-1");
