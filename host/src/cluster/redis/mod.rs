@@ -9,7 +9,8 @@
 //! - `channel_cache` — channel members cached for delivery, invalidated by
 //!   keyspace notifications.
 //! - `subscriber` — the pub/sub connection feeding the inbox and event stream.
-//! - `sharded` — the same on a Redis Cluster: sharded pub/sub, kept alive.
+//! - `sharded` — deliveries on a Redis Cluster: sharded pub/sub, kept alive.
+//! - `events` — presence events on a Redis Cluster, on their own connection.
 //! - `liveness` — node liveness keys and the reaping of dead nodes.
 //!
 //! Publishing goes through the helper's connection: one multiplexed
@@ -18,6 +19,7 @@
 
 mod buckets;
 mod channel_cache;
+mod events;
 mod liveness;
 mod presence;
 mod scripts;
@@ -248,6 +250,16 @@ pub async fn start(setup: Setup) -> anyhow::Result<super::Backends> {
                     presence: presence.clone(),
                     topology: setup.topology.clone(),
                     inbox: setup.inbox,
+                    stats: setup.stats.clone(),
+                    shutdown: setup.shutdown.clone(),
+                }
+                .run(),
+            );
+            tokio::spawn(
+                events::EventSubscriber {
+                    seeds: seeds.clone(),
+                    presence: presence.clone(),
+                    topology: setup.topology.clone(),
                     events: setup.events,
                     stats: setup.stats.clone(),
                     shutdown: setup.shutdown.clone(),

@@ -1,8 +1,10 @@
-//! The node's subscriptions on a Redis Cluster: its delivery channel and
-//! the presence events' shard channels over sharded pub/sub (`SSUBSCRIBE`,
-//! on the master of each channel's slot), and the two classic event
-//! channels (for the rare events told from inside a script: reaps), all on
-//! one RESP3 cluster connection.
+//! The node's delivery subscription on a Redis Cluster: its channel over
+//! sharded pub/sub (`SSUBSCRIBE`, on the master of the channel's slot), on a
+//! RESP3 cluster connection of its own. Presence events have their own
+//! connection and keeper ([`super::events`]): rebuilding a connection drops
+//! what was in flight on it, which events may lose (they are at most once)
+//! and deliveries answered 200 may not, so trouble with an event shard on
+//! another master never rebuilds this one.
 //!
 //! redis-rs resubscribes after a lost connection, but a shard subscription
 //! can also end without one: a `CLUSTER FAILOVER` or a slot migration makes
@@ -14,14 +16,20 @@
 //!   slots may be stale, and would send the subscription back to a demoted
 //!   master, which as a replica accepts it and hears nothing;
 //! - a watchdog publishes a ping to the node's own channel every
-//!   [`WATCHDOG`] (and to one event shard's channel, in turn) through the
-//!   node's command connection, after a write to
+//!   [`WATCHDOG`] through the node's command connection, after a write to
 //!   the channel's slot that makes that connection find the slot's true
 //!   master (`ImHelper::refresh_route`: a publish to a demoted master is
 //!   accepted, a write is redirected), so the ping goes where publishers'
 //!   messages go, not where the subscription went; when it has not come back
 //!   within [`PING_DEADLINE`] the node subscribes again on a new connection:
 //!   a silent loss lasts about a second.
+//!
+//! Subscribing again is made before broken: the new subscription is made
+//! first, then the old one is ended with `SUNSUBSCRIBE` and what it had
+//! received is delivered before it is dropped ([`ShardedSubscriber::retire`]),
+//! so a subscription that was only in doubt (a ping late on a busy machine)
+//! loses none of the messages it was counted for; copies both got are
+//! dropped by their delivery id.
 //!
 //! While the node is not subscribed, `SPUBLISH` to its channel counts no
 //! receiver, and the publisher retries (`publish_until_heard`): what is lost
@@ -36,18 +44,18 @@
 //! every cluster delivery carries an id (`Envelope`) kept across retries:
 //! the node drops a copy of an id it has delivered ([`Recent`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imhost_client::helper::cluster_client;
 use imhost_client::wire::{Envelope, ServerMessage};
 use redis::{PushKind, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::presence::RedisPresence;
-use crate::cluster::{PresenceChange, PresenceKind, Topology};
+use crate::cluster::Topology;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -86,6 +94,22 @@ impl Recent {
     }
 }
 
+/// How long a replaced subscription's `SUNSUBSCRIBE` may take.
+const RETIRE_WITHIN: Duration = Duration::from_secs(1);
+
+/// A subscription: its connection and the pushes it receives.
+struct Subscription {
+    conn: redis::cluster_async::ClusterConnection,
+    pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+/// Why a subscription ended, and the subscription itself while it may
+/// still hold messages (see [`ShardedSubscriber::retire`]).
+struct Lost {
+    cause: redis::RedisError,
+    subscription: Option<Subscription>,
+}
+
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -95,7 +119,6 @@ pub struct ShardedSubscriber {
     pub presence: Arc<RedisPresence>,
     pub topology: Topology,
     pub inbox: mpsc::Sender<ServerMessage>,
-    pub events: broadcast::Sender<PresenceChange>,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
 }
@@ -108,13 +131,22 @@ impl ShardedSubscriber {
         self.presence.cache.set_enabled(false);
         let mut backoff = MIN_BACKOFF;
         let mut ever_connected = false;
+        let mut recent = Recent::default();
+        let mut old: Option<Subscription> = None;
         loop {
             let outcome = tokio::select! {
-                outcome = self.listen(&mut ever_connected, &mut backoff) => outcome,
+                outcome = self.listen(&mut ever_connected, &mut backoff, &mut recent, old.take()) => outcome,
                 () = self.shutdown.drained().cancelled() => return,
             };
-            if let Err(err) = outcome {
-                warn!(cause = %err, retry_in = ?backoff, "redis cluster subscription lost");
+            match outcome {
+                Ok(()) => return,
+                Err(Lost {
+                    cause,
+                    subscription,
+                }) => {
+                    warn!(cause = %cause, retry_in = ?backoff, "redis cluster subscription lost");
+                    old = subscription;
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -124,69 +156,62 @@ impl ShardedSubscriber {
         }
     }
 
+    /// Subscribes on a new connection, then retires `old` (made before
+    /// broken: see [`ShardedSubscriber::retire`]), then delivers until the
+    /// subscription is lost or in doubt, handing it back to be retired.
+    /// `Ok` once the inbox is closed.
     async fn listen(
         &self,
         ever_connected: &mut bool,
         backoff: &mut Duration,
-    ) -> redis::RedisResult<()> {
+        recent: &mut Recent,
+        old: Option<Subscription>,
+    ) -> Result<(), Lost> {
         let keys = self.presence.keys().clone();
-        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
-        let client = cluster_client(&self.seeds, Some(tx))
-            .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
-        let mut conn = client.get_async_connection().await?;
         let channel = keys.server(&self.topology.me);
-        let online = keys.online_event();
-        let offline = keys.offline_event();
-        conn.ssubscribe(&channel).await?;
-        conn.subscribe(&online).await?;
-        conn.subscribe(&offline).await?;
-        let shards = keys.event_shards();
-        let mut shard_kinds: HashMap<Vec<u8>, PresenceKind> = HashMap::new();
-        for (shard_online, shard_offline) in &shards {
-            // Both in one slot: one command.
-            conn.ssubscribe(&[shard_online, shard_offline]).await?;
-            shard_kinds.insert(shard_online.as_bytes().to_vec(), PresenceKind::Online);
-            shard_kinds.insert(shard_offline.as_bytes().to_vec(), PresenceKind::Offline);
+        let failed = |cause: redis::RedisError, old: Option<Subscription>| Lost {
+            cause,
+            subscription: old,
+        };
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+        let client = match cluster_client(&self.seeds, Some(tx)) {
+            Ok(client) => client,
+            Err(err) => return Err(failed(closed(&err.to_string()), old)),
+        };
+        let mut conn = match client.get_async_connection().await {
+            Ok(conn) => conn,
+            Err(err) => return Err(failed(err, old)),
+        };
+        if let Err(err) = conn.ssubscribe(&channel).await {
+            return Err(failed(err, old));
         }
-        let me = &self.topology.me;
+        if let Some(old) = old
+            && !self.retire(old, &channel, recent).await
+        {
+            return Ok(());
+        }
         if *ever_connected {
             info!("redis cluster subscription restored");
             self.presence.mark_dirty();
         }
         *ever_connected = true;
         *backoff = MIN_BACKOFF;
+        let lost = |cause: redis::RedisError, conn, pushes| Lost {
+            cause,
+            subscription: Some(Subscription { conn, pushes }),
+        };
 
-        let mut recent = Recent::default();
         let mut watchdog = tokio::time::interval(WATCHDOG);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut outstanding: Option<(u64, Instant)> = None;
-        // The last ping to an event shard, and when it was sent.
-        let mut event_seq: u64 = 0;
-        let mut event_outstanding: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 push = pushes.recv() => {
                     let Some(push) = push else {
-                        return Err(closed("push channel closed"));
+                        return Err(lost(closed("push channel closed"), conn, pushes));
                     };
                     match (push.kind, push.data.as_slice()) {
-                        (PushKind::SMessage, [Value::BulkString(name), Value::BulkString(payload)])
-                            if name.as_slice() != channel.as_bytes() =>
-                        {
-                            let Some(&kind) = shard_kinds.get(name.as_slice()) else {
-                                continue;
-                            };
-                            if payload.starts_with(PING.as_bytes()) {
-                                // Every node's pings pass here; ours is
-                                // the one the watchdog waits for.
-                                if event_outstanding.as_ref().is_some_and(|(ping, _)| payload == ping.as_bytes()) {
-                                    event_outstanding = None;
-                                }
-                                continue;
-                            }
-                            self.event(kind, payload);
-                        }
                         (PushKind::SMessage, [_, Value::BulkString(payload)]) => {
                             if let Some(n) = payload.strip_prefix(PING.as_bytes()) {
                                 if outstanding.is_some_and(|(s, _)| n == s.to_string().as_bytes()) {
@@ -194,28 +219,17 @@ impl ShardedSubscriber {
                                 }
                                 continue;
                             }
-                            if !self.deliver(payload, &mut recent).await {
+                            if !self.deliver(payload, recent).await {
                                 return Ok(());
                             }
                         }
-                        (PushKind::Message, [Value::BulkString(name), Value::BulkString(payload)]) => {
-                            let kind = if name.as_slice() == online.as_bytes() {
-                                PresenceKind::Online
-                            } else if name.as_slice() == offline.as_bytes() {
-                                PresenceKind::Offline
-                            } else {
-                                continue;
-                            };
-                            self.event(kind, payload);
-                        }
                         (PushKind::SUnsubscribe, [Value::BulkString(name), ..])
-                            if name.as_slice() == channel.as_bytes()
-                                || shard_kinds.contains_key(name.as_slice()) =>
+                            if name.as_slice() == channel.as_bytes() =>
                         {
-                            return Err(self.lost("sunsubscribe"));
+                            return Err(lost(self.lost("sunsubscribe"), conn, pushes));
                         }
                         (PushKind::Disconnection, _) => {
-                            return Err(self.lost("disconnection"));
+                            return Err(lost(self.lost("disconnection"), conn, pushes));
                         }
                         _ => {}
                     }
@@ -224,21 +238,7 @@ impl ShardedSubscriber {
                     if let Some((_, sent)) = outstanding
                         && sent.elapsed() > PING_DEADLINE
                     {
-                        return Err(self.lost("watchdog: ping lost"));
-                    }
-                    if let Some((_, sent)) = &event_outstanding
-                        && sent.elapsed() > PING_DEADLINE
-                    {
-                        return Err(self.lost("watchdog: event shard ping lost"));
-                    }
-                    if event_outstanding.is_none() && !shards.is_empty() {
-                        event_seq += 1;
-                        let (shard, _) = &shards[(event_seq % shards.len() as u64) as usize];
-                        let ping = format!("{PING}{me}:{event_seq}");
-                        if !self.ping_event_shard(shard, &ping).await {
-                            return Err(self.lost("watchdog: event shard ping not counted"));
-                        }
-                        event_outstanding = Some((ping, Instant::now()));
+                        return Err(lost(self.lost("watchdog: ping lost"), conn, pushes));
                     }
                     if outstanding.is_none() {
                         seq += 1;
@@ -256,7 +256,7 @@ impl ShardedSubscriber {
                         match ping {
                             // Not counted by the slot's master: this node
                             // is not subscribed there (perhaps on a replica).
-                            Ok(0) => return Err(self.lost("watchdog: not counted")),
+                            Ok(0) => return Err(lost(self.lost("watchdog: not counted"), conn, pushes)),
                             Ok(_) => {}
                             Err(err) => warn!(cause = %err, "watchdog ping not published"),
                         }
@@ -267,27 +267,30 @@ impl ShardedSubscriber {
         }
     }
 
-    /// Publishes the watchdog's `ping` to an event shard's channel, where
-    /// publishers' events go; false when its master did not count this
-    /// node as subscribed.
-    async fn ping_event_shard(&self, shard: &str, ping: &str) -> bool {
-        if let Err(err) = self.presence.helper.refresh_route_of(shard).await {
-            warn!(cause = %err, "watchdog route not refreshed");
-        }
-        let mut publisher = self.presence.helper.connection();
-        let heard: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
-            .arg(shard)
-            .arg(ping)
-            .query_async(&mut publisher)
-            .await;
-        match heard {
-            Ok(0) => false,
-            Ok(_) => true,
-            Err(err) => {
-                warn!(cause = %err, "watchdog ping not published");
-                true
+    /// Ends a subscription that a new one has replaced, losing nothing it
+    /// was counted for: `SUNSUBSCRIBE` on it (Redis sends every message it
+    /// counted for the subscription before the reply, and the connection
+    /// hands pushes over in order), then what it received is delivered
+    /// (copies the new subscription also got are dropped by their delivery
+    /// id), then it is dropped. On a dead connection the unsubscribe fails
+    /// at once or within [`RETIRE_WITHIN`]: nothing more can come. False
+    /// once the inbox is closed.
+    async fn retire(&self, old: Subscription, channel: &str, recent: &mut Recent) -> bool {
+        let Subscription {
+            mut conn,
+            mut pushes,
+        } = old;
+        let _ = tokio::time::timeout(RETIRE_WITHIN, conn.sunsubscribe(channel)).await;
+        while let Ok(push) = pushes.try_recv() {
+            if let (PushKind::SMessage, [_, Value::BulkString(payload)]) =
+                (push.kind, push.data.as_slice())
+                && !payload.starts_with(PING.as_bytes())
+                && !self.deliver(payload, recent).await
+            {
+                return false;
             }
         }
+        true
     }
 
     /// The subscription is lost or in doubt: counted, and `run` subscribes
@@ -319,15 +322,6 @@ impl ShardedSubscriber {
                 self.skip(&err.to_string());
                 true
             }
-        }
-    }
-
-    fn event(&self, kind: PresenceKind, payload: &[u8]) {
-        match super::subscriber::presence_change(&self.topology, kind, payload) {
-            Ok(change) => {
-                let _ = self.events.send(change);
-            }
-            Err(err) => self.skip(&err.to_string()),
         }
     }
 
