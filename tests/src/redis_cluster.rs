@@ -295,8 +295,10 @@ impl RedisCluster {
         replica
     }
 
-    /// Moves `key`'s slot (with no keys in it) from its master to another
-    /// master, as `redis-cli --cluster reshard` would.
+    /// Moves `key`'s slot from its master to another master, as `redis-cli
+    /// --cluster reshard` would: importing and migrating states, the slot's
+    /// keys moved with `MIGRATE` (a node's watchdog keeps a short-lived key
+    /// in its channel's slot), then the owner changed on both ends.
     pub async fn migrate_slot_of(&self, key: &str) -> (u16, u16) {
         let from = self.master_of(key).await;
         let slot = self.slot_of(key).await;
@@ -326,8 +328,51 @@ impl RedisCluster {
         assert!(query(from, &setslot("MIGRATING", &to_id)).await.is_some());
         // The two ends must take it; the other masters learn it by gossip
         // too, so a view still settling there is no failure.
+        let move_keys = || async move {
+            loop {
+                let found = query(
+                    from,
+                    redis::cmd("CLUSTER")
+                        .arg("GETKEYSINSLOT")
+                        .arg(slot)
+                        .arg(100),
+                )
+                .await;
+                let keys: Vec<Vec<u8>> = match found {
+                    Some(redis::Value::Array(keys)) => keys
+                        .into_iter()
+                        .filter_map(|k| match k {
+                            redis::Value::BulkString(k) => Some(k),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if keys.is_empty() {
+                    return;
+                }
+                let mut migrate = redis::cmd("MIGRATE");
+                migrate
+                    .arg("127.0.0.1")
+                    .arg(to)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("REPLACE")
+                    .arg("KEYS")
+                    .arg(keys);
+                let _ = query(from, &migrate).await;
+            }
+        };
+        move_keys().await;
         assert!(query(to, &setslot("NODE", &to_id)).await.is_some());
-        assert!(query(from, &setslot("NODE", &to_id)).await.is_some());
+        // The source refuses while it holds keys of the slot: a key written
+        // there meanwhile is moved too, and the source asked again.
+        crate::eventually("the source gave the slot up", || async {
+            move_keys().await;
+            query(from, &setslot("NODE", &to_id)).await.map(drop)
+        })
+        .await;
         for (_, port) in masters.iter().filter(|(_, p)| *p != to && *p != from) {
             let _ = query(*port, &setslot("NODE", &to_id)).await;
         }
