@@ -17,14 +17,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::sockets::now_us;
 use super::{
-    API_KEY, Args, api, cluster_addrs, connect_url, free_addr, rss_bytes, spawn_clustered,
+    API_KEY, Args, api, cluster_addrs, dial_owner, free_addr, rss_bytes, spawn_clustered,
     start_redis, wait_serving,
 };
 
@@ -278,14 +277,7 @@ pub async fn hold(entry: SocketAddr, range: &str, total: usize) -> anyhow::Resul
         let (gate, http) = (gate.clone(), http.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
-            let url = connect_url(&http, entry, id).await?;
-            let host = url
-                .trim_start_matches("ws://")
-                .split('/')
-                .next()
-                .context("host")?
-                .to_owned();
-            let tcp = TcpStream::connect(host).await?;
+            let (url, tcp) = dial_owner(&http, entry, id).await?;
             let ws = super::terminal(url, tcp).await?;
             anyhow::Ok((id, ws))
         }));

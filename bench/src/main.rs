@@ -562,6 +562,24 @@ async fn api_get(
         .await?)
 }
 
+/// A connect URL for `client` from `entry`'s API, and a TCP connection to
+/// the node it names (the client's own): a terminal's first two steps.
+async fn dial_owner(
+    http: &reqwest::Client,
+    entry: SocketAddr,
+    client: i64,
+) -> anyhow::Result<(String, TcpStream)> {
+    let url = connect_url(http, entry, client).await?;
+    let host = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .context("host")?
+        .to_owned();
+    let tcp = TcpStream::connect(host).await?;
+    Ok((url, tcp))
+}
+
 async fn connect_url(
     http: &reqwest::Client,
     addr: SocketAddr,
@@ -720,12 +738,11 @@ mod cluster {
 
     use anyhow::Context;
     use futures_util::StreamExt;
-    use tokio::net::TcpStream;
     use tokio::sync::{Mutex, Semaphore};
     use tokio_tungstenite::tungstenite::Message;
 
     use super::{
-        API_KEY, Args, api, cluster_addrs, connect_url, free_addr, spawn_clustered, spawn_imhost,
+        API_KEY, Args, api, cluster_addrs, dial_owner, free_addr, spawn_clustered, spawn_imhost,
         start_redis, wait_serving,
     };
 
@@ -797,14 +814,7 @@ mod cluster {
         let mut readers = Vec::new();
         // Client ids 1..=R: partitioning spreads them evenly over the nodes.
         for id in 1..=args.receivers as i64 {
-            let url = connect_url(&http, entry, id).await?;
-            let host = url
-                .trim_start_matches("ws://")
-                .split('/')
-                .next()
-                .context("host")?
-                .to_owned();
-            let tcp = TcpStream::connect(host).await?;
+            let (url, tcp) = dial_owner(&http, entry, id).await?;
             let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
             let want = (0..args.messages)
                 .filter(|n| n % args.receivers == (id - 1) as usize)

@@ -129,6 +129,32 @@ impl Deployment {
         })
     }
 
+    /// `nodes` imhost nodes on this deployment.
+    fn spawn_nodes(
+        &self,
+        args: &Args,
+        nodes: usize,
+    ) -> anyhow::Result<(Vec<SocketAddr>, Vec<Child>)> {
+        let (addrs, servers): (Vec<SocketAddr>, String) = cluster_addrs(nodes)?;
+        let mut children = Vec::new();
+        for addr in &addrs {
+            let name = addr.to_string();
+            children.push(spawn_imhost(
+                args,
+                *addr,
+                &[
+                    "--server",
+                    &name,
+                    "--servers",
+                    &servers,
+                    &self.args[0],
+                    &self.args[1],
+                ],
+            )?);
+        }
+        Ok((addrs, children))
+    }
+
     /// Redis CPU time so far, all processes together, in microseconds.
     fn cpu_us(&self) -> anyhow::Result<u64> {
         Ok(self.cpu_us_each()?.iter().sum())
@@ -172,23 +198,7 @@ struct Figures {
 }
 
 async fn measure(args: &Args, deployment: &Deployment, nodes: usize) -> anyhow::Result<Figures> {
-    let (addrs, servers): (Vec<SocketAddr>, String) = cluster_addrs(nodes)?;
-    let mut children = Vec::new();
-    for addr in &addrs {
-        let name = addr.to_string();
-        children.push(spawn_imhost(
-            args,
-            *addr,
-            &[
-                "--server",
-                &name,
-                "--servers",
-                &servers,
-                &deployment.args[0],
-                &deployment.args[1],
-            ],
-        )?);
-    }
+    let (addrs, children) = deployment.spawn_nodes(args, nodes)?;
     let cpu_before = deployment.cpu_us()?;
     let run = super::cluster::run(args, &addrs).await?;
     let cpu = deployment.cpu_us()?.saturating_sub(cpu_before).max(1) as f64 / 1e6;
@@ -211,23 +221,7 @@ struct Churn {
 /// 0's API (a token written), connects at its node (the token taken, the
 /// connect script) and closes (the disconnect script), 32 at a time.
 async fn churn(args: &Args, deployment: &Deployment, clients: i64) -> anyhow::Result<Churn> {
-    let (addrs, servers): (Vec<SocketAddr>, String) = cluster_addrs(3)?;
-    let mut children = Vec::new();
-    for addr in &addrs {
-        let name = addr.to_string();
-        children.push(spawn_imhost(
-            args,
-            *addr,
-            &[
-                "--server",
-                &name,
-                "--servers",
-                &servers,
-                &deployment.args[0],
-                &deployment.args[1],
-            ],
-        )?);
-    }
+    let (addrs, children) = deployment.spawn_nodes(args, 3)?;
     let http = reqwest::Client::new();
     for &addr in &addrs {
         super::wait_serving(&http, addr).await?;
@@ -239,14 +233,7 @@ async fn churn(args: &Args, deployment: &Deployment, clients: i64) -> anyhow::Re
         .map(|id| {
             let http = http.clone();
             async move {
-                let url = super::connect_url(&http, entry, id).await?;
-                let host = url
-                    .trim_start_matches("ws://")
-                    .split('/')
-                    .next()
-                    .context("host")?
-                    .to_owned();
-                let tcp = tokio::net::TcpStream::connect(host).await?;
+                let (url, tcp) = super::dial_owner(&http, entry, id).await?;
                 let mut ws = super::terminal(url, tcp).await?;
                 ws.close(None).await?;
                 while ws.next().await.is_some() {}

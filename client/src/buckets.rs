@@ -29,7 +29,7 @@ use redis::{AsyncCommands, Script};
 
 use crate::ClientId;
 use crate::conn::RedisConn;
-use crate::wire::{Keys, client_bucket};
+use crate::wire::{Bucket, Keys, client_bucket};
 
 /// How many bucket reads a listing keeps in flight.
 const LISTING_CONCURRENCY: usize = 64;
@@ -177,19 +177,29 @@ pub async fn clear(conn: &RedisConn, keys: &Keys, chan: &str) -> redis::RedisRes
     .await
 }
 
+/// The union of one read per bucket, `LISTING_CONCURRENCY` at a time.
+async fn union<T: redis::FromRedisValue>(
+    conn: &RedisConn,
+    keys: &Keys,
+    read: impl Fn(&Bucket) -> redis::Cmd,
+) -> redis::RedisResult<Vec<T>> {
+    let parts: Vec<Vec<T>> = futures_util::stream::iter(keys.buckets().map(|bucket| {
+        let mut conn = conn.clone();
+        let cmd = read(&bucket);
+        async move { cmd.query_async(&mut conn).await }
+    }))
+    .buffer_unordered(LISTING_CONCURRENCY)
+    .try_collect()
+    .await?;
+    Ok(parts.into_iter().flatten().collect())
+}
+
 /// Every client with a socket: the union of the buckets' `Online`.
 ///
 /// # Errors
 /// Redis failed.
 pub async fn online_clients(conn: &RedisConn, keys: &Keys) -> redis::RedisResult<Vec<ClientId>> {
-    let parts: Vec<Vec<ClientId>> = futures_util::stream::iter(keys.buckets().map(|bucket| {
-        let mut conn = conn.clone();
-        async move { conn.hkeys(bucket.online()).await }
-    }))
-    .buffer_unordered(LISTING_CONCURRENCY)
-    .try_collect()
-    .await?;
-    Ok(parts.concat())
+    union(conn, keys, |bucket| redis::Cmd::hkeys(bucket.online())).await
 }
 
 /// Every channel with its member count: the union of the buckets'
@@ -198,14 +208,7 @@ pub async fn online_clients(conn: &RedisConn, keys: &Keys) -> redis::RedisResult
 /// # Errors
 /// Redis failed.
 pub async fn chan_list(conn: &RedisConn, keys: &Keys) -> redis::RedisResult<Vec<(String, i64)>> {
-    let parts: Vec<Vec<(String, i64)>> = futures_util::stream::iter(keys.buckets().map(|bucket| {
-        let mut conn = conn.clone();
-        async move { conn.hgetall(bucket.list_chan()).await }
-    }))
-    .buffer_unordered(LISTING_CONCURRENCY)
-    .try_collect()
-    .await?;
-    Ok(parts.concat())
+    union(conn, keys, |bucket| redis::Cmd::hgetall(bucket.list_chan())).await
 }
 
 /// The socket counts of `ids`, in their order: one `HMGET` per bucket.

@@ -6,7 +6,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use imhost_client::helper::{EventKind, ImHelper};
 use imhost_client::wire::{Keys, TokenValue};
-use imhost_tests::api::API_KEY;
 use imhost_tests::cluster::Cluster;
 use imhost_tests::plugins::PluginDir;
 use imhost_tests::redis::RedisServer;
@@ -33,12 +32,7 @@ pub(crate) async fn cross_node_delivery(cluster: Cluster) {
         cluster.client_on(1, 10),
         cluster.client_on(2, 10),
     );
-    let mut events = EventStream::open(
-        &cluster.node(2).http,
-        &cluster.node(2).url("/api/v1/events"),
-        API_KEY,
-    )
-    .await;
+    let mut events = cluster.node(2).events().await;
 
     // Every connect URL names the owning node, whichever node issued it.
     let url = cluster.node(0).connect_url(b, None).await;
@@ -465,12 +459,7 @@ pub(crate) async fn killed_node_cleanup(mut cluster: Cluster) {
             json!({"client_ids": [x, y, survivor]}),
         )
         .await;
-    let mut events = EventStream::open(
-        &cluster.node(0).http,
-        &cluster.node(0).url("/api/v1/events"),
-        API_KEY,
-    )
-    .await;
+    let mut events = cluster.node(0).events().await;
 
     cluster.kill(2).await;
     let mut offline = Vec::new();
@@ -543,12 +532,7 @@ pub(crate) async fn late_node_comes_back(cluster: Cluster) {
         .node(0)
         .ok("/channels/room/join", json!({"client_ids": [late]}))
         .await;
-    let mut events = EventStream::open(
-        &cluster.node(0).http,
-        &cluster.node(0).url("/api/v1/events"),
-        API_KEY,
-    )
-    .await;
+    let mut events = cluster.node(0).events().await;
 
     let process = cluster.nodes[2].process.as_ref().expect("running");
     process.signal("STOP");
@@ -593,12 +577,7 @@ pub(crate) async fn restarted_node_keeps_new_clients(mut cluster: Cluster) {
         .node(0)
         .ok("/channels/room/join", json!({"client_ids": [old]}))
         .await;
-    let mut events = EventStream::open(
-        &cluster.node(0).http,
-        &cluster.node(0).url("/api/v1/events"),
-        API_KEY,
-    )
-    .await;
+    let mut events = cluster.node(0).events().await;
 
     cluster.kill(2).await;
     cluster.launch(2);

@@ -6,7 +6,6 @@ use std::time::Duration;
 use imhost_client::api::PresenceEvent;
 use imhost_tests::host::{API_KEY, TestHost};
 use imhost_tests::process::{ImhostProcess, free_addr};
-use imhost_tests::sse::EventStream;
 use imhost_tests::terminal::{Terminal, code};
 
 fn event(data: &str) -> PresenceEvent {
@@ -16,7 +15,7 @@ fn event(data: &str) -> PresenceEvent {
 #[tokio::test]
 async fn events_stream_online_and_offline() {
     let host = TestHost::default().await;
-    let mut events = EventStream::open(&host.http, &host.url("/api/v1/events"), API_KEY).await;
+    let mut events = host.events().await;
     let url = host.connect_url(7, Some("device=web")).await.url;
     let terminal = Terminal::connect(&url).await.expect("connect");
 
@@ -39,7 +38,7 @@ async fn events_stream_online_and_offline() {
 #[tokio::test]
 async fn graceful_shutdown_closes_with_1001_and_publishes_offline() {
     let host = TestHost::default().await;
-    let mut events = EventStream::open(&host.http, &host.url("/api/v1/events"), API_KEY).await;
+    let mut events = host.events().await;
     let mut a = host.terminal(1).await;
     let mut b = host.terminal(2).await;
     for _ in 0..2 {

@@ -95,6 +95,11 @@ impl Api {
             .map_or((0, Value::Null), |(s, v)| (s.as_u16(), v))
     }
 
+    /// The node's event stream (`GET /api/v1/events`).
+    pub async fn events(&self) -> crate::sse::EventStream {
+        crate::sse::EventStream::open(&self.http, &self.url("/api/v1/events"), API_KEY).await
+    }
+
     /// POSTs and asserts 200 `{}`.
     pub async fn ok(&self, path: &str, body: Value) {
         let (status, answer) = self.post(path, body).await;

@@ -38,13 +38,17 @@ use imhost_client::conn::RedisConn;
 use imhost_client::wire::{Bucket, Keys, client_bucket};
 use redis::{AsyncCommands, Script};
 
+use super::scripts;
+
 /// Buckets a reap or a resync works on at once.
 const BUCKET_CONCURRENCY: usize = 64;
 
-/// The client's last socket is gone: it leaves its bucket's records, and
-/// the channels it was in go to the node's `NodeLeaving` (P: the bucket's tag).
+/// `offline(P, leaving, id)` in a bucket (P: its tag): the client's last
+/// socket is gone; it leaves its bucket's records, and the channels it was
+/// in go to the node's `NodeLeaving`. The record bodies are one Redis's
+/// ([`super::scripts`]), with this `offline`.
 const GO_OFFLINE: &str = r"
-local function go_offline(P, leaving, id)
+local function offline(P, leaving, id)
   local ckey = P .. 'Client' .. id
   local chans = redis.call('HKEYS', ckey)
   redis.call('DEL', ckey)
@@ -52,33 +56,18 @@ local function go_offline(P, leaving, id)
 end
 ";
 
-/// KEYS: Online, NodeOnline, NodeMeta. ARGV: id, token value JSON. Returns
-/// the client's sockets in the cluster.
-static CONNECTED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)",
-    )
-});
-
 /// KEYS: Online, NodeOnline, NodeMeta, NodeLeaving. ARGV: id, P. Returns
 /// the sockets left in the cluster and, when none is, the JSON list of
 /// channels still to leave ('' for none).
 static DISCONNECTED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{GO_OFFLINE}
-if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
-end
-local c = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if c > 0 then return {{c, ''}} end
-redis.call('HDEL', KEYS[1], ARGV[1])
-go_offline(ARGV[2], KEYS[4], ARGV[1])
-return {{0, redis.call('HGET', KEYS[4], ARGV[1]) or ''}}"
-    ))
+    Script::new(
+        &[
+            GO_OFFLINE,
+            scripts::DROP_SOCKET,
+            "if c > 0 then return {c, ''} end\nreturn {0, redis.call('HGET', KEYS[4], ARGV[1]) or ''}",
+        ]
+        .concat(),
+    )
 });
 
 /// Undoes one past incarnation's records in one bucket. KEYS: NodeOnline,
@@ -86,63 +75,31 @@ return {{0, redis.call('HGET', KEYS[4], ARGV[1]) or ''}}"
 /// the clients reaped, then the bucket's `NodeLeaving` as (id, channels)
 /// pairs.
 static REAP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r#"{GO_OFFLINE}
-local entries = redis.call('HGETALL', KEYS[1])
-local reaped = 0
-for i = 1, #entries, 2 do
-  local id = entries[i]
-  local n = tonumber(entries[i + 1]) or 0
-  if n > 0 then
-    local c = redis.call('HINCRBY', KEYS[3], id, -n)
-    if c <= 0 then
-      redis.call('HDEL', KEYS[3], id)
-      go_offline(ARGV[1], KEYS[4], id)
-    end
-  end
-  local meta = redis.call('HGET', KEYS[2], id)
-  if not meta then meta = '{{"Item1":' .. id .. ',"Item2":null}}' end
-  redis.call('PUBLISH', ARGV[2], meta)
-  reaped = reaped + 1
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-local out = {{tostring(reaped)}}
+    Script::new(
+        &[
+            GO_OFFLINE,
+            scripts::REAP_RECORDS,
+            r"local out = {tostring(reaped)}
 for _, v in ipairs(redis.call('HGETALL', KEYS[4])) do out[#out + 1] = v end
-return out"#
-    ))
+return out",
+        ]
+        .concat(),
+    )
 });
 
 /// Makes this incarnation's records in one bucket match its sockets. KEYS:
-/// NodeOnline, NodeMeta, Online, NodeLeaving. ARGV: P, the online event
-/// channel to announce clients it had no record of on ('' for none), then
-/// (id, sockets, token value JSON) triples. Returns `NodeLeaving` as (id,
-/// channels) pairs.
+/// NodeOnline, NodeMeta, Online, NodeLeaving. ARGV as
+/// [`scripts::RESYNC_RECORDS`]'s. Returns `NodeLeaving` as (id, channels)
+/// pairs.
 static RESYNC: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"{GO_OFFLINE}
-local old = {{}}
-local entries = redis.call('HGETALL', KEYS[1])
-for i = 1, #entries, 2 do old[entries[i]] = tonumber(entries[i + 1]) or 0 end
-for i = 3, #ARGV, 3 do
-  local id, n, meta = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  if ARGV[2] ~= '' and not old[id] then redis.call('PUBLISH', ARGV[2], meta) end
-  local delta = n - (old[id] or 0)
-  if delta ~= 0 then redis.call('HINCRBY', KEYS[3], id, delta) end
-  redis.call('HSET', KEYS[1], id, n)
-  redis.call('HSET', KEYS[2], id, meta)
-  old[id] = nil
-end
-for id, n in pairs(old) do
-  local c = redis.call('HINCRBY', KEYS[3], id, -n)
-  if c <= 0 then
-    redis.call('HDEL', KEYS[3], id)
-    go_offline(ARGV[1], KEYS[4], id)
-  end
-  redis.call('HDEL', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
-end
-return redis.call('HGETALL', KEYS[4])"
-    ))
+    Script::new(
+        &[
+            GO_OFFLINE,
+            scripts::RESYNC_RECORDS,
+            "return redis.call('HGETALL', KEYS[4])",
+        ]
+        .concat(),
+    )
 });
 
 /// A run starts (control slot). KEYS: NodeInc, NodePast, Node. ARGV: the
@@ -272,7 +229,7 @@ impl BucketRecords {
     pub async fn connected(&self, id: ClientId, value: &str) -> redis::RedisResult<u64> {
         let bucket = self.keys.bucket(client_bucket(id));
         let incarnation = self.incarnation();
-        let count: i64 = CONNECTED
+        let count: i64 = scripts::CONNECTED
             .key(bucket.online())
             .key(bucket.node_online(&self.me, &incarnation))
             .key(bucket.node_meta(&self.me, &incarnation))
@@ -310,16 +267,21 @@ impl BucketRecords {
 
     /// Rewrites this run's records from `local` (client → sockets, token
     /// value JSON), bucket by bucket, and finishes the leaves left pending.
-    /// A run that was reaped while alive takes a new incarnation first (and
-    /// reaps the old one: no one else will, since the node is alive), and
-    /// announces its clients online again: the cluster was told they went
-    /// offline, and they left their channels.
+    /// A run that was reaped while alive (`reaped`: its refresh found its
+    /// incarnation gone) takes a new incarnation first (and reaps the old
+    /// one: no one else will, since the node is alive), and announces its
+    /// clients online again: the cluster was told they went offline, and
+    /// they left their channels.
     ///
     /// # Errors
     /// Redis failed.
-    pub async fn resync(&self, local: &HashMap<ClientId, (u64, String)>) -> redis::RedisResult<()> {
+    pub async fn resync(
+        &self,
+        local: &HashMap<ClientId, (u64, String)>,
+        reaped: bool,
+    ) -> redis::RedisResult<()> {
         let mut announce = String::new();
-        if !self.refresh_alive().await? {
+        if reaped {
             *self.incarnation.lock().unwrap_or_else(|p| p.into_inner()) = new_incarnation();
             self.begin().await?;
             announce = self.keys.online_event();

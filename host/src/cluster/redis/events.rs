@@ -13,7 +13,7 @@
 //! of a shard's channel (a failover or a slot migration moved it), on a
 //! disconnection, and when its watchdog's ping to one shard's channel (a
 //! different shard each [`WATCHDOG`]) is not counted by that shard's master
-//! or does not come back within [`PING_DEADLINE`]. Deliveries are on
+//! or does not come back within a second. Deliveries are on
 //! another connection ([`super::sharded`]), which none of this disturbs.
 
 use std::collections::HashMap;
@@ -26,19 +26,12 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use super::presence::RedisPresence;
+use super::sharded::{
+    MAX_BACKOFF, MIN_BACKOFF, PING, PING_DEADLINE, WATCHDOG, closed, ping_counted,
+};
 use crate::cluster::{PresenceChange, PresenceKind, Topology};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-
-/// How often the watchdog pings an event shard.
-const WATCHDOG: Duration = Duration::from_millis(500);
-/// How long a ping may take to come back before the keeper subscribes again.
-const PING_DEADLINE: Duration = Duration::from_millis(1000);
-/// What a watchdog ping starts with: never the start of a token value.
-const PING: &str = "\u{0}imhost-watchdog:";
-
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct EventSubscriber {
     pub seeds: Vec<String>,
@@ -138,36 +131,12 @@ impl EventSubscriber {
                         seq += 1;
                         let (shard, _) = &shards[(seq % shards.len() as u64) as usize];
                         let ping = format!("{PING}{me}:{seq}");
-                        if !self.ping(shard, &ping).await {
+                        if !ping_counted(&self.presence.helper, shard, &ping).await {
                             return Err(self.lost("watchdog: ping not counted"));
                         }
                         outstanding = Some((ping, Instant::now()));
                     }
                 }
-            }
-        }
-    }
-
-    /// Publishes the watchdog's `ping` to an event shard's channel where
-    /// publishers' events go (after a write that makes the command
-    /// connection find the slot's master); false when that master did not
-    /// count this node as subscribed.
-    async fn ping(&self, shard: &str, ping: &str) -> bool {
-        if let Err(err) = self.presence.helper.refresh_route_of(shard).await {
-            warn!(cause = %err, "watchdog route not refreshed");
-        }
-        let mut publisher = self.presence.helper.connection();
-        let heard: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
-            .arg(shard)
-            .arg(ping)
-            .query_async(&mut publisher)
-            .await;
-        match heard {
-            Ok(0) => false,
-            Ok(_) => true,
-            Err(err) => {
-                warn!(cause = %err, "watchdog ping not published");
-                true
             }
         }
     }
@@ -189,8 +158,4 @@ impl EventSubscriber {
             }
         }
     }
-}
-
-fn closed(why: &str) -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::other(why.to_owned()))
 }

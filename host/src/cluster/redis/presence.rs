@@ -64,7 +64,7 @@ pub struct RedisPresence {
     /// Redis may disagree with `local`: a resync is due.
     dirty: AtomicBool,
     /// This node was found reaped while alive: the resync announces its
-    /// clients online again (one Redis; the buckets track this themselves).
+    /// clients online again (and on a cluster takes a new incarnation).
     reaped_alive: AtomicBool,
     /// Wakes the liveness task when a resync became due.
     pub(super) resync_due: Notify,
@@ -134,8 +134,9 @@ impl RedisPresence {
                     .map(|(id, c)| (*id, (c.sockets, c.value.clone())))
                     .collect()
             };
+            let reaped = self.reaped_alive.swap(false, Ordering::SeqCst);
             return buckets
-                .resync(&local)
+                .resync(&local, reaped)
                 .await
                 .map_err(|err| self.write_failed(err));
         }

@@ -48,7 +48,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imhost_client::helper::cluster_client;
+use imhost_client::helper::{ImHelper, cluster_client};
 use imhost_client::wire::{Envelope, ServerMessage};
 use redis::{PushKind, Value};
 use tokio::sync::mpsc;
@@ -65,7 +65,7 @@ pub const WATCHDOG: Duration = Duration::from_millis(500);
 pub const PING_DEADLINE: Duration = Duration::from_millis(1000);
 /// What a watchdog ping starts with: never the start of a node message
 /// (JSON or a `__FreeIM__` marker).
-const PING: &str = "\u{0}imhost-watchdog:";
+pub(super) const PING: &str = "\u{0}imhost-watchdog:";
 
 /// Delivery ids remembered to drop retried copies: far more than a retry
 /// window (1.5 s) of deliveries to one node at any rate a node takes.
@@ -110,8 +110,8 @@ struct Lost {
     subscription: Option<Subscription>,
 }
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the subscriber feeds, as in standalone mode.
 pub struct ShardedSubscriber {
@@ -242,23 +242,10 @@ impl ShardedSubscriber {
                     }
                     if outstanding.is_none() {
                         seq += 1;
-                        // Where publishers' messages go: the slot's master
-                        // as a write finds it (see `refresh_route`).
-                        if let Err(err) = self.presence.helper.refresh_route(&self.topology.me).await {
-                            warn!(cause = %err, "watchdog route not refreshed");
-                        }
-                        let mut publisher = self.presence.helper.connection();
-                        let ping: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
-                            .arg(&channel)
-                            .arg(format!("{PING}{seq}"))
-                            .query_async(&mut publisher)
-                            .await;
-                        match ping {
-                            // Not counted by the slot's master: this node
-                            // is not subscribed there (perhaps on a replica).
-                            Ok(0) => return Err(lost(self.lost("watchdog: not counted"), conn, pushes)),
-                            Ok(_) => {}
-                            Err(err) => warn!(cause = %err, "watchdog ping not published"),
+                        // Not counted by the slot's master: this node is
+                        // not subscribed there (perhaps on a replica).
+                        if !ping_counted(&self.presence.helper, &channel, &format!("{PING}{seq}")).await {
+                            return Err(lost(self.lost("watchdog: not counted"), conn, pushes));
                         }
                         outstanding = Some((seq, Instant::now()));
                     }
@@ -331,7 +318,30 @@ impl ShardedSubscriber {
     }
 }
 
-fn closed(why: &str) -> redis::RedisError {
+/// Publishes a watchdog `ping` to `channel` where publishers' messages go:
+/// the slot's master as a write finds it (see `ImHelper::refresh_route`).
+/// False when that master did not count a subscriber; a publish that failed
+/// proves nothing and counts as heard (the ping's deadline still applies).
+pub(super) async fn ping_counted(helper: &ImHelper, channel: &str, ping: &str) -> bool {
+    if let Err(err) = helper.refresh_route_of(channel).await {
+        warn!(cause = %err, "watchdog route not refreshed");
+    }
+    let heard: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
+        .arg(channel)
+        .arg(ping)
+        .query_async(&mut helper.connection())
+        .await;
+    match heard {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(err) => {
+            warn!(cause = %err, "watchdog ping not published");
+            true
+        }
+    }
+}
+
+pub(super) fn closed(why: &str) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::other(why.to_owned()))
 }
 
