@@ -179,6 +179,18 @@ fn build_engine(tier: Tier, pooling: bool) -> wasmtime::Result<Engine> {
         // ready: trap messages without wasm offsets are a fair price for a
         // smaller artifact that is quicker to hand over.
         config.generate_address_map(false);
+        // Winch compiles the plugin's functions, but the trampolines the
+        // host calls them through (one per function a table or an export
+        // lets escape: thousands in a JavaScript engine) are Cranelift's,
+        // and were a third of a baseline build's CPU. They are a few
+        // moves and a call each: built without optimisation and with the
+        // single-pass register allocator, a 12 MB JavaScript build takes
+        // 12 % less time (`imhost-bench --only-swap`, docs/plugins.md).
+        config.cranelift_opt_level(wasmtime::OptLevel::None);
+        config.cranelift_regalloc_algorithm(wasmtime::RegallocAlgorithm::SinglePass);
+        // Unwind tables only serve native unwinders walking through guest
+        // frames; wasmtime's own backtraces and traps do not use them.
+        config.native_unwind_info(false);
     }
     if std::env::var_os("IMHOST_WASM_PROFILER").is_some_and(|v| v == "perfmap") {
         // /tmp/perf-PID.map, so `perf report` names plugin functions
