@@ -337,10 +337,20 @@ fn spawn_imhost_bin(
 
 /// The grants file of the plugins we ship (`plugins/grants.toml`).
 fn shipped_grants() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("plugins")
-        .join("grants.toml")
+    repo_path("plugins/grants.toml")
+}
+
+/// A path of this repository: under the working directory when the bench
+/// runs from a checkout's root (as `scripts/bench` and `scripts/device-bench`
+/// run it, wherever that checkout is), else where the bench was built.
+pub(crate) fn repo_path(relative: &str) -> PathBuf {
+    let here = Path::new(relative);
+    match std::path::absolute(here) {
+        Ok(absolute) if absolute.exists() => absolute,
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(relative),
+    }
 }
 
 /// A `redis-server` of the bench's own on loopback `port`, keeping nothing on

@@ -26,7 +26,7 @@ const LOADED: [&str; 4] = [
 const SWAPPED: &str = "js-moderation";
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/examples");
+    let examples = super::repo_path("target/plugins/examples");
     for name in LOADED {
         if !examples.join(format!("{name}.wasm")).exists() {
             bail!("{name}.wasm not built: run examples/plugins/build first");
