@@ -31,7 +31,7 @@ pub async fn check_file(
     // What a node without grants for it would give: the report says what
     // the operator would have to grant.
     let operator = grants::GrantsFile::default();
-    let Some(source) = read_source(dir, &name, &protected, &operator).await? else {
+    let Some(source) = read_source(dir, &name, &protected, &operator, None).await? else {
         return Err(LoadError::Manifest(
             "`enabled = false`: the server would not load it".into(),
         ));

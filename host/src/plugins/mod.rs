@@ -76,7 +76,7 @@ use self::compile::{ArtifactCache, Compiler, LoadError};
 use self::engine::Tier;
 use self::loaded::{CallError, Prepared};
 use self::manifest::{Hook, OnError, WhileLoading};
-use self::source::{Source, read_source, scan};
+use self::source::{Hashed, Source, read_source, scan, unchanged_version};
 use crate::cluster::kv::PluginKv;
 use crate::stats::Stats;
 
@@ -174,6 +174,8 @@ pub struct PluginHost {
     reloading: tokio::sync::Mutex<()>,
     /// The operator's grants as last read (kept when a later read fails).
     grants: Mutex<grants::GrantsFile>,
+    /// What the last rescans hashed: unchanged files are not read again.
+    hashed: Hashed,
     /// Baseline builds at once (one per core). A swap waits for its
     /// baseline build only: it never queues behind optimized builds, which
     /// have slots of their own and run at a lower CPU priority.
@@ -217,6 +219,7 @@ impl PluginHost {
             loading: Mutex::default(),
             reloading: tokio::sync::Mutex::new(()),
             grants: Mutex::default(),
+            hashed: Hashed::default(),
             baseline_slots: Arc::new(Semaphore::new(cores)),
             optimized_slots: Arc::new(Semaphore::new(cores.saturating_sub(1).max(1))),
             services: host_api::Services {
@@ -333,18 +336,31 @@ impl PluginHost {
         };
         // Failures of files that are gone are no longer news.
         self.failures().retain(|name, _| names.contains(name));
+        self.hashed.retain(&names);
         let mut sources = Vec::new();
         let mut keep = Vec::new();
         let protected: Vec<PathBuf> = self.loader.cache_dir.iter().cloned().collect();
         let grants = self.read_grants(&mut failed);
+        let running = |name: &str, version: &str| {
+            self.current()
+                .plugins
+                .iter()
+                .any(|p| p.name == name && p.source_version() == version)
+        };
         for name in &names {
-            match read_source(&dir, name, &protected, &grants).await {
+            // The running version's file, untouched since it was read: not
+            // read again.
+            if let Some(version) =
+                unchanged_version(&dir, name, &protected, &grants, &self.hashed).await
+                && running(name, &version)
+            {
+                keep.push(name.clone());
+                self.failures().remove(name);
+                continue;
+            }
+            match read_source(&dir, name, &protected, &grants, Some(&self.hashed)).await {
                 Ok(Some(source)) => {
-                    let running = self
-                        .current()
-                        .plugins
-                        .iter()
-                        .any(|p| p.name == source.name && p.source_version() == source.version);
+                    let running = running(&source.name, &source.version);
                     keep.push(name.clone());
                     if running {
                         self.failures().remove(name);
