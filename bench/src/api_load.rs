@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::saturation::{read, spawn_pinned};
+use super::saturation::{Server, read, spawn_pinned};
 use super::sockets::{cpu_us, now_us, pin};
 use super::source_ports::SourcePorts;
 use super::{API_KEY, Args, connect_url, free_addr, wait_serving};
@@ -109,7 +109,7 @@ async fn measure(
     let plugins = tempfile::tempdir()?;
     let mut child = spawn_pinned(
         args,
-        true,
+        Server::Imhost,
         addr,
         plugins.path(),
         &["word-filter"],

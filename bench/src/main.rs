@@ -204,6 +204,10 @@ struct Args {
     /// Internal: run the baseline server on this address.
     #[arg(long, hide = true)]
     baseline_server: Option<SocketAddr>,
+    /// Internal: the baseline server pushes through one broadcast channel
+    /// (see `saturation::Server::Broadcast`).
+    #[arg(long, hide = true)]
+    baseline_broadcast: bool,
     /// Internal: run the raw-write floor server on this address.
     #[arg(long, hide = true)]
     floor_server: Option<SocketAddr>,
@@ -213,7 +217,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.baseline_server {
-        return baseline::serve(addr, args.baseline_greets).await;
+        return baseline::serve(addr, args.baseline_greets, args.baseline_broadcast).await;
     }
     if let Some(addr) = args.floor_server {
         return sockets::floor::serve(addr).await;
@@ -658,24 +662,34 @@ mod baseline {
     use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
     use axum::extract::{Query, State};
     use axum::routing::{get, post};
-    use tokio::sync::mpsc;
+    use futures_util::SinkExt;
+    use tokio::sync::{broadcast, mpsc};
 
     type Sockets = Arc<Mutex<HashMap<u64, mpsc::Sender<Utf8Bytes>>>>;
+
+    /// The broadcast channel's capacity: what a socket may fall behind
+    /// before it skips, as imhost's `--outbound-queue 4096` in the same run.
+    const HUB_CAPACITY: usize = 4096;
+    /// Frames a socket's task writes before one flush, at most.
+    const FLUSH_EVERY: usize = 64;
 
     #[derive(Clone)]
     struct Baseline {
         sockets: Sockets,
+        /// Set: every push goes through this one broadcast channel.
+        hub: Option<broadcast::Sender<Utf8Bytes>>,
         /// Send each new socket a greeting, as imhost's `welcome` does.
         greets: bool,
     }
 
-    pub async fn serve(addr: SocketAddr, greets: bool) -> anyhow::Result<()> {
+    pub async fn serve(addr: SocketAddr, greets: bool, broadcast: bool) -> anyhow::Result<()> {
         let app = Router::new()
             .route("/ws", get(upgrade))
             .route("/push", post(push))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(Baseline {
                 sockets: Sockets::default(),
+                hub: broadcast.then(|| broadcast::channel(HUB_CAPACITY).0),
                 greets,
             });
         let socket = tokio::net::TcpSocket::new_v4()?;
@@ -693,25 +707,62 @@ mod baseline {
             .on_upgrade(move |socket| hold(socket, baseline))
     }
 
-    async fn hold(mut socket: WebSocket, Baseline { sockets, greets }: Baseline) {
+    async fn hold(mut socket: WebSocket, baseline: Baseline) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if greets {
+        if baseline.greets {
             // What welcome's shipped manifest sends.
             let greeting = format!(r#"{{"type":"welcome","text":"Welcome, {id}!"}}"#);
             if socket.send(Message::Text(greeting.into())).await.is_err() {
                 return;
             }
         }
+        if let Some(hub) = &baseline.hub {
+            return subscribed(socket, hub.subscribe()).await;
+        }
         let (tx, mut rx) = mpsc::channel(256);
-        sockets.lock().expect("lock").insert(id, tx);
+        baseline.sockets.lock().expect("lock").insert(id, tx);
         loop {
             tokio::select! {
                 Some(text) = rx.recv() => if socket.send(Message::Text(text)).await.is_err() { break },
                 frame = socket.recv() => if !matches!(frame, Some(Ok(_))) { break },
             }
         }
-        sockets.lock().expect("lock").remove(&id);
+        baseline.sockets.lock().expect("lock").remove(&id);
+    }
+
+    /// A socket fed by the broadcast channel: each wake-up writes what has
+    /// queued (up to [`FLUSH_EVERY`] frames) and flushes once. What it fell
+    /// too far behind to get is skipped.
+    async fn subscribed(mut socket: WebSocket, mut rx: broadcast::Receiver<Utf8Bytes>) {
+        loop {
+            let first = tokio::select! {
+                got = rx.recv() => got,
+                frame = socket.recv() => if matches!(frame, Some(Ok(_))) { continue } else { return },
+            };
+            let mut next = match first {
+                Ok(text) => Some(text),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let mut fed = 0;
+            while let Some(text) = next.take() {
+                if socket.feed(Message::Text(text)).await.is_err() {
+                    return;
+                }
+                fed += 1;
+                if fed < FLUSH_EVERY {
+                    next = match rx.try_recv() {
+                        Ok(text) => Some(text),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => rx.try_recv().ok(),
+                        Err(_) => None,
+                    };
+                }
+            }
+            if socket.flush().await.is_err() {
+                return;
+            }
+        }
     }
 
     #[derive(serde::Deserialize)]
@@ -723,7 +774,7 @@ mod baseline {
     }
 
     async fn push(
-        State(Baseline { sockets, .. }): State<Baseline>,
+        State(Baseline { sockets, hub, .. }): State<Baseline>,
         Query(push): Query<Push>,
     ) -> &'static str {
         let mut next = tokio::time::Instant::now();
@@ -731,6 +782,11 @@ mod baseline {
             tokio::time::sleep_until(next).await;
             next += std::time::Duration::from_micros(push.interval_us);
             let text = Utf8Bytes::from(format!("{{\"n\":{n},\"t\":{}}}", super::sockets::now_us()));
+            if let Some(hub) = &hub {
+                // Nobody subscribed is no error here: nothing to deliver.
+                let _ = hub.send(text);
+                continue;
+            }
             let senders: Vec<_> = sockets.lock().expect("lock").values().cloned().collect();
             for tx in senders {
                 let _ = tx.send(text.clone()).await;

@@ -1,5 +1,5 @@
-//! Saturation on K cores (`imhost-bench --only-saturation`): imhost and the
-//! bare axum baseline, each pinned to K cores with the load generator on the
+//! Saturation on K cores (`imhost-bench --only-saturation`): imhost and two
+//! bare axum baselines (see [`Server`]), each pinned to K cores with the load generator on the
 //! others, offered far more than they can deliver to N sockets in one
 //! channel, in the same command.
 //!
@@ -30,9 +30,18 @@ use super::sockets::{cpu_us, guest_file, install_plugin_set, now_us, pin, sent_a
 use super::source_ports::SourcePorts;
 use super::{API_KEY, Args, api, connect_url, free_addr, wait_serving};
 
+/// The servers a saturation run compares.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Server {
+pub(crate) enum Server {
+    /// The bench's bare axum server: a bounded queue per socket, each frame
+    /// written and flushed on its own, the pusher waiting for room in each.
     Baseline,
+    /// The bare server issue 23 measured imhost against: one
+    /// `tokio::sync::broadcast` channel for the chat channel, each socket's
+    /// task writing whatever has queued for it and flushing once; a socket
+    /// that falls more than the channel's capacity behind skips what it
+    /// missed (counted as lost), none is cut off.
+    Broadcast,
     Imhost,
 }
 
@@ -40,6 +49,7 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::Baseline => "baseline",
+            Server::Broadcast => "broadcast",
             Server::Imhost => "imhost",
         }
     }
@@ -72,7 +82,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         if !pinned(k) {
             println!("K = {k}: this machine has {cpus} CPUs; measured unpinned");
         }
-        for server in [Server::Baseline, Server::Imhost] {
+        for server in [Server::Baseline, Server::Broadcast, Server::Imhost] {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
                 runs.push(
@@ -122,12 +132,16 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             .map_or(f64::NAN, |(_, _, r)| r.delivered_per_sec)
     };
     println!();
+    let first = args.server_cores.first().copied().unwrap_or(1);
     for &k in &args.server_cores {
         println!(
-            "K = {k}: imhost/baseline delivered/s {:.2}; imhost K/1 {:.2}, baseline K/1 {:.2}",
+            "K = {k}: imhost delivered/s over baseline {:.2}, over broadcast {:.2}; \
+             K/{first}: imhost {:.2}, baseline {:.2}, broadcast {:.2}",
             delivered(k, Server::Imhost) / delivered(k, Server::Baseline),
-            delivered(k, Server::Imhost) / delivered(1, Server::Imhost),
-            delivered(k, Server::Baseline) / delivered(1, Server::Baseline),
+            delivered(k, Server::Imhost) / delivered(k, Server::Broadcast),
+            delivered(k, Server::Imhost) / delivered(first, Server::Imhost),
+            delivered(k, Server::Baseline) / delivered(first, Server::Baseline),
+            delivered(k, Server::Broadcast) / delivered(first, Server::Broadcast),
         );
     }
     println!(
@@ -158,17 +172,9 @@ async fn measure(
     let cpus = pinned_of.unwrap_or(1);
     let plugin_set: &[&str] = match server {
         Server::Imhost => &["word-filter"],
-        Server::Baseline => &[],
+        Server::Baseline | Server::Broadcast => &[],
     };
-    let mut child = spawn_pinned(
-        args,
-        server == Server::Imhost,
-        addr,
-        plugins.path(),
-        plugin_set,
-        k,
-        pinned,
-    )?;
+    let mut child = spawn_pinned(args, server, addr, plugins.path(), plugin_set, k, pinned)?;
     let pid = child.id().context("server pid")?;
     if pinned {
         pin(std::process::id(), &format!("{k}-{}", cpus - 1))?;
@@ -183,7 +189,7 @@ async fn measure(
     for i in 0..n {
         urls.push(match server {
             Server::Imhost => connect_url(&http, addr, i as i64 + 1).await?,
-            Server::Baseline => format!("ws://{addr}/ws"),
+            Server::Baseline | Server::Broadcast => format!("ws://{addr}/ws"),
         });
     }
     let gate = Arc::new(Semaphore::new(64));
@@ -229,7 +235,7 @@ async fn measure(
     let start_us = now_us();
     let (accepted, refused) = match server {
         Server::Imhost => publish(&http, addr, messages, interval_us).await?,
-        Server::Baseline => {
+        Server::Baseline | Server::Broadcast => {
             http.post(format!(
                 "http://{addr}/push?n={messages}&interval_us={interval_us}"
             ))
@@ -282,11 +288,11 @@ async fn measure(
 }
 
 /// Starts imhost (with `plugin_set` installed into `plugins` and
-/// `--outbound-queue 4096`) or the baseline on `addr`, on CPUs 0..K-1 when
+/// `--outbound-queue 4096`) or a baseline on `addr`, on CPUs 0..K-1 when
 /// `pinned`; killed when the handle drops.
 pub(crate) fn spawn_pinned(
     args: &Args,
-    imhost: bool,
+    server: Server,
     addr: std::net::SocketAddr,
     plugins: &std::path::Path,
     plugin_set: &[&str],
@@ -300,7 +306,7 @@ pub(crate) fn spawn_pinned(
     } else {
         tokio::process::Command::new("env")
     };
-    if imhost {
+    if server == Server::Imhost {
         install_plugin_set(plugins, &args.guests, plugin_set)?;
         command
             .arg(&args.imhost)
@@ -317,6 +323,9 @@ pub(crate) fn spawn_pinned(
         command
             .arg(std::env::current_exe()?)
             .args(["--baseline-server", &addr.to_string()]);
+        if server == Server::Broadcast {
+            command.arg("--baseline-broadcast");
+        }
     }
     command
         .stdout(std::process::Stdio::null())
