@@ -496,7 +496,7 @@ pub(crate) fn install_plugin_set(dir: &Path, guests: &Path, set: &[&str]) -> any
             dir.join(format!("{name}.wasm")),
         )
         .with_context(|| format!("copy {file}.wasm (scripts/bench builds the guests)"))?;
-        let manifest = Path::new("plugins").join(name).join(format!("{name}.toml"));
+        let manifest = super::repo_path(&format!("plugins/{name}/{name}.toml"));
         std::fs::copy(&manifest, dir.join(format!("{name}.toml")))
             .with_context(|| format!("copy {}", manifest.display()))?;
     }

@@ -304,32 +304,32 @@ pub(super) struct Fingerprint {
     ino: u64,
     len: u64,
     modified: SystemTime,
-    changed: (i64, i64),
+    /// The inode's change time (`ctime`), which no one can set back.
+    changed: SystemTime,
 }
 
 impl Fingerprint {
     async fn of(path: &Path) -> Option<Fingerprint> {
         use std::os::unix::fs::MetadataExt;
         let meta = tokio::fs::metadata(path).await.ok()?;
+        let changed = UNIX_EPOCH.checked_add(Duration::new(
+            u64::try_from(meta.ctime()).ok()?,
+            u32::try_from(meta.ctime_nsec()).ok()?,
+        ))?;
         Some(Fingerprint {
             dev: meta.dev(),
             ino: meta.ino(),
             len: meta.len(),
             modified: meta.modified().ok()?,
-            changed: (meta.ctime(), meta.ctime_nsec()),
+            changed,
         })
     }
 
     /// Whether both timestamps lie at least `margin` in the past.
     fn settled(&self, margin: Duration) -> bool {
-        let Some(before) = SystemTime::now().checked_sub(margin) else {
-            return false;
-        };
-        let changed = u64::try_from(self.changed.0).ok().and_then(|secs| {
-            let nanos = u32::try_from(self.changed.1).ok()?;
-            UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-        });
-        self.modified < before && changed.is_some_and(|changed| changed < before)
+        SystemTime::now()
+            .checked_sub(margin)
+            .is_some_and(|before| self.modified < before && self.changed < before)
     }
 }
 
