@@ -234,7 +234,7 @@ async fn measure(
     let started = Instant::now();
     let start_us = now_us();
     let (accepted, refused) = match server {
-        Server::Imhost => publish(&http, addr, messages, interval_us).await?,
+        Server::Imhost => publish_apart(addr, messages, interval_us).await?,
         Server::Baseline | Server::Broadcast => {
             http.post(format!(
                 "http://{addr}/push?n={messages}&interval_us={interval_us}"
@@ -332,6 +332,35 @@ pub(crate) fn spawn_pinned(
         .kill_on_drop(true)
         .spawn()
         .context("start the server")
+}
+
+/// [`publish`] on a thread and runtime of its own. On the load generator's
+/// runtime the publisher is one task among the 10,000 readers: the more a
+/// server delivers, the later its next messages leave, and a server that
+/// writes in smaller pieces (more reads for the readers) was offered less
+/// than the baselines, which publish inside their own process. Its own
+/// thread gets the scheduler's share as soon as a message is due.
+async fn publish_apart(
+    addr: std::net::SocketAddr,
+    messages: usize,
+    interval_us: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let thread = std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(publish(
+                    &reqwest::Client::new(),
+                    addr,
+                    messages,
+                    interval_us,
+                ))
+        })?;
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the publisher panicked"))?
 }
 
 /// Channel messages on schedule through the API, up to 64 in flight: the
