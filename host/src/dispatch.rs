@@ -58,6 +58,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
+use crate::audience::Audience;
 use crate::cluster::{ClusterError, LocalDelivery};
 use crate::node::Node;
 use crate::plugins::FilterOutcome;
@@ -71,10 +72,12 @@ use crate::ws::handle::{CloseReason, SocketHandle};
 /// A message with its audience on this node, resolved on arrival.
 enum Arrived {
     Direct(DirectMessage),
-    /// A channel message or broadcast, with the sockets it goes to here.
+    /// A channel message or broadcast, with the sockets it goes to here:
+    /// `audience` but `except` (the sender's only socket: the echo rule).
     Chan {
         message: ChanMessage,
-        sockets: Vec<Arc<SocketHandle>>,
+        audience: Arc<Audience>,
+        except: Option<Arc<SocketHandle>>,
     },
     ForceOffline(ClientId),
 }
@@ -224,12 +227,10 @@ async fn resolve(node: &Node, message: ServerMessage) -> Option<Arrived> {
             (receipts || node.registry.any_connected(&d.receivers)).then_some(Arrived::Direct(d))
         }
         ServerMessage::Chan(message) => {
-            let sockets = match &message.chan {
-                None => node.registry.all_sockets(message.sender),
+            let audience = match &message.chan {
+                None => node.registry.broadcast_audience(),
                 Some(chan) => match node.presence.delivery_members(chan).await {
-                    Ok(members) => node
-                        .registry
-                        .sockets_of(members.iter().copied(), message.sender),
+                    Ok(members) => node.registry.channel_audience(chan, &members),
                     Err(err) => {
                         Stats::incr(&node.stats.dispatch_errors);
                         warn!(cause = %err, chan, "channel message not delivered");
@@ -237,7 +238,16 @@ async fn resolve(node: &Node, message: ServerMessage) -> Option<Arrived> {
                     }
                 },
             };
-            (!sockets.is_empty()).then_some(Arrived::Chan { message, sockets })
+            let except = node
+                .registry
+                .sole_socket(message.sender)
+                .filter(|sole| audience.contains(sole));
+            let reached = audience.len() - usize::from(except.is_some());
+            (reached > 0).then_some(Arrived::Chan {
+                message,
+                audience,
+                except,
+            })
         }
         ServerMessage::ForceOffline { client_id } => Some(Arrived::ForceOffline(client_id)),
     }
@@ -284,9 +294,14 @@ async fn filter_stage(node: &Node, message: Arrived) -> Ready {
             Stats::incr(&node.stats.filtered_replaced);
             Ready::Deliver(match message {
                 Arrived::Direct(d) => Arrived::Direct(DirectMessage { content, ..d }),
-                Arrived::Chan { message, sockets } => Arrived::Chan {
+                Arrived::Chan {
+                    message,
+                    audience,
+                    except,
+                } => Arrived::Chan {
                     message: ChanMessage { content, ..message },
-                    sockets,
+                    audience,
+                    except,
                 },
                 other => other,
             })
@@ -307,9 +322,14 @@ async fn filter_stage(node: &Node, message: Arrived) -> Ready {
 async fn apply(node: &Node, ready: Ready, admission: Admission) -> Result<(), Overloaded> {
     match ready {
         Ready::Deliver(Arrived::Direct(direct)) => deliver_direct(node, direct, admission).await?,
-        Ready::Deliver(Arrived::Chan { message, sockets }) => {
+        Ready::Deliver(Arrived::Chan {
+            message,
+            audience,
+            except,
+        }) => {
+            let text = Utf8Bytes::from(message.content);
             node.shards
-                .write(sockets, Utf8Bytes::from(message.content), admission)
+                .write_to(audience, except, text, admission)
                 .await?;
         }
         Ready::Deliver(Arrived::ForceOffline(client_id)) => {

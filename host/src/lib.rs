@@ -11,6 +11,7 @@
 //! - [`ws`] — the terminal side: connect, and one task per socket.
 //! - [`registry`] — local sockets by client id, each with a bounded outbound queue.
 //! - [`dispatch`] — applies FreeIM's delivery rules to what arrives for this node.
+//! - [`audience`] — who a channel message or broadcast reaches here, resolved once per change.
 //! - [`shards`] — writes to the sockets, in order per socket, on every core, within a bounded backlog.
 //! - [`business`] — the operations a backend asks for (FreeIM's `ImHelper`).
 //! - [`http`] — the business API, the event stream and the demo page.
@@ -22,6 +23,7 @@
 //! - [`token`] — connect tokens.
 #![warn(clippy::print_stdout)]
 
+pub mod audience;
 pub mod business;
 pub mod cluster;
 pub mod config;

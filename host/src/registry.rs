@@ -21,6 +21,7 @@ use imhost_client::ClientId;
 use smallvec::SmallVec;
 use tungstenite::Utf8Bytes;
 
+use crate::audience::{Audience, Audiences, Key};
 use crate::stats::Stats;
 use crate::ws::handle::{CloseReason, SocketHandle, lock, signal};
 use crate::ws::outbound::Pushed;
@@ -70,6 +71,9 @@ pub struct Registry {
     shards: u16,
     /// The clock of `last_heard`: milliseconds since this instant.
     epoch: Instant,
+    /// Channel and broadcast audiences resolved from this map, told of
+    /// every change to it.
+    audiences: Arc<Audiences>,
 }
 
 impl Registry {
@@ -81,6 +85,7 @@ impl Registry {
             queue_bound,
             shards: u16::try_from(shards.clamp(1, usize::from(u16::MAX))).unwrap_or(1),
             epoch: Instant::now(),
+            audiences: Arc::default(),
         }
     }
 
@@ -115,6 +120,9 @@ impl Registry {
             conn,
             handle: handle.clone(),
         });
+        self.audiences.map_changed();
+        drop(clients);
+        self.audiences.clear();
         Registration { conn, handle }
     }
 
@@ -159,6 +167,9 @@ impl Registry {
         if left == 0 {
             clients.by_id.remove(&client);
         }
+        self.audiences.map_changed();
+        drop(clients);
+        self.audiences.clear();
         left
     }
 
@@ -197,45 +208,64 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The sockets a message to each of `targets` goes to (the echo rule
-    /// applied), for [`Registry::push_all`].
-    pub fn sockets_of(
-        &self,
-        targets: impl IntoIterator<Item = ClientId>,
-        sender: ClientId,
-    ) -> Vec<Arc<SocketHandle>> {
+    /// The sockets of `members` here: the cached audience while neither
+    /// the member list nor this map changed (see [`crate::audience`]).
+    pub fn channel_audience(&self, chan: &str, members: &Arc<[ClientId]>) -> Arc<Audience> {
+        let key = Key::Channel(chan.into());
+        if let Some(audience) = self.audiences.get(&key, Some(members)) {
+            return audience;
+        }
         let clients = self.lock();
-        let sockets = targets
-            .into_iter()
-            .filter_map(|id| clients.by_id.get(&id).map(|s| (id, s)))
-            .filter(|(id, sockets)| !(*id == sender && sockets.len() <= 1))
-            .flat_map(|(_, sockets)| handles(sockets))
+        let generation = self.audiences.generation();
+        let sockets = members
+            .iter()
+            .filter_map(|id| clients.by_id.get(id))
+            .flat_map(|sockets| handles(sockets))
             .collect();
         drop(clients);
-        in_memory_order(sockets)
+        let audience = Arc::new(Audience::new(sockets, self.shards.into()));
+        self.audiences
+            .put(key, Some(members.clone()), &audience, generation);
+        audience
     }
 
-    /// The sockets a broadcast goes to (the echo rule applied).
-    pub fn all_sockets(&self, sender: ClientId) -> Vec<Arc<SocketHandle>> {
+    /// Every socket here, for a broadcast; cached like a channel's.
+    pub fn broadcast_audience(&self) -> Arc<Audience> {
+        if let Some(audience) = self.audiences.get(&Key::Broadcast, None) {
+            return audience;
+        }
         let clients = self.lock();
-        let sockets = clients
-            .by_id
-            .iter()
-            .filter(|(id, sockets)| !(**id == sender && sockets.len() <= 1))
-            .flat_map(|(_, sockets)| handles(sockets))
-            .collect();
+        let generation = self.audiences.generation();
+        let sockets = clients.by_id.values().flat_map(|s| handles(s)).collect();
         drop(clients);
-        in_memory_order(sockets)
+        let audience = Arc::new(Audience::new(sockets, self.shards.into()));
+        self.audiences
+            .put(Key::Broadcast, None, &audience, generation);
+        audience
+    }
+
+    /// The one socket `client` holds here, if it holds exactly one: the
+    /// socket FreeIM's echo rule leaves out of the client's own channel
+    /// messages and broadcasts.
+    pub fn sole_socket(&self, client: ClientId) -> Option<Arc<SocketHandle>> {
+        match &self.lock().by_id.get(&client)?[..] {
+            [only] => Some(only.handle.clone()),
+            _ => None,
+        }
     }
 
     /// Hands `text` to `sockets`, outside the registry's lock (a push may
     /// write to the kernel); returns how many took it. A full queue closes
-    /// its socket as a slow consumer. Each handle is let go of right after
-    /// its push, while its cache line is still at hand.
-    pub fn push_all(&self, sockets: Vec<Arc<SocketHandle>>, text: &Utf8Bytes) -> usize {
+    /// its socket as a slow consumer. A handle given by value is let go of
+    /// right after its push, while its cache line is still at hand.
+    pub fn push_all<S: AsRef<SocketHandle>>(
+        &self,
+        sockets: impl IntoIterator<Item = S>,
+        text: &Utf8Bytes,
+    ) -> usize {
         let mut taken = 0;
         for socket in sockets {
-            taken += usize::from(self.push_one(&socket, &[text]));
+            taken += usize::from(self.push_one(socket.as_ref(), &[text]));
         }
         Stats::add(&self.stats.frames_queued, taken as u64);
         taken
@@ -265,24 +295,6 @@ impl Registry {
             Pushed::Closed => false,
         }
     }
-}
-
-/// Audiences bigger than this are written in memory order.
-const MEMORY_ORDER_FROM: usize = 1024;
-
-/// A big audience sorted by its handles' addresses, which follow the order
-/// the sockets were made, as do the kernel's objects for them (descriptor,
-/// socket and, on loopback, the peer's socket). Written in hash order,
-/// every write of a broadcast to 19,000 sockets touched memory far from the
-/// previous one, the kernel's as much as ours; in this order neighbours
-/// share pages and cache lines. Sorting 19,000 handles takes about 0.2 ms
-/// and saved 6 to 11 % of the CPU per delivery (see `docs/operations.md`);
-/// small audiences stay in cache either way.
-fn in_memory_order(mut sockets: Vec<Arc<SocketHandle>>) -> Vec<Arc<SocketHandle>> {
-    if sockets.len() > MEMORY_ORDER_FROM {
-        sockets.sort_unstable_by_key(|handle| Arc::as_ptr(handle) as usize);
-    }
-    sockets
 }
 
 /// The handles of one client's sockets.
@@ -316,22 +328,43 @@ mod tests {
     }
 
     #[test]
-    fn a_big_audience_comes_in_memory_order() {
-        let reg = registry(4);
-        let handles: Vec<_> = (1..=MEMORY_ORDER_FROM as ClientId + 100)
-            .map(|client| reg.register(client).handle)
-            .collect();
-        let in_order = |sockets: &[Arc<SocketHandle>]| {
-            sockets
-                .windows(2)
-                .all(|w| Arc::as_ptr(&w[0]) < Arc::as_ptr(&w[1]))
-        };
-        let all = reg.all_sockets(0);
+    fn audiences_are_cached_until_the_members_or_the_map_change() {
+        let reg = Registry::new(4, 3, Arc::default());
+        let count = crate::audience::CACHE_FROM as ClientId + 10;
+        let handles: Vec<_> = (1..=count).map(|c| reg.register(c).handle).collect();
+        let members: Arc<[ClientId]> = (1..=count).rev().collect();
+        let first = reg.channel_audience("a", &members);
+        assert_eq!(first.len(), handles.len());
+        assert!(handles.iter().all(|h| first.contains(h)));
+        assert!(Arc::ptr_eq(&first, &reg.channel_audience("a", &members)));
+        let all = reg.broadcast_audience();
         assert_eq!(all.len(), handles.len());
-        assert!(in_order(&all));
-        let members = reg.sockets_of((1..=handles.len() as ClientId).rev(), 0);
-        assert_eq!(members.len(), handles.len());
-        assert!(in_order(&members));
+        assert!(Arc::ptr_eq(&all, &reg.broadcast_audience()));
+
+        // A new member list: resolved again.
+        let fewer: Arc<[ClientId]> = (2..=count).collect();
+        let second = reg.channel_audience("a", &fewer);
+        assert_eq!(second.len(), handles.len() - 1);
+        assert!(!second.contains(&handles[0]));
+
+        // A socket that comes or goes empties the cache, and what it held
+        // of the socket with it.
+        let late = reg.register(1);
+        let third = reg.channel_audience("a", &fewer);
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert!(reg.broadcast_audience().contains(&late.handle));
+        let weak = Arc::downgrade(&late.handle);
+        reg.unregister(1, late.conn);
+        drop(late);
+        assert!(weak.upgrade().is_none(), "the cache let go of it");
+        assert_eq!(reg.channel_audience("a", &members).len(), handles.len());
+        assert!(
+            reg.sole_socket(2)
+                .is_some_and(|h| Arc::ptr_eq(&h, &handles[1]))
+        );
+        let _second_device = reg.register(2);
+        assert!(reg.sole_socket(2).is_none());
+        assert!(reg.sole_socket(count + 1).is_none());
     }
 
     #[test]
@@ -353,9 +386,10 @@ mod tests {
         let slow = reg.register(1);
         let fast = reg.register(2);
         let text = Utf8Bytes::from("x");
-        reg.push_all(reg.sockets_of([1, 2], 0), &text);
+        let both = || [reg.client_sockets(1), reg.client_sockets(2)].concat();
+        reg.push_all(both(), &text);
         queued(&fast.handle);
-        reg.push_all(reg.sockets_of([1, 2], 0), &text);
+        reg.push_all(both(), &text);
         assert_eq!(slow.handle.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(fast.handle.close_reason(), None);
         assert_eq!(reg.stats.snapshot().slow_consumers_closed, 1);

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
+use crate::audience::Audience;
 use crate::registry::Registry;
 use crate::ws::handle::{CloseReason, NOT_STAGED, SocketHandle};
 
@@ -54,6 +55,16 @@ use crate::ws::handle::{CloseReason, NOT_STAGED, SocketHandle};
 /// writes at once (`ws::outbound::WRITE_BATCH`); 64 delivered 1.12x what 16
 /// did at saturation on one core (docs/operations.md, "Every core").
 pub const PASS: usize = 64;
+
+/// Frames a shard task writes between two chances for the other tasks of
+/// its worker thread to run. A pass to 10,000 sockets takes tens of
+/// milliseconds; written in one go, the API requests and socket reads that
+/// share its thread would wait for all of it, and then find the shard task
+/// first in line again (tokio runs a task woken from a yield before the
+/// tasks the I/O driver just woke): the node took a few new messages per
+/// pass, though its callers had many waiting, and wrote each socket a few
+/// frames per system call where it could have written dozens.
+const SLICE: usize = 4096;
 
 /// Audiences up to this size are written by the caller when their shards
 /// are idle: at 1,000 sockets, handing the writes to shard tasks costs more
@@ -90,10 +101,65 @@ enum Work {
 /// One message's share of one shard.
 struct Job {
     work: Work,
-    sockets: Vec<Arc<SocketHandle>>,
-    /// The message's backlog permits, shared by its jobs on every shard:
-    /// given back when the last of them is written.
-    _permit: Option<Arc<OwnedSemaphorePermit>>,
+    sockets: Recipients,
+    /// This share's backlog permits, one per delivery: given back as the
+    /// shard writes them.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The sockets of one shard a job is for.
+enum Recipients {
+    /// Looked up for this message alone.
+    Listed(Vec<Arc<SocketHandle>>),
+    /// The shard's part of an audience shared by every message to it, less
+    /// `except` (the sender-echo rule).
+    Shared {
+        audience: Arc<Audience>,
+        shard: usize,
+        except: Option<Arc<SocketHandle>>,
+    },
+}
+
+impl Recipients {
+    /// How many sockets.
+    fn len(&self) -> usize {
+        match self {
+            Recipients::Listed(sockets) => sockets.len(),
+            Recipients::Shared {
+                audience,
+                shard,
+                except,
+            } => {
+                // `except` is one of the audience's, when set.
+                let here = except
+                    .as_ref()
+                    .is_some_and(|e| e.shard() % audience.shards() == *shard);
+                audience.of_shard(*shard).len() - usize::from(here)
+            }
+        }
+    }
+
+    /// The sockets, and the one among them to leave out.
+    fn parts(&self) -> (&[Arc<SocketHandle>], Option<&Arc<SocketHandle>>) {
+        match self {
+            Recipients::Listed(sockets) => (sockets, None),
+            Recipients::Shared {
+                audience,
+                shard,
+                except,
+            } => (audience.of_shard(*shard), except.as_ref()),
+        }
+    }
+}
+
+/// `sockets` but `except`.
+fn but<'a>(
+    sockets: &'a [Arc<SocketHandle>],
+    except: Option<&'a Arc<SocketHandle>>,
+) -> impl Iterator<Item = &'a Arc<SocketHandle>> {
+    sockets
+        .iter()
+        .filter(move |s| except.is_none_or(|e| !Arc::ptr_eq(e, s)))
 }
 
 struct Queue {
@@ -205,6 +271,57 @@ impl Shards {
         self.submit(Work::Write(text), sockets, admission).await
     }
 
+    /// Hands `text` to `audience` but `except`, as [`Shards::write`] does.
+    ///
+    /// # Errors
+    /// As [`Shards::write`].
+    pub async fn write_to(
+        &self,
+        audience: Arc<Audience>,
+        except: Option<Arc<SocketHandle>>,
+        text: Utf8Bytes,
+        admission: Admission,
+    ) -> Result<(), Overloaded> {
+        let except = except.filter(|e| audience.contains(e));
+        let sockets = audience.all();
+        let count = sockets.len() - usize::from(except.is_some());
+        if count == 0 {
+            return Ok(());
+        }
+        if count <= INLINE_MAX
+            && admission != Admission::WaitQueued
+            && let Some(claim) = self.claim_idle(sockets)
+        {
+            self.inner
+                .registry
+                .push_all(but(sockets, except.as_ref()), &text);
+            drop(claim);
+            return Ok(());
+        }
+        let permit = self.admit(count, admission).await?;
+        let shards = self.inner.queues.len();
+        if audience.shards() != shards {
+            // Grouped for another shard count (never, in a running node).
+            let sockets = but(sockets, except.as_ref()).cloned().collect();
+            self.enqueue(Work::Write(text), self.split(sockets), permit);
+            return Ok(());
+        }
+        let parts = (0..shards).map(|shard| {
+            let empty = match audience.of_shard(shard) {
+                [] => true,
+                [only] => except.as_ref().is_some_and(|e| Arc::ptr_eq(e, only)),
+                _ => false,
+            };
+            (!empty).then(|| Recipients::Shared {
+                audience: audience.clone(),
+                shard,
+                except: except.clone(),
+            })
+        });
+        self.enqueue(Work::Write(text), parts, permit);
+        Ok(())
+    }
+
     /// Closes `sockets` with `reason` after what was queued for them.
     pub async fn close(&self, sockets: Vec<Arc<SocketHandle>>, reason: CloseReason) {
         if sockets.is_empty() {
@@ -256,9 +373,14 @@ impl Shards {
         sockets: Vec<Arc<SocketHandle>>,
         admission: Admission,
     ) -> Result<(), Overloaded> {
-        let permit = self.admit(sockets.len(), admission).await?.map(Arc::new);
-        let queues = &self.inner.queues;
-        let n = queues.len();
+        let permit = self.admit(sockets.len(), admission).await?;
+        self.enqueue(work, self.split(sockets), permit);
+        Ok(())
+    }
+
+    /// `sockets` by shard, for [`Shards::enqueue`].
+    fn split(&self, sockets: Vec<Arc<SocketHandle>>) -> impl Iterator<Item = Option<Recipients>> {
+        let n = self.inner.queues.len();
         let mut split: SmallVec<[Vec<Arc<SocketHandle>>; 16]> = SmallVec::new();
         if n == 1 {
             split.push(sockets);
@@ -270,17 +392,42 @@ impl Shards {
                 split[shard].push(socket);
             }
         }
-        for (shard, sockets) in split.into_iter().enumerate() {
-            if sockets.is_empty() {
-                continue;
-            }
-            let queue = &queues[shard];
+        split
+            .into_iter()
+            .map(|sockets| (!sockets.is_empty()).then_some(Recipients::Listed(sockets)))
+    }
+
+    /// Appends one job to each shard's queue that `parts` names
+    /// recipients for (one item per shard, in shard order), each with its
+    /// share of `permit` (the last one with what is left: a message bigger
+    /// than the backlog holds all of it, not one permit per delivery).
+    fn enqueue(
+        &self,
+        work: Work,
+        parts: impl Iterator<Item = Option<Recipients>>,
+        mut permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let parts: SmallVec<[(usize, Recipients); 16]> = parts
+            .enumerate()
+            .filter_map(|(shard, part)| Some((shard, part?)))
+            .collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, (shard, sockets)) in parts.into_iter().enumerate() {
+            let queue = &self.inner.queues[shard];
+            let share = if i == last {
+                permit.take()
+            } else {
+                permit.as_mut().and_then(|p| {
+                    let n = sockets.len().min(p.num_permits());
+                    p.split(n)
+                })
+            };
             queue.pending.fetch_add(1, Ordering::AcqRel);
             let job = Job {
                 // The text is shared, not copied.
                 work: work.clone(),
                 sockets,
-                _permit: permit.clone(),
+                permit: share,
             };
             if queue.tx.send(job).is_err() {
                 // The shard stopped: the node is shutting down and its
@@ -288,7 +435,6 @@ impl Shards {
                 queue.pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        Ok(())
     }
 
     /// Takes `deliveries` permits of the backlog as `admission` says (a
@@ -328,27 +474,44 @@ impl Shards {
         let queue = &self.inner.queues[index];
         while rx.recv_many(&mut jobs, PASS).await > 0 {
             let done = jobs.len();
-            if let [job] = &mut jobs[..] {
+            // The pass's permits, given back as its frames are written: the
+            // API can take new messages while a long pass goes on, so the
+            // queue does not run dry behind it.
+            let mut held: Option<OwnedSemaphorePermit> = None;
+            for permit in jobs.iter_mut().filter_map(|job| job.permit.take()) {
+                match &mut held {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+            }
+            if let [job] = &jobs[..] {
+                let (sockets, except) = job.sockets.parts();
                 match &job.work {
                     Work::Write(text) => {
-                        registry.push_all(std::mem::take(&mut job.sockets), text);
+                        for slice in sockets.chunks(SLICE) {
+                            registry.push_all(but(slice, except), text);
+                            if slice.len() == SLICE {
+                                give_back(&mut held, slice.len());
+                                tokio::task::yield_now().await;
+                            }
+                        }
                     }
-                    Work::Close(reason) => close_all(&job.sockets, *reason),
+                    Work::Close(reason) => close_all(but(sockets, except), *reason),
                 }
             } else {
-                for job in &mut jobs {
+                for job in &jobs {
+                    let (sockets, except) = job.sockets.parts();
                     match &job.work {
-                        Work::Write(text) => {
-                            staging.add(std::mem::take(&mut job.sockets), text.clone());
-                        }
+                        Work::Write(text) => staging.add(but(sockets, except), text.clone()),
                         Work::Close(reason) => {
-                            staging.write(registry);
-                            close_all(&job.sockets, *reason);
+                            staging.write(registry, &mut held).await;
+                            close_all(but(sockets, except), *reason);
                         }
                     }
                 }
-                staging.write(registry);
+                staging.write(registry, &mut held).await;
             }
+            drop(held);
             // Written: their permits go back, and the shard counts as idle
             // again once nothing else was queued meanwhile.
             jobs.clear();
@@ -356,6 +519,14 @@ impl Shards {
             // Let the other tasks of this worker run between passes.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// Gives `n` of `held`'s permits back to the backlog (fewer if it holds
+/// fewer).
+fn give_back(held: &mut Option<OwnedSemaphorePermit>, n: usize) {
+    if let Some(held) = held {
+        drop(held.split(n.min(held.num_permits())));
     }
 }
 
@@ -370,7 +541,7 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn close_all(sockets: &[Arc<SocketHandle>], reason: CloseReason) {
+fn close_all<'a>(sockets: impl IntoIterator<Item = &'a Arc<SocketHandle>>, reason: CloseReason) {
     for socket in sockets {
         socket.close(reason);
     }
@@ -386,7 +557,7 @@ struct Staging {
 
 impl Staging {
     /// Adds one message for `sockets`.
-    fn add(&mut self, sockets: Vec<Arc<SocketHandle>>, text: Utf8Bytes) {
+    fn add<'a>(&mut self, sockets: impl Iterator<Item = &'a Arc<SocketHandle>>, text: Utf8Bytes) {
         let index = u16::try_from(self.texts.len()).unwrap_or(u16::MAX);
         self.texts.push(text);
         for socket in sockets {
@@ -398,14 +569,18 @@ impl Staging {
                     socket.slot().store(slot, Ordering::Relaxed);
                     let mut frames = SmallVec::new();
                     frames.push(index);
-                    self.sockets.push((socket, frames));
+                    self.sockets.push((socket.clone(), frames));
                 }
             }
         }
     }
 
-    /// Writes each staged socket's frames at once, in order, and empties.
-    fn write(&mut self, registry: &Registry) {
+    /// Writes each staged socket's frames at once, in order, and empties;
+    /// after every [`SLICE`] frames' worth, gives back as many of `held`'s
+    /// permits as frames were written and lets the thread's other tasks run.
+    async fn write(&mut self, registry: &Registry, held: &mut Option<OwnedSemaphorePermit>) {
+        let mut cost = 0;
+        let mut written = 0;
         for (socket, frames) in self.sockets.drain(..) {
             socket.slot().store(NOT_STAGED, Ordering::Relaxed);
             let texts: SmallVec<[&Utf8Bytes; PASS]> = frames
@@ -413,6 +588,15 @@ impl Staging {
                 .filter_map(|&i| self.texts.get(usize::from(i)))
                 .collect();
             registry.push_many(&socket, &texts);
+            drop(texts);
+            // A system call costs about what a few frames do.
+            cost += frames.len() + 4;
+            written += frames.len();
+            if cost >= SLICE {
+                give_back(held, std::mem::take(&mut written));
+                cost = 0;
+                tokio::task::yield_now().await;
+            }
         }
         self.texts.clear();
     }
@@ -421,6 +605,7 @@ impl Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use imhost_client::ClientId;
 
     fn setup(shards: usize, backlog: usize) -> (Registry, Shards, Receivers) {
         let registry = Registry::new(64, shards, Arc::default());
@@ -533,6 +718,63 @@ mod tests {
         for handle in &handles {
             assert_eq!(queued(handle), vec!["x", "x"]);
         }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_shared_audience_reaches_all_but_the_sender_in_order() {
+        let (registry, shards, rx) = setup(3, 1_000_000);
+        let handles: Vec<_> = (1..=70).map(|c| registry.register(c).handle).collect();
+        let members: Arc<[ClientId]> = (1..=70).collect();
+        let audience = registry.channel_audience("a", &members);
+        let sender = handles[4].clone();
+        // Idle: written by the caller.
+        shards
+            .write_to(
+                audience.clone(),
+                Some(sender.clone()),
+                "m0".into(),
+                Admission::Try,
+            )
+            .await
+            .expect("inline");
+        assert_eq!(shards.backlog(), 0);
+        // Busy: queued on every shard, permits held until written.
+        hold(&shards);
+        for m in ["m1", "m2"] {
+            shards
+                .write_to(
+                    audience.clone(),
+                    Some(sender.clone()),
+                    m.into(),
+                    Admission::Try,
+                )
+                .await
+                .expect("admitted");
+        }
+        assert_eq!(shards.backlog(), 2 * 69);
+        // A stranger to the audience is no exception: everyone gets it.
+        let stranger = registry.register(99).handle;
+        shards
+            .write_to(
+                audience.clone(),
+                Some(stranger.clone()),
+                "m3".into(),
+                Admission::Try,
+            )
+            .await
+            .expect("admitted");
+        release(&shards);
+        let stop = drain(&shards, rx).await;
+        for (n, handle) in handles.iter().enumerate() {
+            let want: &[&str] = if Arc::ptr_eq(handle, &sender) {
+                &["m3"]
+            } else {
+                &["m0", "m1", "m2", "m3"]
+            };
+            assert_eq!(queued(handle), want, "socket {n}");
+        }
+        assert!(queued(&stranger).is_empty());
         stop.cancel();
     }
 

@@ -168,6 +168,139 @@ async fn order_holds_per_socket_across_four_shards_through_redis() {
     every_socket_gets_its_own_messages_in_order(cluster.node(0), 5).await;
 }
 
+/// Members enough for the node to keep the channel's resolved audience
+/// (`imhost::audience::CACHE_FROM`), and a few more.
+const CROWD: ClientId = imhost::audience::CACHE_FROM as ClientId + 6;
+
+/// One socket of the audience test and what it has been sent.
+struct Seat {
+    client: ClientId,
+    terminal: Terminal,
+}
+
+/// Sends `text` to channel `crowd` from `sender` (or a broadcast when
+/// `broadcast`, from the backend), and checks that exactly the seats `gets`
+/// names receive it, each as its next message (the others are checked at
+/// the end: nothing but the end marker may follow).
+async fn send_and_check(
+    api: &Api,
+    seats: &mut [Seat],
+    sender: ClientId,
+    broadcast: bool,
+    text: &str,
+    gets: impl Fn(&Seat) -> bool,
+) {
+    if broadcast {
+        api.ok("/broadcast", json!({"message": text})).await;
+    } else {
+        let body = json!({"sender": sender, "message": text});
+        api.ok("/channels/crowd/messages", body).await;
+    }
+    for (i, seat) in seats.iter_mut().enumerate() {
+        if gets(seat) {
+            let got = seat.terminal.next_json().await;
+            assert_eq!(got, json!(text), "seat {i} (client {})", seat.client);
+        }
+    }
+}
+
+/// A big channel's audience is resolved once and kept (see
+/// `imhost::audience`); every change must still show at once: a socket that
+/// comes, a member who joins or leaves, a socket that goes and comes back,
+/// and FreeIM's echo rule for a sender with one socket or two.
+async fn a_kept_audience_follows_every_change(api: &Api) {
+    let mut seats = Vec::new();
+    for client in 1..=CROWD {
+        seats.push(Seat {
+            client,
+            terminal: api.terminal(client).await,
+        });
+    }
+    let everyone: Vec<ClientId> = (1..=CROWD).collect();
+    api.ok("/channels/crowd/join", json!({"client_ids": everyone}))
+        .await;
+    let mut members: BTreeSet<ClientId> = (1..=CROWD).collect();
+
+    // From a member with one socket: everyone else, twice (the second time
+    // from the kept audience).
+    for text in ["m1", "m2"] {
+        send_and_check(api, &mut seats, 1, false, text, |s| s.client != 1).await;
+    }
+    // A second socket for client 2: the map changed, the members did not.
+    seats.push(Seat {
+        client: 2,
+        terminal: api.terminal(2).await,
+    });
+    send_and_check(api, &mut seats, 0, false, "m3", |_| true).await;
+    // Client 2 sends: with two sockets, both get the echo.
+    send_and_check(api, &mut seats, 2, false, "m4", |_| true).await;
+    // A newcomer joins and client 3 leaves.
+    let newcomer = CROWD + 1;
+    seats.push(Seat {
+        client: newcomer,
+        terminal: api.terminal(newcomer).await,
+    });
+    api.ok("/channels/crowd/join", json!({"client_ids": [newcomer]}))
+        .await;
+    api.ok("/channels/crowd/leave", json!({"client_ids": [3]}))
+        .await;
+    members.insert(newcomer);
+    members.remove(&3);
+    send_and_check(api, &mut seats, 0, false, "m5", |s| {
+        members.contains(&s.client)
+    })
+    .await;
+    // Client 4's only socket goes (and its membership with it), then it
+    // comes back without joining: its new socket gets nothing of the channel.
+    let at = seats.iter().position(|s| s.client == 4).expect("client 4");
+    drop(seats.remove(at));
+    imhost_tests::eventually("client 4 gone", || async {
+        (api.client(4).await.connections == 0).then_some(())
+    })
+    .await;
+    members.remove(&4);
+    seats.push(Seat {
+        client: 4,
+        terminal: api.terminal(4).await,
+    });
+    send_and_check(api, &mut seats, 5, false, "m6", |s| {
+        members.contains(&s.client) && s.client != 5
+    })
+    .await;
+    // Broadcasts (from the backend: sender 0) reach every socket, the
+    // second from the kept audience, and then one that came since.
+    send_and_check(api, &mut seats, 0, true, "b1", |_| true).await;
+    send_and_check(api, &mut seats, 0, true, "b2", |_| true).await;
+    seats.push(Seat {
+        client: CROWD + 2,
+        terminal: api.terminal(CROWD + 2).await,
+    });
+    send_and_check(api, &mut seats, 0, true, "b3", |_| true).await;
+
+    api.ok("/broadcast", json!({"message": "end"})).await;
+    for (i, seat) in seats.iter_mut().enumerate() {
+        let next = seat.terminal.next_json().await;
+        assert_eq!(next, json!("end"), "seat {i} (client {})", seat.client);
+    }
+}
+
+#[tokio::test]
+async fn a_kept_audience_follows_every_change_embedded() {
+    let host = TestHost::start(Options {
+        delivery_shards: Some(4),
+        ..Options::default()
+    })
+    .await;
+    a_kept_audience_follows_every_change(&host).await;
+}
+
+#[tokio::test]
+async fn a_kept_audience_follows_every_change_through_redis() {
+    let redis = RedisServer::start().await;
+    let cluster = Cluster::start_with(&redis, 1, &["--delivery-shards", "4"]).await;
+    a_kept_audience_follows_every_change(cluster.node(0)).await;
+}
+
 /// Senders at once, and messages each sends at most.
 const SENDERS: usize = 16;
 const PER_SENDER: usize = 200;

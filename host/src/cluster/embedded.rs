@@ -76,6 +76,11 @@ struct State {
     online: HashMap<ClientId, u64>,
     channel_members: HashMap<String, BTreeSet<ClientId>>,
     client_channels: HashMap<ClientId, BTreeSet<String>>,
+    /// Member lists handed out for delivery, each kept until its channel's
+    /// membership changes: the same list (the same `Arc`) for every message
+    /// meanwhile, which lets the registry keep the channel's resolved
+    /// audience (see `crate::audience`).
+    delivery: HashMap<String, Arc<[ClientId]>>,
 }
 
 impl State {
@@ -91,6 +96,7 @@ impl State {
     }
 
     fn leave(&mut self, chan: &str, client: ClientId) {
+        self.delivery.remove(chan);
         if let Some(members) = self.channel_members.get_mut(chan) {
             members.remove(&client);
             if members.is_empty() {
@@ -200,6 +206,7 @@ impl Presence for EmbeddedPresence {
 
     async fn join(&self, chan: &str, clients: &[ClientId]) -> Result<(), ClusterError> {
         let mut state = self.lock();
+        state.delivery.remove(chan);
         for &client in clients {
             state
                 .channel_members
@@ -230,6 +237,19 @@ impl Presence for EmbeddedPresence {
             .get(chan)
             .map(|m| m.iter().copied().collect())
             .unwrap_or_default())
+    }
+
+    async fn delivery_members(&self, chan: &str) -> Result<Arc<[ClientId]>, ClusterError> {
+        let mut state = self.lock();
+        if let Some(members) = state.delivery.get(chan) {
+            return Ok(members.clone());
+        }
+        let Some(members) = state.channel_members.get(chan) else {
+            return Ok(Arc::from([]));
+        };
+        let members: Arc<[ClientId]> = members.iter().copied().collect();
+        state.delivery.insert(chan.to_owned(), members.clone());
+        Ok(members)
     }
 
     async fn channels(&self) -> Result<Vec<ChannelInfo>, ClusterError> {
@@ -297,6 +317,32 @@ mod tests {
             p.take_token(&t, &a_of_two).await.expect("take"),
             TokenClaim::Taken(value(1))
         );
+    }
+
+    #[tokio::test]
+    async fn a_channels_delivery_list_is_the_same_until_its_membership_changes() {
+        let p = EmbeddedPresence::new();
+        p.join("a", &[1, 2]).await.expect("join");
+        let first = p.delivery_members("a").await.expect("members");
+        assert_eq!(&first[..], &[1, 2]);
+        let again = p.delivery_members("a").await.expect("members");
+        assert!(Arc::ptr_eq(&first, &again));
+        p.join("b", &[3]).await.expect("join");
+        assert!(Arc::ptr_eq(
+            &first,
+            &p.delivery_members("a").await.expect("a")
+        ));
+
+        p.join("a", &[3]).await.expect("join");
+        let joined = p.delivery_members("a").await.expect("members");
+        assert_eq!(&joined[..], &[1, 2, 3]);
+        p.leave("a", &[1]).await.expect("leave");
+        assert_eq!(&p.delivery_members("a").await.expect("a")[..], &[2, 3]);
+        // A member's last connection going takes it out of its channels.
+        p.connected(&value(2)).await.expect("connected");
+        p.disconnected(&value(2)).await.expect("disconnected");
+        assert_eq!(&p.delivery_members("a").await.expect("a")[..], &[3]);
+        assert!(p.delivery_members("none").await.expect("none").is_empty());
     }
 
     #[tokio::test]

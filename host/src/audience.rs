@@ -1,0 +1,284 @@
+//! Who a channel message or a broadcast reaches on this node, worked out once
+//! per change instead of once per message.
+//!
+//! Resolving a channel's audience means taking its members, looking each up
+//! in the registry's map under its lock, taking a reference to each of their
+//! sockets, sorting them into memory order and dealing them out to the
+//! delivery shards: per message, work and cache misses in proportion to the
+//! audience. In a fan-out to 10,000 sockets that was a third of the node's
+//! CPU (`docs/operations.md`, "Every core"). An [`Audience`] is that result,
+//! immutable and shared: every message to the same channel takes the same
+//! one, and the shards read their part of it without copying it.
+//!
+//! # When a cached audience is still right
+//! - **Members.** The presence store hands out a channel's member list as an
+//!   `Arc` that stays the same until the membership changes (the embedded
+//!   store's own cache, Redis's epoch cache). An entry remembers the list it
+//!   was made from and is used only for that very list (`Arc::ptr_eq`; the
+//!   entry holds the list, so its address cannot be reused while it lives).
+//! - **Sockets.** Every register and unregister in the registry bumps
+//!   [`Audiences::generation`] under the registry's lock and then empties the
+//!   cache. A resolution remembers the generation it read under the same
+//!   lock and is stored only if nothing changed since, checked under the
+//!   cache's lock; so an audience made before a socket came or went never
+//!   outlives the change. Emptying at once also means a closed socket's
+//!   handle (and its descriptor) is never kept alive by the cache.
+//!
+//! # The sender-echo rule
+//! FreeIM does not echo a message to a sender with one connection. The
+//! cached audience is the whole channel; the sender's socket, when it is the
+//! only one and a member's, is left out at delivery ([`Audience::contains`]
+//! finds it, the shards skip it).
+//!
+//! # Bounds
+//! Only audiences of at least [`CACHE_FROM`] sockets are kept (smaller ones
+//! cost little to resolve), and no more than [`MAX_CACHED_SOCKETS`] handles in
+//! all: past that the cache is emptied and refills with what is in use.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use imhost_client::ClientId;
+use smallvec::SmallVec;
+
+use crate::ws::handle::SocketHandle;
+
+/// Audiences smaller than this are resolved per message and not kept.
+pub const CACHE_FROM: usize = 64;
+/// Socket references the cache holds at most, over all its audiences.
+pub const MAX_CACHED_SOCKETS: usize = 1 << 20;
+
+/// A message's sockets on this node, grouped by delivery shard, each group
+/// in memory order. Immutable.
+///
+/// Memory order is the order of the handles' addresses, which follows the
+/// order the sockets were made, as do the kernel's objects for them
+/// (descriptor, socket and, on loopback, the peer's socket). Written in hash
+/// order, every write of a broadcast to 19,000 sockets touched memory far
+/// from the previous one, the kernel's as much as ours; in this order
+/// neighbours share pages and cache lines: 6 to 11 % less CPU per delivery
+/// (see `docs/operations.md`).
+#[derive(Debug)]
+pub struct Audience {
+    sockets: Box<[Arc<SocketHandle>]>,
+    /// Where each shard's group starts in `sockets`, then its length.
+    starts: SmallVec<[u32; 17]>,
+}
+
+impl Audience {
+    /// `sockets` grouped for `shards` delivery shards.
+    pub fn new(mut sockets: Vec<Arc<SocketHandle>>, shards: usize) -> Self {
+        let shards = shards.max(1);
+        sockets.sort_unstable_by_key(|s| (s.shard() % shards, Arc::as_ptr(s) as usize));
+        let mut starts = SmallVec::with_capacity(shards + 1);
+        let mut at = 0;
+        for shard in 0..shards {
+            starts.push(u32::try_from(at).unwrap_or(u32::MAX));
+            while at < sockets.len() && sockets[at].shard() % shards == shard {
+                at += 1;
+            }
+        }
+        starts.push(u32::try_from(sockets.len()).unwrap_or(u32::MAX));
+        Audience {
+            sockets: sockets.into_boxed_slice(),
+            starts,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// How many shards it was grouped for.
+    pub fn shards(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// Every socket, shard by shard.
+    pub fn all(&self) -> &[Arc<SocketHandle>] {
+        &self.sockets
+    }
+
+    /// The sockets of `shard`.
+    pub fn of_shard(&self, shard: usize) -> &[Arc<SocketHandle>] {
+        match (self.starts.get(shard), self.starts.get(shard + 1)) {
+            (Some(&from), Some(&to)) => &self.sockets[from as usize..to as usize],
+            _ => &[],
+        }
+    }
+
+    /// Whether `socket` is one of them.
+    pub fn contains(&self, socket: &Arc<SocketHandle>) -> bool {
+        let group = self.of_shard(socket.shard() % self.shards());
+        group
+            .binary_search_by_key(&(Arc::as_ptr(socket) as usize), |s| Arc::as_ptr(s) as usize)
+            .is_ok()
+    }
+}
+
+/// What a cached audience was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Channel(Box<str>),
+    Broadcast,
+}
+
+struct Entry {
+    /// The member list it was resolved from (`None`: a broadcast).
+    members: Option<Arc<[ClientId]>>,
+    audience: Arc<Audience>,
+}
+
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<Key, Entry>,
+    /// Socket references held by `entries`.
+    sockets: usize,
+}
+
+/// The cache of audiences; see the module docs. Owned by the registry,
+/// which tells it of every change to its map.
+#[derive(Default)]
+pub struct Audiences {
+    cache: Mutex<Cache>,
+    generation: AtomicU64,
+}
+
+impl Audiences {
+    /// The registry's map changed: from now on no audience made earlier is
+    /// stored. Called under the registry's lock.
+    pub fn map_changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops every cached audience. Called after [`Self::map_changed`],
+    /// outside the registry's lock.
+    pub fn clear(&self) {
+        let dropped = std::mem::take(&mut *self.lock());
+        // Each socket reference let go of outside the lock.
+        drop(dropped);
+    }
+
+    /// The generation a resolution reads under the registry's lock.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The audience cached for `key` and made from `members`, if any.
+    pub fn get(&self, key: &Key, members: Option<&Arc<[ClientId]>>) -> Option<Arc<Audience>> {
+        let cache = self.lock();
+        let entry = cache.entries.get(key)?;
+        let same = match (&entry.members, members) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same.then(|| entry.audience.clone())
+    }
+
+    /// Keeps `audience`, made from `members` at `generation`, unless the
+    /// registry changed since or it is too small to be worth it.
+    pub fn put(
+        &self,
+        key: Key,
+        members: Option<Arc<[ClientId]>>,
+        audience: &Arc<Audience>,
+        generation: u64,
+    ) {
+        if audience.len() < CACHE_FROM {
+            return;
+        }
+        let mut cache = self.lock();
+        if self.generation() != generation {
+            return;
+        }
+        if cache.sockets + audience.len() > MAX_CACHED_SOCKETS {
+            let full = std::mem::take(&mut *cache);
+            drop(cache);
+            drop(full);
+            cache = self.lock();
+            if self.generation() != generation {
+                return;
+            }
+        }
+        cache.sockets += audience.len();
+        let entry = Entry {
+            members,
+            audience: audience.clone(),
+        };
+        if let Some(old) = cache.entries.insert(key, entry) {
+            cache.sockets -= old.audience.len();
+        }
+    }
+
+    /// How many audiences are cached.
+    pub fn cached(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        crate::ws::handle::lock(&self.cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handles(n: usize, shards: usize) -> Vec<Arc<SocketHandle>> {
+        (0..n)
+            .map(|i| Arc::new(SocketHandle::new(0, (i % shards) as u16)))
+            .collect()
+    }
+
+    #[test]
+    fn an_audience_is_grouped_by_shard_in_memory_order() {
+        let sockets = handles(10, 3);
+        let audience = Audience::new(sockets.iter().rev().cloned().collect(), 3);
+        assert_eq!(audience.len(), 10);
+        let mut seen = 0;
+        for shard in 0..3 {
+            let group = audience.of_shard(shard);
+            assert!(group.iter().all(|s| s.shard() == shard));
+            assert!(group.is_sorted_by_key(|s| Arc::as_ptr(s) as usize));
+            seen += group.len();
+        }
+        assert_eq!(seen, 10);
+        assert!(sockets.iter().all(|s| audience.contains(s)));
+        let stranger = Arc::new(SocketHandle::new(0, 1));
+        assert!(!audience.contains(&stranger));
+        assert!(audience.of_shard(3).is_empty());
+    }
+
+    #[test]
+    fn a_cached_audience_serves_only_its_member_list_and_generation() {
+        let cache = Audiences::default();
+        let members: Arc<[ClientId]> = (1..=100).collect();
+        let key = Key::Channel("a".into());
+        let audience = Arc::new(Audience::new(handles(100, 2), 2));
+        let generation = cache.generation();
+        cache.put(key.clone(), Some(members.clone()), &audience, generation);
+        let hit = cache.get(&key, Some(&members)).expect("cached");
+        assert!(Arc::ptr_eq(&hit, &audience));
+        // The same members in another list: a changed membership.
+        let other: Arc<[ClientId]> = (1..=100).collect();
+        assert!(cache.get(&key, Some(&other)).is_none());
+        assert!(cache.get(&Key::Broadcast, None).is_none());
+
+        // Made before the map changed: not kept.
+        cache.map_changed();
+        cache.clear();
+        assert!(cache.get(&key, Some(&members)).is_none());
+        cache.put(key.clone(), Some(members.clone()), &audience, generation);
+        assert_eq!(cache.cached(), 0);
+        // Too small to keep.
+        let small = Arc::new(Audience::new(handles(CACHE_FROM - 1, 2), 2));
+        cache.put(Key::Broadcast, None, &small, cache.generation());
+        assert_eq!(cache.cached(), 0);
+    }
+}
