@@ -55,6 +55,19 @@ impl Server {
     }
 }
 
+/// The servers of `--saturation-servers`, by name.
+fn servers(args: &Args) -> anyhow::Result<Vec<Server>> {
+    let all = [Server::Baseline, Server::Broadcast, Server::Imhost];
+    args.saturation_servers
+        .iter()
+        .map(|name| {
+            all.into_iter()
+                .find(|s| s.name() == name)
+                .with_context(|| format!("--saturation-servers: no server called {name:?}"))
+        })
+        .collect()
+}
+
 /// One server's run at one K.
 #[derive(Clone, Copy, Default)]
 struct Run {
@@ -82,7 +95,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         if !pinned(k) {
             println!("K = {k}: this machine has {cpus} CPUs; measured unpinned");
         }
-        for server in [Server::Baseline, Server::Broadcast, Server::Imhost] {
+        for server in servers(args)? {
             let mut runs = Vec::new();
             for _ in 0..args.repeat.max(1) {
                 runs.push(
