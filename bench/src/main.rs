@@ -156,7 +156,11 @@ struct Args {
     /// The servers `--only-saturation` measures, in this order: `baseline`
     /// (a bounded queue per socket), `broadcast` (one broadcast channel,
     /// the baseline) and `imhost`.
-    #[arg(long, value_delimiter = ',', default_value = "baseline,broadcast,imhost")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,broadcast,imhost"
+    )]
     saturation_servers: Vec<String>,
     /// How long `--only-saturation` waits after the last publish for what
     /// was accepted to arrive; what has not by then counts as lost.

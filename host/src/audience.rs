@@ -122,9 +122,9 @@ impl Audience {
 }
 
 /// What a cached audience was made for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Key {
-    Channel(Box<str>),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'a> {
+    Channel(&'a str),
     Broadcast,
 }
 
@@ -136,9 +136,19 @@ struct Entry {
 
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<Key, Entry>,
-    /// Socket references held by `entries`.
+    channels: HashMap<Box<str>, Entry>,
+    broadcast: Option<Entry>,
+    /// Socket references held by the entries.
     sockets: usize,
+}
+
+impl Cache {
+    fn entry(&self, key: Key<'_>) -> Option<&Entry> {
+        match key {
+            Key::Channel(chan) => self.channels.get(chan),
+            Key::Broadcast => self.broadcast.as_ref(),
+        }
+    }
 }
 
 /// The cache of audiences; see the module docs. Owned by the registry,
@@ -170,9 +180,9 @@ impl Audiences {
     }
 
     /// The audience cached for `key` and made from `members`, if any.
-    pub fn get(&self, key: &Key, members: Option<&Arc<[ClientId]>>) -> Option<Arc<Audience>> {
+    pub fn get(&self, key: Key<'_>, members: Option<&Arc<[ClientId]>>) -> Option<Arc<Audience>> {
         let cache = self.lock();
-        let entry = cache.entries.get(key)?;
+        let entry = cache.entry(key)?;
         let same = match (&entry.members, members) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -185,7 +195,7 @@ impl Audiences {
     /// registry changed since or it is too small to be worth it.
     pub fn put(
         &self,
-        key: Key,
+        key: Key<'_>,
         members: Option<Arc<[ClientId]>>,
         audience: &Arc<Audience>,
         generation: u64,
@@ -211,14 +221,19 @@ impl Audiences {
             members,
             audience: audience.clone(),
         };
-        if let Some(old) = cache.entries.insert(key, entry) {
+        let old = match key {
+            Key::Channel(chan) => cache.channels.insert(chan.into(), entry),
+            Key::Broadcast => cache.broadcast.replace(entry),
+        };
+        if let Some(old) = old {
             cache.sockets -= old.audience.len();
         }
     }
 
     /// How many audiences are cached.
     pub fn cached(&self) -> usize {
-        self.lock().entries.len()
+        let cache = self.lock();
+        cache.channels.len() + usize::from(cache.broadcast.is_some())
     }
 
     fn lock(&self) -> MutexGuard<'_, Cache> {
@@ -259,22 +274,22 @@ mod tests {
     fn a_cached_audience_serves_only_its_member_list_and_generation() {
         let cache = Audiences::default();
         let members: Arc<[ClientId]> = (1..=100).collect();
-        let key = Key::Channel("a".into());
+        let key = Key::Channel("a");
         let audience = Arc::new(Audience::new(handles(100, 2), 2));
         let generation = cache.generation();
-        cache.put(key.clone(), Some(members.clone()), &audience, generation);
-        let hit = cache.get(&key, Some(&members)).expect("cached");
+        cache.put(key, Some(members.clone()), &audience, generation);
+        let hit = cache.get(key, Some(&members)).expect("cached");
         assert!(Arc::ptr_eq(&hit, &audience));
         // The same members in another list: a changed membership.
         let other: Arc<[ClientId]> = (1..=100).collect();
-        assert!(cache.get(&key, Some(&other)).is_none());
-        assert!(cache.get(&Key::Broadcast, None).is_none());
+        assert!(cache.get(key, Some(&other)).is_none());
+        assert!(cache.get(Key::Broadcast, None).is_none());
 
         // Made before the map changed: not kept.
         cache.map_changed();
         cache.clear();
-        assert!(cache.get(&key, Some(&members)).is_none());
-        cache.put(key.clone(), Some(members.clone()), &audience, generation);
+        assert!(cache.get(key, Some(&members)).is_none());
+        cache.put(key, Some(members.clone()), &audience, generation);
         assert_eq!(cache.cached(), 0);
         // Too small to keep.
         let small = Arc::new(Audience::new(handles(CACHE_FROM - 1, 2), 2));

@@ -211,8 +211,8 @@ impl Registry {
     /// The sockets of `members` here: the cached audience while neither
     /// the member list nor this map changed (see [`crate::audience`]).
     pub fn channel_audience(&self, chan: &str, members: &Arc<[ClientId]>) -> Arc<Audience> {
-        let key = Key::Channel(chan.into());
-        if let Some(audience) = self.audiences.get(&key, Some(members)) {
+        let key = Key::Channel(chan);
+        if let Some(audience) = self.audiences.get(key, Some(members)) {
             return audience;
         }
         let clients = self.lock();
@@ -231,7 +231,7 @@ impl Registry {
 
     /// Every socket here, for a broadcast; cached like a channel's.
     pub fn broadcast_audience(&self) -> Arc<Audience> {
-        if let Some(audience) = self.audiences.get(&Key::Broadcast, None) {
+        if let Some(audience) = self.audiences.get(Key::Broadcast, None) {
             return audience;
         }
         let clients = self.lock();
