@@ -213,8 +213,10 @@ impl Registry {
     pub fn channel_audience(&self, chan: &str, members: &Arc<[ClientId]>) -> Arc<Audience> {
         let key = Key::Channel(chan);
         if let Some(audience) = self.audiences.get(key, Some(members)) {
+            Stats::incr(&self.stats.audiences_reused);
             return audience;
         }
+        Stats::incr(&self.stats.audiences_resolved);
         let clients = self.lock();
         let generation = self.audiences.generation();
         let sockets = members
@@ -232,8 +234,10 @@ impl Registry {
     /// Every socket here, for a broadcast; cached like a channel's.
     pub fn broadcast_audience(&self) -> Arc<Audience> {
         if let Some(audience) = self.audiences.get(Key::Broadcast, None) {
+            Stats::incr(&self.stats.audiences_reused);
             return audience;
         }
+        Stats::incr(&self.stats.audiences_resolved);
         let clients = self.lock();
         let generation = self.audiences.generation();
         let sockets = clients.by_id.values().flat_map(|s| handles(s)).collect();

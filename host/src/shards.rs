@@ -23,12 +23,18 @@
 //! (the socket's [`SocketHandle::slot`] says where, without a hash map) and
 //! then writes each socket once, all its frames in one `writev`. Under load
 //! a socket then gets one system call and one TCP segment for many messages,
-//! where it got one each.
+//! where it got one each. A pass is written in slices (`SLICE`), with the
+//! worker thread's other tasks run between them.
+//!
+//! A channel message or broadcast comes with its [`Audience`], already
+//! grouped by shard and shared by every message to the same channel: each
+//! shard's job points at its part, nothing is copied per message.
 //!
 //! # Backpressure
 //! Queued deliveries hold permits of one semaphore, the node's delivery
 //! backlog (`--delivery-backlog`, in deliveries: one message to one socket),
-//! given back when the shard has written them. The HTTP API takes permits
+//! shared out to the message's jobs on each shard and given back as the
+//! shard writes them, slice by slice: the queue refills during a long pass. The HTTP API takes permits
 //! without waiting and answers 503 `overloaded` with `Retry-After` when there
 //! are none ([`Admission::Try`]); the Redis subscriber's dispatcher waits for
 //! them ([`Admission::Wait`]), so it stops reading from Redis while the node

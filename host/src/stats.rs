@@ -84,6 +84,10 @@ counters! {
     sends_refused_overloaded,
     /// Deliveries of the Redis dispatcher that waited for room in the backlog.
     dispatch_backlog_waits,
+    /// Channel messages and broadcasts whose sockets were looked up in the map.
+    audiences_resolved,
+    /// Channel messages and broadcasts that reused a kept audience.
+    audiences_reused,
     /// Pings answered by a pong already waiting for the kernel instead of one more.
     pongs_coalesced,
     /// Connects answered 503: no auth plugin instance was free in time.
