@@ -146,16 +146,35 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     };
     println!();
     let first = args.server_cores.first().copied().unwrap_or(1);
+    let ran = servers(args)?;
+    let baselines: Vec<Server> = ran
+        .iter()
+        .copied()
+        .filter(|s| *s != Server::Imhost)
+        .collect();
     for &k in &args.server_cores {
-        println!(
-            "K = {k}: imhost delivered/s over baseline {:.2}, over broadcast {:.2}; \
-             K/{first}: imhost {:.2}, baseline {:.2}, broadcast {:.2}",
-            delivered(k, Server::Imhost) / delivered(k, Server::Baseline),
-            delivered(k, Server::Imhost) / delivered(k, Server::Broadcast),
-            delivered(k, Server::Imhost) / delivered(first, Server::Imhost),
-            delivered(k, Server::Baseline) / delivered(first, Server::Baseline),
-            delivered(k, Server::Broadcast) / delivered(first, Server::Broadcast),
-        );
+        let mut line = format!("K = {k}:");
+        if ran.contains(&Server::Imhost) {
+            let over: Vec<String> = baselines
+                .iter()
+                .map(|&b| {
+                    let ratio = delivered(k, Server::Imhost) / delivered(k, b);
+                    format!("over {} {ratio:.2}", b.name())
+                })
+                .collect();
+            if !over.is_empty() {
+                line += &format!(" imhost delivered/s {};", over.join(", "));
+            }
+        }
+        let scaling: Vec<String> = ran
+            .iter()
+            .map(|&s| {
+                let ratio = delivered(k, s) / delivered(first, s);
+                format!("{} {ratio:.2}", s.name())
+            })
+            .collect();
+        line += &format!(" K/{first}: {}", scaling.join(", "));
+        println!("{line}");
     }
     println!(
         "\n{} sockets in one channel, {} deliveries/s offered for {} s, imhost with word-filter and \
