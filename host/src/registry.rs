@@ -211,40 +211,36 @@ impl Registry {
     /// The sockets of `members` here: the cached audience while neither
     /// the member list nor this map changed (see [`crate::audience`]).
     pub fn channel_audience(&self, chan: &str, members: &Arc<[ClientId]>) -> Arc<Audience> {
-        let key = Key::Channel(chan);
-        if let Some(audience) = self.audiences.get(key, Some(members)) {
-            Stats::incr(&self.stats.audiences_reused);
-            return audience;
-        }
-        Stats::incr(&self.stats.audiences_resolved);
-        let clients = self.lock();
-        let generation = self.audiences.generation();
-        let sockets = members
-            .iter()
-            .filter_map(|id| clients.by_id.get(id))
-            .flat_map(|sockets| handles(sockets))
-            .collect();
-        drop(clients);
-        let audience = Arc::new(Audience::new(sockets, self.shards.into()));
-        self.audiences
-            .put(key, Some(members.clone()), &audience, generation);
-        audience
+        self.audience(Key::Channel(chan), Some(members))
     }
 
     /// Every socket here, for a broadcast; cached like a channel's.
     pub fn broadcast_audience(&self) -> Arc<Audience> {
-        if let Some(audience) = self.audiences.get(Key::Broadcast, None) {
+        self.audience(Key::Broadcast, None)
+    }
+
+    /// The audience kept for `key` and `members` (every socket when
+    /// `None`), or resolved from the map and offered to the cache.
+    fn audience(&self, key: Key<'_>, members: Option<&Arc<[ClientId]>>) -> Arc<Audience> {
+        if let Some(audience) = self.audiences.get(key, members) {
             Stats::incr(&self.stats.audiences_reused);
             return audience;
         }
         Stats::incr(&self.stats.audiences_resolved);
         let clients = self.lock();
         let generation = self.audiences.generation();
-        let sockets = clients.by_id.values().flat_map(|s| handles(s)).collect();
+        let sockets = match members {
+            Some(members) => members
+                .iter()
+                .filter_map(|id| clients.by_id.get(id))
+                .flat_map(|sockets| handles(sockets))
+                .collect(),
+            None => clients.by_id.values().flat_map(|s| handles(s)).collect(),
+        };
         drop(clients);
         let audience = Arc::new(Audience::new(sockets, self.shards.into()));
         self.audiences
-            .put(Key::Broadcast, None, &audience, generation);
+            .put(key, members.cloned(), &audience, generation);
         audience
     }
 

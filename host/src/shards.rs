@@ -313,16 +313,12 @@ impl Shards {
             return Ok(());
         }
         let parts = (0..shards).map(|shard| {
-            let empty = match audience.of_shard(shard) {
-                [] => true,
-                [only] => except.as_ref().is_some_and(|e| Arc::ptr_eq(e, only)),
-                _ => false,
-            };
-            (!empty).then(|| Recipients::Shared {
+            let part = Recipients::Shared {
                 audience: audience.clone(),
                 shard,
                 except: except.clone(),
-            })
+            };
+            (part.len() > 0).then_some(part)
         });
         self.enqueue(Work::Write(text), parts, permit);
         Ok(())
