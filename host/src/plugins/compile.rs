@@ -471,11 +471,24 @@ impl Compiler {
 
 /// Compiles `wasm` (content hash `hash`) for `tier`: from the cache when it
 /// holds a genuine artifact, else by `compiler`, storing the optimized tier in
-/// the cache. Blocking: call off the async workers.
+/// the cache; the memory it freed is handed back after ([`trim_heap`]).
+/// Blocking: call off the async workers.
 ///
 /// # Errors
 /// As [`compile`], or the compiler process failed.
 pub fn compile_cached(
+    compiler: &Compiler,
+    cache: Option<&ArtifactCache>,
+    wasm: &[u8],
+    hash: &str,
+    tier: Tier,
+) -> Result<Compiled, LoadError> {
+    let compiled = build(compiler, cache, wasm, hash, tier);
+    trim_heap();
+    compiled
+}
+
+fn build(
     compiler: &Compiler,
     cache: Option<&ArtifactCache>,
     wasm: &[u8],
@@ -491,13 +504,9 @@ pub fn compile_cached(
     let (compiled, artifact) = match compiler {
         // The baseline tier is what a swap waits for: compiled here, without
         // the child's serialise-and-copy (a tenth of a second for 12 MB of
-        // JavaScript), and the heap trimmed after. Winch's heap is the
-        // smaller one; Cranelift's goes to the child.
-        Compiler::Child(_) if tier == Tier::Baseline => {
-            let compiled = compile(wasm, tier);
-            trim_heap();
-            (compiled?, None)
-        }
+        // JavaScript). Winch's heap is the smaller one; Cranelift's goes
+        // to the child.
+        Compiler::Child(_) if tier == Tier::Baseline => (compile(wasm, tier)?, None),
         Compiler::Child(bin) => {
             let artifact = compile_in_child(bin, wasm, tier)?;
             // SAFETY: `deserialize` trusts its input to be wasmtime's own
@@ -526,9 +535,26 @@ pub fn compile_cached(
     Ok(compiled)
 }
 
-/// Gives the allocator's free memory back to the system (glibc keeps freed
-/// heap in its arenas; a compile frees hundreds of MB at once).
-fn trim_heap() {
+/// Gives the allocators' free memory back to the system: a compile frees
+/// hundreds of MB at once, and loading an artifact frees its file's bytes
+/// (12-50 MB), which neither allocator hands back by itself soon enough:
+/// glibc keeps freed heap in its arenas, and mimalloc (the `imhost`
+/// binary's allocator) purges freed memory only when the thread that
+/// freed it allocates again, and a blocking-pool thread may never.
+/// Both calls are harmless where that allocator holds nothing.
+pub fn trim_heap() {
+    // mimalloc's free pages are per thread: those of wasmtime's compiler
+    // threads (rayon's pool) are collected on each of them.
+    let collect = || {
+        // SAFETY: mi_collect frees only memory mimalloc holds unused; it
+        // touches no live allocation.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_collect(true);
+        }
+    };
+    rayon::broadcast(|_| collect());
+    collect();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the kernel; it touches
     // no live allocation.

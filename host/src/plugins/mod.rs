@@ -442,10 +442,14 @@ impl PluginHost {
         let cached = match &self.cache {
             Some(cache) => {
                 let (cache, source2) = (cache.clone(), source.clone());
-                tokio::task::spawn_blocking(move || cache.load(&source2.hash, Tier::Optimized))
-                    .await
-                    .ok()
-                    .flatten()
+                tokio::task::spawn_blocking(move || {
+                    let loaded = cache.load(&source2.hash, Tier::Optimized);
+                    compile::trim_heap();
+                    loaded
+                })
+                .await
+                .ok()
+                .flatten()
             }
             None => None,
         };
