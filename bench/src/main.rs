@@ -162,6 +162,12 @@ struct Args {
         default_value = "baseline,broadcast,imhost"
     )]
     saturation_servers: Vec<String>,
+    /// Connects per second, during `--only-saturation`'s imhost runs, of
+    /// clients outside the channel, each closed again 16 connects later:
+    /// a node whose clients come and go while a big channel is busy (the
+    /// baselines have no clients outside their one channel). 0: none.
+    #[arg(long, default_value_t = 0)]
+    saturation_churn: u64,
     /// How long `--only-saturation` waits after the last publish for what
     /// was accepted to arrive; what has not by then counts as lost.
     #[arg(long, default_value_t = 10)]

@@ -81,6 +81,8 @@ struct Run {
     cpu_us_per_delivery: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Connects per second of clients outside the channel (`--saturation-churn`).
+    churned_per_sec: f64,
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
@@ -176,6 +178,18 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         line += &format!(" K/{first}: {}", scaling.join(", "));
         println!("{line}");
     }
+    if args.saturation_churn > 0 {
+        let churned: Vec<String> = rows
+            .iter()
+            .filter(|(_, s, _)| *s == Server::Imhost)
+            .map(|(k, _, r)| format!("K = {k}: {:.0}/s", r.churned_per_sec))
+            .collect();
+        println!(
+            "imhost runs with clients outside the channel connecting (each closed {CHURN_OPEN} \
+             connects later): {}",
+            churned.join(", ")
+        );
+    }
     println!(
         "\n{} sockets in one channel, {} deliveries/s offered for {} s, imhost with word-filter and \
          --outbound-queue 4096; busy = server CPU time over the delivery window / K; lost = accepted \
@@ -262,6 +276,8 @@ async fn measure(
         .into_iter()
         .map(|ws| tokio::spawn(read(ws, stop.clone(), delivered.clone())))
         .collect();
+    let churn = (server == Server::Imhost && args.saturation_churn > 0)
+        .then(|| churn(addr, n, args.saturation_churn, stop.clone()));
     let cpu_before = cpu_us(pid)?;
     let started = Instant::now();
     let start_us = now_us();
@@ -286,6 +302,12 @@ async fn measure(
     }
     let cpu = cpu_us(pid)? - cpu_before;
     stop.cancel();
+    let churned = match churn {
+        Some(churn) => tokio::task::spawn_blocking(move || churn.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??,
+        None => 0.0,
+    };
     let mut latencies = Vec::with_capacity(want as usize);
     let mut last_us = start_us;
     let mut cut_off = 0;
@@ -316,6 +338,56 @@ async fn measure(
         cpu_us_per_delivery: cpu as f64 / count.max(1) as f64,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
+        churned_per_sec: churned,
+    })
+}
+
+/// Clients outside the channel that [`churn`] connects as, in turn.
+const CHURN_CLIENTS: i64 = 64;
+/// Churn connections open at a time: each is closed this many connects on.
+const CHURN_OPEN: usize = 16;
+
+/// Connects `per_sec` times a second as one of [`CHURN_CLIENTS`] clients
+/// numbered after the channel's `n` (each with a new connect URL, as a
+/// backend hands out: tokens are single-use), closing each connection
+/// [`CHURN_OPEN`] connects later, until `stop`; returns the connects per
+/// second it made. On a thread and runtime of its own, like the publisher,
+/// so that the readers do not slow it.
+fn churn(
+    addr: std::net::SocketAddr,
+    n: usize,
+    per_sec: u64,
+    stop: CancellationToken,
+) -> std::thread::JoinHandle<anyhow::Result<f64>> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                let http = reqwest::Client::new();
+                let started = Instant::now();
+                let mut tick =
+                    tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec.max(1) as f64));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut open = std::collections::VecDeque::with_capacity(CHURN_OPEN + 1);
+                let mut connects = 0u64;
+                for client in (0..CHURN_CLIENTS).cycle() {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = stop.cancelled() => break,
+                    }
+                    let url = super::connect_url(&http, addr, n as i64 + 1 + client).await?;
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    open.push_back(super::terminal(url, tcp).await?);
+                    connects += 1;
+                    if open.len() > CHURN_OPEN
+                        && let Some(mut ws) = open.pop_front()
+                    {
+                        ws.close(None).await.ok();
+                    }
+                }
+                Ok(connects as f64 / started.elapsed().as_secs_f64().max(1e-3))
+            })
     })
 }
 

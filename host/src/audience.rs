@@ -16,13 +16,24 @@
 //!   store's own cache, Redis's epoch cache). An entry remembers the list it
 //!   was made from and is used only for that very list (`Arc::ptr_eq`; the
 //!   entry holds the list, so its address cannot be reused while it lives).
-//! - **Sockets.** Every register and unregister in the registry bumps
-//!   [`Audiences::generation`] under the registry's lock and then empties the
-//!   cache. A resolution remembers the generation it read under the same
-//!   lock and is stored only if nothing changed since, checked under the
-//!   cache's lock; so an audience made before a socket came or went never
-//!   outlives the change. Emptying at once also means a closed socket's
-//!   handle (and its descriptor) is never kept alive by the cache.
+//! - **Sockets.** A socket that comes or goes changes only the audiences of
+//!   its own client: the broadcast, and the channels that list the client
+//!   among their members. Every register and unregister in the registry
+//!   tells the cache which client changed ([`Audiences::changed`], under the
+//!   registry's lock): it advances the cache's generation, notes the client
+//!   in a short history of changes, and drops the broadcast and every entry
+//!   whose members include the client (found by binary search: an entry
+//!   keeps a sorted copy of a member list that is not already sorted). Entries of other channels stay: a node with clients coming
+//!   and going all the time keeps its big channels' audiences, which it
+//!   did not when every change emptied the cache.
+//!
+//!   A resolution remembers the generation it read under the registry's
+//!   lock and is stored only if none of the changes since concern it (not
+//!   the broadcast, no member of its channel), checked under the cache's
+//!   lock against the history; if the history no longer reaches back that
+//!   far, it is not stored. So an audience made before one of its sockets
+//!   came or went never outlives the change, and a closed socket's handle
+//!   (and its descriptor) is never kept alive by the cache.
 //!
 //! # The sender-echo rule
 //! FreeIM does not echo a message to a sender with one connection. The
@@ -32,10 +43,11 @@
 //!
 //! # Bounds
 //! Only audiences of at least [`CACHE_FROM`] sockets are kept (smaller ones
-//! cost little to resolve), and no more than [`MAX_CACHED_SOCKETS`] handles in
-//! all: past that the cache is emptied and refills with what is in use.
+//! cost little to resolve), and no more than [`MAX_CACHED_SOCKETS`] handles and
+//! member ids in all: past that the cache is emptied and refills with what
+//! is in use. The history holds the last [`HISTORY`] changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -46,8 +58,12 @@ use crate::ws::handle::SocketHandle;
 
 /// Audiences smaller than this are resolved per message and not kept.
 pub const CACHE_FROM: usize = 64;
-/// Socket references the cache holds at most, over all its audiences.
+/// Socket references and member ids the cache holds at most, over all its
+/// audiences.
 pub const MAX_CACHED_SOCKETS: usize = 1 << 20;
+/// Changes remembered for resolutions running while they happen: a
+/// resolution that more changes than this overtook is not stored.
+pub const HISTORY: usize = 256;
 
 /// A message's sockets on this node, grouped by delivery shard, each group
 /// in memory order. Immutable.
@@ -131,15 +147,56 @@ pub enum Key<'a> {
 struct Entry {
     /// The member list it was resolved from (`None`: a broadcast).
     members: Option<Arc<[ClientId]>>,
+    /// The same members sorted, when the list is not already (the embedded
+    /// store's is): whether a client that came or went is one of them.
+    sorted: Option<Box<[ClientId]>>,
     audience: Arc<Audience>,
+}
+
+impl Entry {
+    fn new(members: Option<Arc<[ClientId]>>, audience: Arc<Audience>) -> Entry {
+        let sorted = members
+            .as_deref()
+            .filter(|members| !members.is_sorted())
+            .map(|members| {
+                let mut sorted = members.to_vec();
+                sorted.sort_unstable();
+                sorted.into_boxed_slice()
+            });
+        Entry {
+            members,
+            sorted,
+            audience,
+        }
+    }
+
+    /// The members, sorted.
+    fn member_ids(&self) -> &[ClientId] {
+        self.sorted
+            .as_deref()
+            .or(self.members.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// What it holds, against [`MAX_CACHED_SOCKETS`].
+    fn weight(&self) -> usize {
+        self.audience.len() + self.member_ids().len()
+    }
+
+    /// Whether a socket of `client` coming or going changes it.
+    fn concerns(&self, client: ClientId) -> bool {
+        self.members.is_none() || self.member_ids().binary_search(&client).is_ok()
+    }
 }
 
 #[derive(Default)]
 struct Cache {
     channels: HashMap<Box<str>, Entry>,
     broadcast: Option<Entry>,
-    /// Socket references held by the entries.
-    sockets: usize,
+    /// Socket references and member ids held by the entries.
+    held: usize,
+    /// The last [`HISTORY`] changes: the generation each made, and whose.
+    history: VecDeque<(u64, ClientId)>,
 }
 
 impl Cache {
@@ -149,7 +206,25 @@ impl Cache {
             Key::Broadcast => self.broadcast.as_ref(),
         }
     }
+
+    /// Whether any change after `generation` concerns `entry`; also when the
+    /// history does not reach back to it.
+    fn overtaken(&self, generation: u64, entry: &Entry) -> bool {
+        match self.history.front() {
+            Some(&(oldest, _)) if oldest <= generation + 1 => self
+                .history
+                .iter()
+                .filter(|(made, _)| *made > generation)
+                .any(|(_, client)| entry.concerns(*client)),
+            _ => true,
+        }
+    }
 }
+
+/// Entries let go of outside the locks (the last reference to a closed
+/// socket's handle closes its descriptor).
+#[must_use = "drop it after the registry's lock is released"]
+pub struct Dropped(#[allow(dead_code, reason = "held only to be dropped later")] Vec<Entry>);
 
 /// The cache of audiences; see the module docs. Owned by the registry,
 /// which tells it of every change to its map.
@@ -160,18 +235,28 @@ pub struct Audiences {
 }
 
 impl Audiences {
-    /// The registry's map changed: from now on no audience made earlier is
-    /// stored. Called under the registry's lock.
-    pub fn map_changed(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Drops every cached audience. Called after [`Self::map_changed`],
-    /// outside the registry's lock.
-    pub fn clear(&self) {
-        let dropped = std::mem::take(&mut *self.lock());
-        // Each socket reference let go of outside the lock.
-        drop(dropped);
+    /// A socket of `client` came or went. Called under the registry's lock,
+    /// so that changes and the generations resolutions read are in one
+    /// order; what it returns is dropped after that lock is released.
+    pub fn changed(&self, client: ClientId) -> Dropped {
+        let mut cache = self.lock();
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if cache.history.len() == HISTORY {
+            cache.history.pop_front();
+        }
+        cache.history.push_back((generation, client));
+        let mut dropped: Vec<Entry> = cache.broadcast.take().into_iter().collect();
+        let concerned: Vec<Box<str>> = cache
+            .channels
+            .iter()
+            .filter(|(_, entry)| entry.concerns(client))
+            .map(|(chan, _)| chan.clone())
+            .collect();
+        for chan in concerned {
+            dropped.extend(cache.channels.remove(&chan));
+        }
+        cache.held -= dropped.iter().map(Entry::weight).sum::<usize>();
+        Dropped(dropped)
     }
 
     /// The generation a resolution reads under the registry's lock.
@@ -191,8 +276,8 @@ impl Audiences {
         same.then(|| entry.audience.clone())
     }
 
-    /// Keeps `audience`, made from `members` at `generation`, unless the
-    /// registry changed since or it is too small to be worth it.
+    /// Keeps `audience`, made from `members` at `generation`, unless a
+    /// change since concerns it or it is too small to be worth it.
     pub fn put(
         &self,
         key: Key<'_>,
@@ -203,31 +288,32 @@ impl Audiences {
         if audience.len() < CACHE_FROM {
             return;
         }
+        let entry = Entry::new(members, audience.clone());
         let mut cache = self.lock();
-        if self.generation() != generation {
+        if self.generation() != generation && cache.overtaken(generation, &entry) {
             return;
         }
-        if cache.sockets + audience.len() > MAX_CACHED_SOCKETS {
-            let full = std::mem::take(&mut *cache);
-            drop(cache);
-            drop(full);
-            cache = self.lock();
-            if self.generation() != generation {
-                return;
-            }
+        let mut full = None;
+        if cache.held + entry.weight() > MAX_CACHED_SOCKETS {
+            let history = std::mem::take(&mut cache.history);
+            full = Some(std::mem::replace(
+                &mut *cache,
+                Cache {
+                    history,
+                    ..Cache::default()
+                },
+            ));
         }
-        cache.sockets += audience.len();
-        let entry = Entry {
-            members,
-            audience: audience.clone(),
-        };
+        cache.held += entry.weight();
         let old = match key {
             Key::Channel(chan) => cache.channels.insert(chan.into(), entry),
             Key::Broadcast => cache.broadcast.replace(entry),
         };
-        if let Some(old) = old {
-            cache.sockets -= old.audience.len();
+        if let Some(old) = &old {
+            cache.held -= old.weight();
         }
+        drop(cache);
+        drop((old, full));
     }
 
     /// How many audiences are cached.
@@ -285,9 +371,9 @@ mod tests {
         assert!(cache.get(key, Some(&other)).is_none());
         assert!(cache.get(Key::Broadcast, None).is_none());
 
-        // Made before the map changed: not kept.
-        cache.map_changed();
-        cache.clear();
+        // A member's socket came or went: dropped, and a resolution made
+        // before the change is not kept.
+        drop(cache.changed(7));
         assert!(cache.get(key, Some(&members)).is_none());
         cache.put(key, Some(members.clone()), &audience, generation);
         assert_eq!(cache.cached(), 0);
@@ -295,5 +381,76 @@ mod tests {
         let small = Arc::new(Audience::new(handles(CACHE_FROM - 1, 2), 2));
         cache.put(Key::Broadcast, None, &small, cache.generation());
         assert_eq!(cache.cached(), 0);
+    }
+
+    #[test]
+    fn a_change_drops_only_what_it_concerns() {
+        let cache = Audiences::default();
+        let evens: Arc<[ClientId]> = (1..=100).map(|c| c * 2).rev().collect();
+        let odds: Arc<[ClientId]> = (1..=100).map(|c| c * 2 - 1).collect();
+        let audience = Arc::new(Audience::new(handles(100, 2), 2));
+        let generation = cache.generation();
+        cache.put(
+            Key::Channel("evens"),
+            Some(evens.clone()),
+            &audience,
+            generation,
+        );
+        cache.put(
+            Key::Channel("odds"),
+            Some(odds.clone()),
+            &audience,
+            generation,
+        );
+        cache.put(Key::Broadcast, None, &audience, generation);
+        assert_eq!(cache.cached(), 3);
+
+        // An odd client: the odd channel and the broadcast go, the even
+        // channel stays.
+        drop(cache.changed(3));
+        assert!(cache.get(Key::Channel("odds"), Some(&odds)).is_none());
+        assert!(cache.get(Key::Broadcast, None).is_none());
+        assert!(cache.get(Key::Channel("evens"), Some(&evens)).is_some());
+        // A client in neither: only the broadcast (already gone).
+        drop(cache.changed(1_000));
+        assert!(cache.get(Key::Channel("evens"), Some(&evens)).is_some());
+        drop(cache.changed(200));
+        assert_eq!(cache.cached(), 0);
+    }
+
+    #[test]
+    fn a_resolution_overtaken_by_changes_is_kept_only_if_none_concerns_it() {
+        let cache = Audiences::default();
+        let members: Arc<[ClientId]> = (1..=100).collect();
+        let key = Key::Channel("a");
+        let audience = Arc::new(Audience::new(handles(100, 2), 2));
+
+        // Resolved, then a stranger came: still right, kept.
+        let generation = cache.generation();
+        drop(cache.changed(500));
+        cache.put(key, Some(members.clone()), &audience, generation);
+        assert!(cache.get(key, Some(&members)).is_some());
+        // The broadcast is every socket: any change concerns it.
+        cache.put(Key::Broadcast, None, &audience, generation);
+        assert!(cache.get(Key::Broadcast, None).is_none());
+
+        // Resolved, then a stranger and a member came: not kept.
+        let generation = cache.generation();
+        drop(cache.changed(500));
+        drop(cache.changed(42));
+        cache.put(key, Some(members.clone()), &audience, generation);
+        assert!(cache.get(key, Some(&members)).is_none());
+
+        // Resolved, then more strangers came than the history holds: not
+        // kept, since a member may have been among those forgotten.
+        let generation = cache.generation();
+        for stranger in 0..=HISTORY as ClientId {
+            drop(cache.changed(1_000 + stranger));
+        }
+        cache.put(key, Some(members.clone()), &audience, generation);
+        assert!(cache.get(key, Some(&members)).is_none());
+        // Made now: kept.
+        cache.put(key, Some(members.clone()), &audience, cache.generation());
+        assert!(cache.get(key, Some(&members)).is_some());
     }
 }

@@ -120,9 +120,9 @@ impl Registry {
             conn,
             handle: handle.clone(),
         });
-        self.audiences.map_changed();
+        let dropped = self.audiences.changed(client);
         drop(clients);
-        self.audiences.clear();
+        drop(dropped);
         Registration { conn, handle }
     }
 
@@ -167,9 +167,9 @@ impl Registry {
         if left == 0 {
             clients.by_id.remove(&client);
         }
-        self.audiences.map_changed();
+        let dropped = self.audiences.changed(client);
         drop(clients);
-        self.audiences.clear();
+        drop(dropped);
         left
     }
 
@@ -347,17 +347,28 @@ mod tests {
         assert_eq!(second.len(), handles.len() - 1);
         assert!(!second.contains(&handles[0]));
 
-        // A socket that comes or goes empties the cache, and what it held
-        // of the socket with it.
+        // A socket of a client outside the channel keeps the channel's
+        // audience; the broadcast's is every socket, so it is made again.
         let late = reg.register(1);
-        let third = reg.channel_audience("a", &fewer);
-        assert!(!Arc::ptr_eq(&second, &third));
+        assert!(Arc::ptr_eq(&second, &reg.channel_audience("a", &fewer)));
         assert!(reg.broadcast_audience().contains(&late.handle));
         let weak = Arc::downgrade(&late.handle);
         reg.unregister(1, late.conn);
         drop(late);
         assert!(weak.upgrade().is_none(), "the cache let go of it");
         assert_eq!(reg.channel_audience("a", &members).len(), handles.len());
+        // A member's: made again, with the new socket in it.
+        let member = reg.register(3);
+        let third = reg.channel_audience("a", &fewer);
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert!(third.contains(&member.handle));
+        assert_eq!(third.len(), handles.len());
+        drop(third);
+        let weak = Arc::downgrade(&member.handle);
+        reg.unregister(3, member.conn);
+        drop(member);
+        assert!(weak.upgrade().is_none(), "the cache let go of it");
+        assert_eq!(reg.channel_audience("a", &fewer).len(), handles.len() - 1);
         assert!(
             reg.sole_socket(2)
                 .is_some_and(|h| Arc::ptr_eq(&h, &handles[1]))

@@ -207,7 +207,8 @@ async fn send_and_check(
 /// A big channel's audience is resolved once and kept (see
 /// `imhost::audience`); every change must still show at once: a socket that
 /// comes, a member who joins or leaves, a socket that goes and comes back,
-/// and FreeIM's echo rule for a sender with one socket or two.
+/// and FreeIM's echo rule for a sender with one socket or two; and a socket
+/// of a client outside the channel does not make it resolve again.
 ///
 /// `exact_counts`: embedded, the second of two messages with no change
 /// between them must reuse the audience (the counters say so). Through
@@ -278,6 +279,23 @@ async fn a_kept_audience_follows_every_change(api: &Api, exact_counts: bool) {
         members.contains(&s.client) && s.client != 5
     })
     .await;
+    // A socket of a client outside the channel comes: the channel's
+    // audience is kept (embedded, the counters say so), and still right.
+    let before = api.stats().await;
+    let stranger = CROWD + 3;
+    seats.push(Seat {
+        client: stranger,
+        terminal: api.terminal(stranger).await,
+    });
+    send_and_check(api, &mut seats, 5, false, "m7", |s| {
+        members.contains(&s.client) && s.client != 5
+    })
+    .await;
+    if exact_counts {
+        let after = api.stats().await;
+        assert_eq!(after.audiences_resolved, before.audiences_resolved);
+        assert_eq!(after.audiences_reused, before.audiences_reused + 1, "kept");
+    }
     // Broadcasts (from the backend: sender 0) reach every socket, the
     // second from the kept audience, and then one that came since.
     send_and_check(api, &mut seats, 0, true, "b1", |_| true).await;
