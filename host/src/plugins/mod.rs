@@ -444,7 +444,10 @@ impl PluginHost {
                 let (cache, source2) = (cache.clone(), source.clone());
                 tokio::task::spawn_blocking(move || {
                     let loaded = cache.load(&source2.hash, Tier::Optimized);
-                    compile::trim_heap();
+                    // What a load read is freed; a miss read nothing.
+                    if loaded.is_some() {
+                        compile::trim_heap();
+                    }
                     loaded
                 })
                 .await
