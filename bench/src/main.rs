@@ -345,7 +345,12 @@ fn spawn_imhost_bin(
     tokio::process::Command::new(bin)
         .args(["--listen", &addr.to_string(), "--api-key", API_KEY])
         .args(extra)
-        .env("RUST_LOG", "warn")
+        // The nodes' log level (their standard error is the bench's):
+        // `IMHOST_BENCH_NODE_LOG=imhost=debug` shows, say, a swap's build time.
+        .env(
+            "RUST_LOG",
+            std::env::var("IMHOST_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("IMHOST_PLUGIN_CACHE", &args.plugin_cache)
         .env("IMHOST_PLUGIN_GRANTS", shipped_grants())
         .stdout(Stdio::null())
