@@ -347,6 +347,10 @@ impl PluginHost {
                 .iter()
                 .any(|p| p.name == name && p.source_version() == version)
         };
+        // Files hashed before but too fresh then to trust the hash (most
+        // likely unchanged) are read after the others, whose builds start
+        // first: a new plugin's build does not wait for them.
+        let mut unverified = Vec::new();
         for name in &names {
             // The running version's file, untouched since it was read: not
             // read again.
@@ -358,41 +362,98 @@ impl PluginHost {
                 self.failures().remove(name);
                 continue;
             }
-            match read_source(&dir, name, &protected, &grants, Some(&self.hashed)).await {
-                Ok(Some(source)) => {
-                    let running = running(&source.name, &source.version);
-                    keep.push(name.clone());
-                    if running {
-                        self.failures().remove(name);
-                    } else {
-                        self.loading().insert(
-                            name.clone(),
-                            Loading {
-                                since: Instant::now(),
-                                tier: self.first_tier(),
-                                hooks: source
-                                    .manifest
-                                    .hooks
-                                    .clone()
-                                    .unwrap_or_else(|| compile::declared_hooks(&source.wasm)),
-                                while_loading: source.manifest.while_loading,
-                            },
-                        );
-                        sources.push(source);
-                    }
-                }
-                Ok(None) => {
+            if self.hashed.unverified(&dir, name).await {
+                unverified.push(name);
+                continue;
+            }
+            self.scan_one(
+                &dir,
+                name,
+                &protected,
+                &grants,
+                &mut keep,
+                &mut failed,
+                &mut sources,
+            )
+            .await;
+        }
+        let first = self.load_all(std::mem::take(&mut sources));
+        let rest = async {
+            for name in unverified {
+                self.scan_one(
+                    &dir,
+                    name,
+                    &protected,
+                    &grants,
+                    &mut keep,
+                    &mut failed,
+                    &mut sources,
+                )
+                .await;
+            }
+            self.uninstall_except(&keep);
+            self.scanned.store(true, Ordering::Release);
+            self.load_all(sources).await
+        };
+        let (first, rest) = tokio::join!(first, rest);
+        failed.extend(first.into_iter().chain(rest));
+        self.prune_cache();
+        failed
+    }
+
+    /// Reads one plugin's files for a rescan: kept, failed, or a new
+    /// version to load.
+    #[allow(clippy::too_many_arguments)]
+    async fn scan_one(
+        &self,
+        dir: &Path,
+        name: &String,
+        protected: &[PathBuf],
+        grants: &grants::GrantsFile,
+        keep: &mut Vec<String>,
+        failed: &mut BTreeMap<String, String>,
+        sources: &mut Vec<Source>,
+    ) {
+        match read_source(dir, name, protected, grants, Some(&self.hashed)).await {
+            Ok(Some(source)) => {
+                let running = self
+                    .current()
+                    .plugins
+                    .iter()
+                    .any(|p| p.name == source.name && p.source_version() == source.version);
+                keep.push(name.clone());
+                if running {
                     self.failures().remove(name);
-                }
-                Err(err) => {
-                    keep.push(name.clone());
-                    self.fail(name, &err);
-                    failed.insert(name.clone(), err.to_string());
+                } else {
+                    self.loading().insert(
+                        name.clone(),
+                        Loading {
+                            since: Instant::now(),
+                            tier: self.first_tier(),
+                            hooks: source
+                                .manifest
+                                .hooks
+                                .clone()
+                                .unwrap_or_else(|| compile::declared_hooks(&source.wasm)),
+                            while_loading: source.manifest.while_loading,
+                        },
+                    );
+                    sources.push(source);
                 }
             }
+            Ok(None) => {
+                self.failures().remove(name);
+            }
+            Err(err) => {
+                keep.push(name.clone());
+                self.fail(name, &err);
+                failed.insert(name.clone(), err.to_string());
+            }
         }
-        self.uninstall_except(&keep);
-        self.scanned.store(true, Ordering::Release);
+    }
+
+    /// Loads `sources` side by side; the failures, by name.
+    async fn load_all(self: &Arc<Self>, sources: Vec<Source>) -> Vec<(String, String)> {
         let loads = sources.into_iter().map(|source| {
             let host = self.clone();
             async move {
@@ -400,13 +461,11 @@ impl PluginHost {
                 (name, host.load(source).await)
             }
         });
-        for (name, result) in futures_util::future::join_all(loads).await {
-            if let Err(err) = result {
-                failed.insert(name, err);
-            }
-        }
-        self.prune_cache();
-        failed
+        futures_util::future::join_all(loads)
+            .await
+            .into_iter()
+            .filter_map(|(name, result)| result.err().map(|err| (name, err)))
+            .collect()
     }
 
     fn first_tier(&self) -> Tier {

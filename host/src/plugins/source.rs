@@ -248,9 +248,14 @@ pub(super) async fn unchanged_version(
 /// second), so, as git's index does for "racy" entries, a hash is trusted
 /// only for a file whose timestamps were already [`SETTLED`] in the past
 /// when it was read: a file written just before a rescan is read again by
-/// the next one.
+/// the next one. Such a file is remembered as unverified
+/// ([`Hashed::unverified`]): the rescan reads it after the files it has not
+/// seen, so that a new plugin's build does not wait for files that were
+/// only written shortly before.
 pub(super) struct Hashed {
-    files: std::sync::Mutex<HashMap<String, (Fingerprint, String)>>,
+    /// Per plugin: the file's fingerprint when hashed, the hash, and whether
+    /// its timestamps were settled then (the hash is trusted only if so).
+    files: std::sync::Mutex<HashMap<String, (Fingerprint, String, bool)>>,
     /// [`SETTLED`], except in tests.
     settled: Duration,
 }
@@ -268,27 +273,37 @@ impl Default for Hashed {
 }
 
 impl Hashed {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Fingerprint, String)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Fingerprint, String, bool)>> {
         self.files
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn remember(&self, name: &str, fingerprint: Fingerprint, hash: &str) {
-        let mut map = self.map();
-        if fingerprint.settled(self.settled) {
-            map.insert(name.to_owned(), (fingerprint, hash.to_owned()));
-        } else {
-            map.remove(name);
-        }
+        let settled = fingerprint.settled(self.settled);
+        self.map()
+            .insert(name.to_owned(), (fingerprint, hash.to_owned(), settled));
     }
 
-    /// The hash remembered for `name` if the file is still the one hashed.
+    /// The hash remembered for `name` if the file is still the one hashed
+    /// and its timestamps were settled then.
     fn hash_of(&self, name: &str, now: Fingerprint) -> Option<String> {
         self.map()
             .get(name)
-            .filter(|(then, _)| *then == now)
-            .map(|(_, hash)| hash.clone())
+            .filter(|(then, _, settled)| *then == now && *settled)
+            .map(|(_, hash, _)| hash.clone())
+    }
+
+    /// Whether `NAME.wasm` in `dir` looks like the file hashed last, which
+    /// was too fresh then for its hash to be trusted: most likely unchanged,
+    /// but to be read again.
+    pub(super) async fn unverified(&self, dir: &Path, name: &str) -> bool {
+        let Some(now) = Fingerprint::of(&dir.join(format!("{name}.wasm"))).await else {
+            return false;
+        };
+        self.map()
+            .get(name)
+            .is_some_and(|(then, _, settled)| *then == now && !*settled)
     }
 
     /// Forgets the files that are gone.
@@ -362,14 +377,22 @@ mod tests {
         let path = dir.path().join("p.wasm");
         std::fs::write(&path, component("a")).expect("write");
         let hashed = Hashed::default();
+        assert!(!hashed.unverified(dir.path(), "p").await, "never read");
         let first = read(dir.path(), &hashed).await;
-        // Its timestamps are not settled: nothing is trusted without reading.
+        // Its timestamps are not settled: nothing is trusted without reading,
+        // and the file is unverified (read after the others).
         assert_eq!(unchanged(dir.path(), &hashed).await, None);
+        assert!(hashed.unverified(dir.path(), "p").await);
         // The same size, the same inode, within the same clock tick maybe.
         std::fs::write(&path, component("b")).expect("rewrite");
         let second = read(dir.path(), &hashed).await;
         assert_ne!(first.hash, second.hash);
         assert_eq!(unchanged(dir.path(), &hashed).await, None);
+        // Another file renamed into place: not the one hashed.
+        let aside = dir.path().join(".p.wasm.partial");
+        std::fs::write(&aside, component("c")).expect("write aside");
+        std::fs::rename(&aside, &path).expect("rename");
+        assert!(!hashed.unverified(dir.path(), "p").await);
     }
 
     #[tokio::test]
