@@ -189,6 +189,26 @@ pub struct PluginHost {
     stats: Arc<Stats>,
 }
 
+/// What a rescan reads each plugin's files with.
+#[derive(Clone, Copy)]
+struct ScanInputs<'a> {
+    dir: &'a Path,
+    /// Directories no plugin may read.
+    protected: &'a [PathBuf],
+    grants: &'a grants::GrantsFile,
+}
+
+/// What a rescan has found so far.
+#[derive(Default)]
+struct Found {
+    /// Plugins that stay (running, failed, or with a new version to load).
+    keep: Vec<String>,
+    /// Why each failed, by name.
+    failed: BTreeMap<String, String>,
+    /// New versions to load.
+    sources: Vec<Source>,
+}
+
 impl PluginHost {
     /// A node's plugin host: `outbox` is how the plugins' host calls send
     /// (none: they are told there is no cluster).
@@ -337,10 +357,17 @@ impl PluginHost {
         // Failures of files that are gone are no longer news.
         self.failures().retain(|name, _| names.contains(name));
         self.hashed.retain(&names);
-        let mut sources = Vec::new();
-        let mut keep = Vec::new();
         let protected: Vec<PathBuf> = self.loader.cache_dir.iter().cloned().collect();
         let grants = self.read_grants(&mut failed);
+        let inputs = ScanInputs {
+            dir: &dir,
+            protected: &protected,
+            grants: &grants,
+        };
+        let mut found = Found {
+            failed,
+            ..Found::default()
+        };
         let running = |name: &str, version: &str| {
             self.current()
                 .plugins
@@ -358,7 +385,7 @@ impl PluginHost {
                 unchanged_version(&dir, name, &protected, &grants, &self.hashed).await
                 && running(name, &version)
             {
-                keep.push(name.clone());
+                found.keep.push(name.clone());
                 self.failures().remove(name);
                 continue;
             }
@@ -366,36 +393,19 @@ impl PluginHost {
                 unverified.push(name);
                 continue;
             }
-            self.scan_one(
-                &dir,
-                name,
-                &protected,
-                &grants,
-                &mut keep,
-                &mut failed,
-                &mut sources,
-            )
-            .await;
+            self.scan_one(&inputs, name, &mut found).await;
         }
-        let first = self.load_all(std::mem::take(&mut sources));
+        let first = self.load_all(std::mem::take(&mut found.sources));
         let rest = async {
             for name in unverified {
-                self.scan_one(
-                    &dir,
-                    name,
-                    &protected,
-                    &grants,
-                    &mut keep,
-                    &mut failed,
-                    &mut sources,
-                )
-                .await;
+                self.scan_one(&inputs, name, &mut found).await;
             }
-            self.uninstall_except(&keep);
+            self.uninstall_except(&found.keep);
             self.scanned.store(true, Ordering::Release);
-            self.load_all(sources).await
+            self.load_all(std::mem::take(&mut found.sources)).await
         };
         let (first, rest) = tokio::join!(first, rest);
+        let mut failed = found.failed;
         failed.extend(first.into_iter().chain(rest));
         self.prune_cache();
         failed
@@ -403,17 +413,17 @@ impl PluginHost {
 
     /// Reads one plugin's files for a rescan: kept, failed, or a new
     /// version to load.
-    #[allow(clippy::too_many_arguments)]
-    async fn scan_one(
-        &self,
-        dir: &Path,
-        name: &String,
-        protected: &[PathBuf],
-        grants: &grants::GrantsFile,
-        keep: &mut Vec<String>,
-        failed: &mut BTreeMap<String, String>,
-        sources: &mut Vec<Source>,
-    ) {
+    async fn scan_one(&self, inputs: &ScanInputs<'_>, name: &String, found: &mut Found) {
+        let ScanInputs {
+            dir,
+            protected,
+            grants,
+        } = *inputs;
+        let Found {
+            keep,
+            failed,
+            sources,
+        } = found;
         match read_source(dir, name, protected, grants, Some(&self.hashed)).await {
             Ok(Some(source)) => {
                 let running = self
