@@ -276,8 +276,14 @@ async fn measure(
         .into_iter()
         .map(|ws| tokio::spawn(read(ws, stop.clone(), delivered.clone())))
         .collect();
-    let churn = (server == Server::Imhost && args.saturation_churn > 0)
-        .then(|| churn(addr, n, args.saturation_churn, stop.clone()));
+    let churn = if server == Server::Imhost && args.saturation_churn > 0 {
+        let (per_sec, stop) = (args.saturation_churn, stop.clone());
+        Some(on_own_thread("churn", move || {
+            churn(addr, n, per_sec, stop)
+        })?)
+    } else {
+        None
+    };
     let cpu_before = cpu_us(pid)?;
     let started = Instant::now();
     let start_us = now_us();
@@ -303,9 +309,7 @@ async fn measure(
     let cpu = cpu_us(pid)? - cpu_before;
     stop.cancel();
     let churned = match churn {
-        Some(churn) => tokio::task::spawn_blocking(move || churn.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??,
+        Some(churn) => churn.await?,
         None => 0.0,
     };
     let mut latencies = Vec::with_capacity(want as usize);
@@ -351,44 +355,36 @@ const CHURN_OPEN: usize = 16;
 /// numbered after the channel's `n` (each with a new connect URL, as a
 /// backend hands out: tokens are single-use), closing each connection
 /// [`CHURN_OPEN`] connects later, until `stop`; returns the connects per
-/// second it made. On a thread and runtime of its own, like the publisher,
-/// so that the readers do not slow it.
-fn churn(
+/// second it made. Run [`on_own_thread`], like the publisher, so that the
+/// readers do not slow it.
+async fn churn(
     addr: std::net::SocketAddr,
     n: usize,
     per_sec: u64,
     stop: CancellationToken,
-) -> std::thread::JoinHandle<anyhow::Result<f64>> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async move {
-                let http = reqwest::Client::new();
-                let started = Instant::now();
-                let mut tick =
-                    tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec.max(1) as f64));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut open = std::collections::VecDeque::with_capacity(CHURN_OPEN + 1);
-                let mut connects = 0u64;
-                for client in (0..CHURN_CLIENTS).cycle() {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        () = stop.cancelled() => break,
-                    }
-                    let url = super::connect_url(&http, addr, n as i64 + 1 + client).await?;
-                    let tcp = tokio::net::TcpStream::connect(addr).await?;
-                    open.push_back(super::terminal(url, tcp).await?);
-                    connects += 1;
-                    if open.len() > CHURN_OPEN
-                        && let Some(mut ws) = open.pop_front()
-                    {
-                        ws.close(None).await.ok();
-                    }
-                }
-                Ok(connects as f64 / started.elapsed().as_secs_f64().max(1e-3))
-            })
-    })
+) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = std::collections::VecDeque::with_capacity(CHURN_OPEN + 1);
+    let mut connects = 0u64;
+    for client in (0..CHURN_CLIENTS).cycle() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let url = super::connect_url(&http, addr, n as i64 + 1 + client).await?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        open.push_back(super::terminal(url, tcp).await?);
+        connects += 1;
+        if open.len() > CHURN_OPEN
+            && let Some(mut ws) = open.pop_front()
+        {
+            ws.close(None).await.ok();
+        }
+    }
+    Ok(connects as f64 / started.elapsed().as_secs_f64().max(1e-3))
 }
 
 /// Starts imhost (with `plugin_set` installed into `plugins` and
@@ -449,22 +445,37 @@ async fn publish_apart(
     messages: usize,
     interval_us: u64,
 ) -> anyhow::Result<(u64, u64)> {
+    on_own_thread("publisher", move || async move {
+        publish(&reqwest::Client::new(), addr, messages, interval_us).await
+    })?
+    .await
+}
+
+/// Runs the future `make` makes on a thread and current-thread runtime of
+/// its own, started now, away from the readers' runtime; the future this
+/// returns waits for its result.
+fn on_own_thread<T, F>(
+    name: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<T>>>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
     let thread = std::thread::Builder::new()
-        .name("publisher".into())
+        .name(name.into())
         .spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(publish(
-                    &reqwest::Client::new(),
-                    addr,
-                    messages,
-                    interval_us,
-                ))
+                .block_on(make())
         })?;
-    tokio::task::spawn_blocking(move || thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the publisher panicked"))?
+    let name = name.to_owned();
+    Ok(async move {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
+    })
 }
 
 /// Channel messages on schedule through the API, up to 64 in flight: the

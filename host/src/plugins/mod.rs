@@ -368,12 +368,6 @@ impl PluginHost {
             failed,
             ..Found::default()
         };
-        let running = |name: &str, version: &str| {
-            self.current()
-                .plugins
-                .iter()
-                .any(|p| p.name == name && p.source_version() == version)
-        };
         // Files hashed before but too fresh then to trust the hash (most
         // likely unchanged) are read after the others, whose builds start
         // first: a new plugin's build does not wait for them.
@@ -383,7 +377,7 @@ impl PluginHost {
             // read again.
             if let Some(version) =
                 unchanged_version(&dir, name, &protected, &grants, &self.hashed).await
-                && running(name, &version)
+                && self.runs(name, &version)
             {
                 found.keep.push(name.clone());
                 self.failures().remove(name);
@@ -426,13 +420,8 @@ impl PluginHost {
         } = found;
         match read_source(dir, name, protected, grants, Some(&self.hashed)).await {
             Ok(Some(source)) => {
-                let running = self
-                    .current()
-                    .plugins
-                    .iter()
-                    .any(|p| p.name == source.name && p.source_version() == source.version);
                 keep.push(name.clone());
-                if running {
+                if self.runs(&source.name, &source.version) {
                     self.failures().remove(name);
                 } else {
                     self.loading().insert(
@@ -476,6 +465,14 @@ impl PluginHost {
             .into_iter()
             .filter_map(|(name, result)| result.err().map(|err| (name, err)))
             .collect()
+    }
+
+    /// Whether version `version` of plugin `name` is the one running.
+    fn runs(&self, name: &str, version: &str) -> bool {
+        self.current()
+            .plugins
+            .iter()
+            .any(|p| p.name == name && p.source_version() == version)
     }
 
     fn first_tier(&self) -> Tier {
@@ -563,12 +560,7 @@ impl PluginHost {
     /// baseline, and swaps it in if that version still runs.
     async fn optimize(self: Arc<Self>, source: Arc<Source>) {
         let compiled = self.compile(&source, Tier::Optimized).await;
-        let still_running = || {
-            self.current()
-                .plugins
-                .iter()
-                .any(|p| p.name == source.name && p.source_version() == source.version)
-        };
+        let still_running = || self.runs(&source.name, &source.version);
         match compiled {
             Ok(compiled) if still_running() => {
                 if let Err(err) = self.install(&source, compiled).await {
