@@ -205,6 +205,10 @@ struct Stream {
     statuses: BTreeMap<u16, u32>,
     accepted: Vec<i64>,
     received: Vec<i64>,
+    /// The numbers that may have been in flight while the disturbance ran:
+    /// sends are one at a time, so send `n` is in flight while `n` answers
+    /// have come back.
+    in_flight: std::ops::RangeInclusive<i64>,
 }
 
 /// Sends numbered messages from node 0's API to `client` (on node 1) until
@@ -253,7 +257,9 @@ async fn stream_through(
         }
     };
     flowing(100).await;
+    let before = answered.load(Ordering::SeqCst);
     disturb.await;
+    let after = answered.load(Ordering::SeqCst);
     flowing(200).await;
     stop.cancel();
     let (accepted, statuses) = traffic.await.expect("traffic task");
@@ -275,12 +281,23 @@ async fn stream_through(
         statuses,
         accepted,
         received,
+        in_flight: i64::from(before)..=i64::from(after),
     }
 }
 
 impl Stream {
     /// Every message answered 200 arrived, once; nothing else arrived twice.
     fn assert_complete(&self) {
+        self.assert_complete_but(0);
+    }
+
+    /// As [`Self::assert_complete`], except that up to `in_flight_losses` of
+    /// the sends in flight while the disturbance ran may be missing: Redis
+    /// pub/sub is at most once, and a master killed between writing a
+    /// `SPUBLISH`'s reply and the subscriber's copy loses that copy with
+    /// itself (docs/cluster.md). Anything sent before or after that instant
+    /// must still arrive.
+    fn assert_complete_but(&self, in_flight_losses: usize) {
         assert!(
             self.statuses.keys().all(|s| *s == 200 || *s == 503),
             "only 200 or 503: {:?}",
@@ -300,11 +317,14 @@ impl Stream {
             .copied()
             .filter(|n| !seen.contains(n))
             .collect();
+        let excused =
+            missing.len() <= in_flight_losses && missing.iter().all(|n| self.in_flight.contains(n));
         assert!(
-            missing.is_empty(),
-            "{} answered 200 and lost: {missing:?} ({:?})",
+            missing.is_empty() || excused,
+            "{} answered 200 and lost: {missing:?} ({:?}; in flight during the disturbance: {:?})",
             missing.len(),
-            self.statuses
+            self.statuses,
+            self.in_flight
         );
     }
 }
@@ -355,12 +375,13 @@ async fn a_killed_master_leaves_a_bounded_gap_answered_503_never_200() {
     let master = redis.master_of(&channel_of(&cluster, 1)).await;
     // Killed between the stream's first and last hundreds: its replica takes
     // over after the node timeout (1 s here), the nodes find it, and sends
-    // resume; in between they are answered 503.
+    // resume; in between they are answered 503. The one send Redis may have
+    // taken in the instant of the kill is the only one it may lose.
     let stream = stream_through(&cluster, client, async {
         redis.kill(master);
     })
     .await;
-    stream.assert_complete();
+    stream.assert_complete_but(1);
 }
 
 #[tokio::test]
