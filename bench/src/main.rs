@@ -1378,8 +1378,8 @@ mod plugins {
             "-"
         );
         println!(
-            "  (includes the watcher's {} ms debounce)",
-            imhost::plugins::watcher::DEBOUNCE.as_millis()
+            "  (includes the watcher's {} ms of quiet after a rename into place)",
+            imhost::plugins::watcher::SETTLED.as_millis()
         );
         Ok(())
     }

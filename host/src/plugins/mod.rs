@@ -341,6 +341,7 @@ impl PluginHost {
     /// every file has a first version (or failed), with the failures.
     pub async fn reload(self: &Arc<Self>) -> BTreeMap<String, String> {
         let _one_at_a_time = self.reloading.lock().await;
+        tracing::debug!("rescanning the plugin directory");
         let mut failed = BTreeMap::new();
         let Some(dir) = self.loader.dir.clone() else {
             return failed;
@@ -606,6 +607,7 @@ impl PluginHost {
         );
         // Only the optimized tier is looked up in and stored to the cache.
         let started = Instant::now();
+        tracing::debug!(plugin = %source.name, tier = tier.as_str(), "compiling a plugin");
         let compiled = tokio::task::spawn_blocking(move || {
             compile::compile_cached(&compiler, cache.as_ref(), &source.wasm, &source.hash, tier)
         })
