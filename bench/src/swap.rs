@@ -1,8 +1,9 @@
 //! A swap while optimized builds run (`imhost-bench --only-swap`): a node
 //! with a cold cache loads the four JavaScript and Python examples (12-18 MB
 //! components); while their optimized builds are still compiling, a new
-//! JavaScript filter is written into the plugin directory, and the time from
-//! that write to the new filter serving is measured. The same swap on the
+//! JavaScript filter is written into the plugin directory (aside, then
+//! renamed into place), and the time from that rename to the new filter
+//! serving is measured, as is the time from the write's first byte. The same swap on the
 //! node once it is idle is the baseline, in the same command.
 //!
 //! Also reported: the node's resident memory once the four have loaded cold
@@ -90,16 +91,25 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     drop(warm);
 
     println!(
-        "\n{:<58}{:>10}",
-        "a new 12 MB JavaScript filter, file write to serving", "ms"
+        "\n{:<58}{:>10}{:>10}",
+        "a new 12 MB JavaScript filter serves, ms after its", "rename", "1st byte"
     );
     println!(
-        "{:<58}{:>10.0}",
+        "{:<58}{:>10.0}{:>10.0}",
         format!("  while optimized builds run ({building} running, {still_building} after)"),
-        busy
+        busy.from_rename,
+        busy.from_first_byte
     );
-    println!("{:<58}{:>10.0}", "  on the idle node", idle);
-    println!("{:<58}{:>10.2}", "  busy / idle", busy / idle);
+    println!(
+        "{:<58}{:>10.0}{:>10.0}",
+        "  on the idle node", idle.from_rename, idle.from_first_byte
+    );
+    println!(
+        "{:<58}{:>10.2}{:>10.2}",
+        "  busy / idle",
+        busy.from_rename / idle.from_rename,
+        busy.from_first_byte / idle.from_first_byte
+    );
     println!(
         "\nresident memory after loading the four cold: {:.0} MB; from the cache: {:.0} MB; cold/cached {:.2}",
         cold_rss as f64 / 1e6,
@@ -109,16 +119,25 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a swap took to serve, in milliseconds.
+struct SwapTime {
+    /// From the rename that put the finished file in place: the node's time.
+    from_rename: f64,
+    /// From the first byte of the manifest written: the deploy's write of
+    /// 12 MB (tens of ms on a slow disk) included.
+    from_first_byte: f64,
+}
+
 /// Writes a copy of the JavaScript moderation filter as `name` (made a
 /// file of its own, so that it compiles rather than loading another copy's
-/// cached build) and returns the milliseconds until it runs.
+/// cached build) and returns how long until it runs.
 async fn swap(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
     examples: &Path,
     plugins: &Path,
     name: &str,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<SwapTime> {
     let mut wasm = std::fs::read(examples.join(format!("{SWAPPED}.wasm")))?;
     // A custom section naming the copy: the same code, another content hash.
     let section = b"imhost-bench-copy";
@@ -138,11 +157,20 @@ async fn swap(
     let aside = plugins.join(format!(".{name}.wasm.partial"));
     std::fs::write(&aside, &wasm)?;
     std::fs::rename(&aside, plugins.join(format!("{name}.wasm")))?;
-    wait_for(http, addr, "the new filter serves", |rows| {
-        active(rows, name)
-    })
+    let placed = Instant::now();
+    // Polled often: the poll's period is part of what is measured.
+    poll_until(
+        http,
+        addr,
+        "the new filter serves",
+        Duration::from_millis(1),
+        |rows| active(rows, name),
+    )
     .await?;
-    Ok(started.elapsed().as_secs_f64() * 1000.0)
+    Ok(SwapTime {
+        from_rename: placed.elapsed().as_secs_f64() * 1000.0,
+        from_first_byte: started.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 /// Copies example `from` into `plugins` as `to`, the way deploys do: written
@@ -174,10 +202,22 @@ async fn optimized_builds(
         .count())
 }
 
+/// Polls the plugin list every 10 ms until `done`.
 async fn wait_for(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
     what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> anyhow::Result<()> {
+    poll_until(http, addr, what, Duration::from_millis(10), done).await
+}
+
+/// Polls the plugin list every `every` until `done`; within 600 s.
+async fn poll_until(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    what: &str,
+    every: Duration,
     done: impl Fn(&[serde_json::Value]) -> bool,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -189,6 +229,6 @@ async fn wait_for(
         if Instant::now() > deadline {
             bail!("{what}: not within 600 s: {rows:?}");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
 }

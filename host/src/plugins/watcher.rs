@@ -10,11 +10,12 @@
 //! finished file into place.
 //!
 //! How long the quiet must be depends on the last event: after one that
-//! finishes a file ([`finishes_a_file`]: the close of a file opened for
-//! writing, a rename into place) the file is whole, and [`SETTLED`] only
-//! gathers the events of the same deploy (a manifest and its module); after
-//! any other (a create, a write) more is coming, and [`DEBOUNCE`] waits for
-//! it. A swap waits for this quiet, so it is kept short where it can be.
+//! finishes a module ([`finishes_a_module`]: the close of a `.wasm` file
+//! opened for writing, a rename to a `.wasm` name) the module is whole, and
+//! deploys write it last (its manifest first), so [`SETTLED`] only gathers
+//! the stragglers of the same deploy; after any other event (a create, a
+//! write, a finished manifest) more is likely coming, and [`DEBOUNCE`] waits
+//! for it. A swap waits for this quiet, so it is kept short where it can be.
 //!
 //! Only changes count ([`is_change`]): a rescan reads every plugin file, and
 //! reads raise access events, so a watcher that woke on them rescanned
@@ -32,9 +33,10 @@ use tracing::{info, warn};
 
 use super::PluginHost;
 
-/// Quiet time before reloading after an event that leaves a file unfinished.
+/// Quiet time before reloading after any event but one that finished a
+/// module.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
-/// Quiet time before reloading after an event that finished a file.
+/// Quiet time before reloading after an event that finished a module.
 pub const SETTLED: Duration = Duration::from_millis(5);
 
 /// Watches the plugin directory until `stop`; returns at once without one.
@@ -43,7 +45,7 @@ pub async fn run(plugins: Arc<PluginHost>, stop: CancellationToken) {
         return;
     };
     let (poke, mut poked) = mpsc::channel::<()>(1);
-    // Whether the latest change finished a file; written before each poke.
+    // Whether the latest change finished a module; written before each poke.
     let last_settled = Arc::new(AtomicBool::new(false));
     let settled = last_settled.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -51,7 +53,7 @@ pub async fn run(plugins: Arc<PluginHost>, stop: CancellationToken) {
             && is_change(&event.kind)
         {
             tracing::trace!(kind = ?event.kind, paths = ?event.paths, "plugin directory changed");
-            settled.store(finishes_a_file(&event.kind), Ordering::Release);
+            settled.store(finishes_a_module(&event), Ordering::Release);
             let _ = poke.try_send(());
         }
     });
@@ -99,14 +101,20 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
-/// Whether an event leaves a file whole: the close of a file opened for
-/// writing, or a rename (the new name of a file written aside).
-fn finishes_a_file(kind: &EventKind) -> bool {
-    matches!(
-        kind,
+/// Whether an event leaves a plugin's module whole: the close of a `.wasm`
+/// file opened for writing, or a rename whose new name is a `.wasm` file.
+fn finishes_a_module(event: &notify::Event) -> bool {
+    let finishes = matches!(
+        event.kind,
         EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
-    )
+    );
+    // A rename's event names the old path, then the new one.
+    let module = event
+        .paths
+        .last()
+        .is_some_and(|path| path.extension().is_some_and(|ext| ext == "wasm"));
+    finishes && module
 }
 
 #[cfg(test)]
@@ -137,22 +145,47 @@ mod tests {
     }
 
     #[test]
-    fn a_close_after_writing_and_a_rename_into_place_finish_a_file_and_others_do_not() {
-        for finished in [
-            EventKind::Access(AccessKind::Close(AccessMode::Write)),
-            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
-        ] {
-            assert!(finishes_a_file(&finished), "{finished:?}");
+    fn a_module_closed_after_writing_or_renamed_into_place_is_finished_and_nothing_else() {
+        let event = |kind: EventKind, paths: &[&str]| {
+            let mut event = notify::Event::new(kind);
+            event.paths = paths.iter().map(std::path::PathBuf::from).collect();
+            event
+        };
+        let close = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let finished = [
+            event(close, &["/p/a.wasm"]),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                &["/p/a.wasm"],
+            ),
+            event(renamed, &["/p/.a.wasm.partial", "/p/a.wasm"]),
+        ];
+        for e in &finished {
+            assert!(finishes_a_module(e), "{e:?}");
         }
-        for unfinished in [
-            EventKind::Create(CreateKind::File),
-            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
-            EventKind::Modify(ModifyKind::Any),
-            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
-            EventKind::Remove(RemoveKind::File),
-        ] {
-            assert!(!finishes_a_file(&unfinished), "{unfinished:?}");
+        let unfinished = [
+            // More of the module is coming.
+            event(EventKind::Create(CreateKind::File), &["/p/a.wasm"]),
+            event(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                &["/p/a.wasm"],
+            ),
+            event(EventKind::Modify(ModifyKind::Any), &["/p/a.wasm"]),
+            // Written aside, not yet in place.
+            event(close, &["/p/.a.wasm.partial"]),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+                &["/p/.a.wasm.partial"],
+            ),
+            event(renamed, &["/p/a.wasm", "/p/a.wasm.old"]),
+            // A manifest comes before its module.
+            event(close, &["/p/a.toml"]),
+            event(renamed, &["/p/a.partial", "/p/a.toml"]),
+            event(EventKind::Remove(RemoveKind::File), &["/p/a.wasm"]),
+        ];
+        for e in &unfinished {
+            assert!(!finishes_a_module(e), "{e:?}");
         }
     }
 }
