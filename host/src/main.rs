@@ -112,15 +112,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Turns transparent huge pages off for this process and its children (the
-/// plugin compilers), before the runtime's threads start; `MIMALLOC_ALLOW_THP=1`
-/// keeps them. mimalloc asks for huge pages on its heap by default. A huge
-/// page is 2 MiB zeroed at its first touch, and on virtual machines whose
-/// host reclaims free 2 MiB blocks (free page reporting) that first touch
-/// faults 512 times on the host: the 12 MB baseline build a swap waits for
-/// took 0.9 or 1.3-1.6 s by which block it got, against a steady 1.0 s
-/// without; and a node that loaded its plugins from the cache held a quarter
-/// more memory (`docs/plugins.md`, "Huge pages"). The socket core measured
-/// the same either way.
+/// plugin compilers), before the runtime's threads start;
+/// `MIMALLOC_ALLOW_THP=1` keeps them. mimalloc asks for huge pages on its
+/// heap by default. A huge page is 2 MiB zeroed at its first touch, and on
+/// virtual machines whose host takes back free 2 MiB blocks that touch also
+/// faults on the host (our reading of it; see the docs): the 12 MB baseline
+/// build a swap waits for took 0.9 or 1.3-1.6 s by which block it got,
+/// against a steady 1.0 s without, and a node that loaded its plugins from
+/// the cache held a quarter more memory (`docs/plugins.md`, "Huge pages").
+/// The socket core measured the same either way.
 fn without_transparent_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         // The operator chose; mimalloc read it at its start.
