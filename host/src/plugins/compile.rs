@@ -471,24 +471,13 @@ impl Compiler {
 
 /// Compiles `wasm` (content hash `hash`) for `tier`: from the cache when it
 /// holds a genuine artifact, else by `compiler`, storing the optimized tier in
-/// the cache; the memory it freed is handed back after ([`trim_heap`]).
+/// the cache. The memory it freed is not handed back here: a node does that
+/// once the version serves ([`trim_heap`], 10-40 ms a swap need not wait for).
 /// Blocking: call off the async workers.
 ///
 /// # Errors
 /// As [`compile`], or the compiler process failed.
 pub fn compile_cached(
-    compiler: &Compiler,
-    cache: Option<&ArtifactCache>,
-    wasm: &[u8],
-    hash: &str,
-    tier: Tier,
-) -> Result<Compiled, LoadError> {
-    let compiled = build(compiler, cache, wasm, hash, tier);
-    trim_heap();
-    compiled
-}
-
-fn build(
     compiler: &Compiler,
     cache: Option<&ArtifactCache>,
     wasm: &[u8],

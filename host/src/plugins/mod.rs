@@ -509,17 +509,10 @@ impl PluginHost {
         let cached = match &self.cache {
             Some(cache) => {
                 let (cache, source2) = (cache.clone(), source.clone());
-                tokio::task::spawn_blocking(move || {
-                    let loaded = cache.load(&source2.hash, Tier::Optimized);
-                    // What a load read is freed; a miss read nothing.
-                    if loaded.is_some() {
-                        compile::trim_heap();
-                    }
-                    loaded
-                })
-                .await
-                .ok()
-                .flatten()
+                tokio::task::spawn_blocking(move || cache.load(&source2.hash, Tier::Optimized))
+                    .await
+                    .ok()
+                    .flatten()
             }
             None => None,
         };
@@ -534,6 +527,7 @@ impl PluginHost {
             Ok(compiled) => self.install(&source, compiled).await,
             Err(err) => Err(err),
         };
+        trim_heap_later();
         match outcome {
             Ok(()) => {
                 self.failures().remove(&source.name);
@@ -573,6 +567,7 @@ impl PluginHost {
                 warn!(plugin = %source.name, cause = %err, "optimized build failed; the baseline build keeps serving");
             }
         }
+        trim_heap_later();
         let mut loading = self.loading();
         if loading
             .get(&source.name)
@@ -815,4 +810,11 @@ impl PluginHost {
         }
         None
     }
+}
+
+/// Hands the memory a load freed back to the system ([`compile::trim_heap`])
+/// on a blocking thread, once the version it loaded serves: 10-40 ms of
+/// `madvise` that a swap does not wait for.
+fn trim_heap_later() {
+    drop(tokio::task::spawn_blocking(compile::trim_heap));
 }
