@@ -1,5 +1,6 @@
 //! Events and shutdown: the SSE stream, graceful shutdown in process and of
-//! the real binary on SIGTERM, configuration errors at start-up.
+//! the real binary on SIGTERM, configuration errors at start-up, and the
+//! binary's process settings (transparent huge pages).
 
 use std::time::Duration;
 
@@ -306,5 +307,48 @@ async fn a_node_named_by_a_wildcard_address_is_warned_about() {
     assert!(
         output.contains("connect URLs will name 0.0.0.0"),
         "{output}"
+    );
+}
+
+/// The `imhost` binary runs without transparent huge pages unless the
+/// operator keeps them with `MIMALLOC_ALLOW_THP` (docs/plugins.md, "Huge
+/// pages"): what the kernel says of each process. (The test's own
+/// environment must not set `MIMALLOC_ALLOW_THP`: the processes inherit it.)
+#[tokio::test]
+async fn the_binary_turns_transparent_huge_pages_off_unless_told_to_keep_them() {
+    async fn thp_enabled(envs: &[(&str, &str)]) -> Option<String> {
+        let addr = free_addr();
+        let listen = addr.to_string();
+        let process = ImhostProcess::spawn(addr, &["--listen", &listen], envs);
+        let http = reqwest::Client::new();
+        imhost_tests::eventually("imhost serves", || async {
+            let r = http
+                .get(format!("http://{addr}/healthz"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
+            .expect("the process's status");
+        process.signal("TERM");
+        let _ = process.wait(Duration::from_secs(15)).await;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("THP_enabled:"))
+            .map(|value| value.trim().to_owned())
+    }
+    let Some(default) = thp_enabled(&[]).await else {
+        // A kernel built without transparent huge pages has nothing to turn off.
+        eprintln!("no THP_enabled in /proc/PID/status: nothing to check");
+        return;
+    };
+    assert_eq!(default, "0", "huge pages are off by default");
+    let kept = thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]).await;
+    assert_eq!(
+        kept.as_deref(),
+        Some("1"),
+        "MIMALLOC_ALLOW_THP=1 keeps them"
     );
 }
