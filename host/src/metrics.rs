@@ -9,7 +9,9 @@
 //!   memory-limit hits and traps as counters, a call-latency histogram, and
 //!   its state. A swap starts the new version's counters at zero (Prometheus
 //!   reads that as a counter reset); `imhost_plugin_loaded_timestamp_seconds`
-//!   says when the running version came; node-wide, the optimized builds
+//!   says when the running version came, and
+//!   `imhost_plugin_served_after_seconds` how long it took from the rescan
+//!   reading its file to serving; node-wide, the optimized builds
 //!   stopped for a swap (`imhost_plugin_builds_paused_total`).
 //! - Redis (cluster mode): `imhost_redis_up` and a round-trip histogram, from
 //!   a PING every few seconds ([`run_redis_probe`]).
@@ -229,6 +231,9 @@ const PLUGIN_COUNTERS: [(&str, &str); 5] = [
 ];
 const PLUGIN_STATE: &str = "imhost_plugin_state";
 const PLUGIN_LOADED: &str = "imhost_plugin_loaded_timestamp_seconds";
+const PLUGIN_SERVED_AFTER: &str = "imhost_plugin_served_after_seconds";
+const PLUGIN_SERVED_AFTER_HELP: &str =
+    "From reading the running version's file to its first build serving (a swap's wait)";
 const PLUGIN_LATENCY: &str = "imhost_plugin_call_duration_seconds";
 const BUILDS_PAUSED: &str = "imhost_plugin_builds_paused_total";
 const BUILDS_PAUSED_HELP: &str = "Optimized plugin builds stopped while a swap's own build ran";
@@ -249,6 +254,7 @@ impl PluginCollector {
             PLUGIN_LOADED,
             "When the running version was loaded",
         ));
+        descs.push(plugin_desc(PLUGIN_SERVED_AFTER, PLUGIN_SERVED_AFTER_HELP));
         descs.push(plugin_desc(
             PLUGIN_LATENCY,
             "Duration of calls to the running version",
@@ -337,6 +343,19 @@ impl Collector for PluginCollector {
             "When the running version was loaded",
             MetricType::GAUGE,
             loaded,
+        ));
+        let served_after = rows
+            .iter()
+            .filter_map(|row| {
+                let ms = row.served_after_ms?;
+                Some(gauge(ms as f64 / 1000.0, vec![label("plugin", &row.name)]))
+            })
+            .collect();
+        families.push(family(
+            PLUGIN_SERVED_AFTER.to_owned(),
+            PLUGIN_SERVED_AFTER_HELP,
+            MetricType::GAUGE,
+            served_after,
         ));
         let latency = rows
             .iter()

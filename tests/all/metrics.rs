@@ -26,6 +26,7 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn counters_plugins_and_latency_histograms_are_scraped() {
+    let started = std::time::Instant::now();
     let dir = PluginDir::new();
     dir.install(
         "word-filter",
@@ -85,6 +86,16 @@ async fn counters_plugins_and_latency_histograms_are_scraped() {
             &format!("imhost_plugin_call_duration_seconds_count{plugin}")
         ),
         Some(1.0)
+    );
+    // How long its first build took to serve: within this test's life.
+    let served_after = sample(
+        &body,
+        &format!("imhost_plugin_served_after_seconds{plugin}"),
+    )
+    .expect("imhost_plugin_served_after_seconds");
+    assert!(
+        (0.0..=started.elapsed().as_secs_f64()).contains(&served_after),
+        "{served_after}"
     );
 
     // Every series the example Grafana dashboard queries exists.

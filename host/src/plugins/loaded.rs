@@ -69,6 +69,10 @@ pub struct Prepared {
     /// Hooks wired: exported, and enabled by the manifest.
     pub hooks: Vec<Hook>,
     pub loaded_at: std::time::SystemTime,
+    /// From the rescan reading this version's file to its first build
+    /// serving (a swap's wait, less the watcher's quiet): the same for the
+    /// baseline build and the optimized one that replaces it.
+    pub served_after: std::time::Duration,
     /// Content hash of the wasm and of its manifest: unchanged means reusable.
     source_version: String,
     auth: Option<auth::GuestIndices>,
@@ -129,6 +133,7 @@ impl Prepared {
             compiled,
             hooks,
             loaded_at: std::time::SystemTime::now(),
+            served_after: std::time::Duration::ZERO,
             source_version,
             stats: Mutex::new(CallStats::default()),
             share,

@@ -341,7 +341,11 @@ impl PluginHost {
     /// it in place of the running version of the same name.
     async fn install(&self, source: &Source, compiled: compile::Compiled) -> Result<(), LoadError> {
         let tier = compiled.tier;
-        let prepared = Arc::new(source.build(compiled, &self.services).await?);
+        let mut prepared = source.build(compiled, &self.services).await?;
+        // Swapped in the next moment: the first build's wait ends here.
+        let served_after = *source.first_served.get_or_init(|| source.read_at.elapsed());
+        prepared.served_after = served_after;
+        let prepared = Arc::new(prepared);
         let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
         let mut plugins: Vec<Arc<Prepared>> = set
             .plugins
@@ -352,7 +356,13 @@ impl PluginHost {
         plugins.push(prepared);
         plugins.sort_by(|a, b| (a.manifest.order, &a.name).cmp(&(b.manifest.order, &b.name)));
         *set = Arc::new(PluginSet { plugins });
-        info!(plugin = %source.name, hash = %&source.hash[..12], tier = tier.as_str(), "plugin loaded");
+        info!(
+            plugin = %source.name,
+            hash = %&source.hash[..12],
+            tier = tier.as_str(),
+            served_after_ms = served_after.as_millis() as u64,
+            "plugin loaded"
+        );
         Ok(())
     }
 

@@ -43,6 +43,9 @@ pub struct PluginInfo {
     pub compiling: Option<CompilingInfo>,
     pub order: i32,
     pub loaded_at_ms: u64,
+    /// Milliseconds from the rescan reading the running version's file to
+    /// its first build serving (a swap's wait, less the watcher's quiet).
+    pub served_after_ms: Option<u64>,
     pub calls: u64,
     pub errors: u64,
     pub timeouts: u64,
@@ -87,6 +90,7 @@ impl PluginInfo {
             compiling: None,
             order: p.manifest.order,
             loaded_at_ms: unix_ms(p.loaded_at),
+            served_after_ms: Some(p.served_after.as_millis() as u64),
             calls: stats.calls,
             errors: stats.errors,
             timeouts: stats.timeouts,
@@ -113,6 +117,7 @@ impl PluginInfo {
             compiling: None,
             order: 0,
             loaded_at_ms: 0,
+            served_after_ms: None,
             calls: 0,
             errors: 0,
             timeouts: 0,

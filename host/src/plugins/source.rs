@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
@@ -31,6 +31,11 @@ pub(super) struct Source {
     /// Content hashes of the wasm and the manifest, and the grants' digest:
     /// unchanged means the running version is this one.
     pub version: String,
+    /// When the rescan began to read the file.
+    pub read_at: Instant,
+    /// From `read_at` to this version's first build serving: set by the
+    /// first install, kept by the optimized one (see `Prepared::served_after`).
+    pub first_served: OnceLock<Duration>,
 }
 
 impl Source {
@@ -183,6 +188,7 @@ pub(super) async fn read_source(
         warn!(plugin = name, withheld = %line, "the manifest asks for what the operator has not granted");
     }
     let path = dir.join(format!("{name}.wasm"));
+    let read_at = Instant::now();
     let before = Fingerprint::of(&path).await;
     let wasm = tokio::fs::read(&path)
         .await
@@ -214,6 +220,8 @@ pub(super) async fn read_source(
         grants: Arc::new(grants),
         per_instance,
         version,
+        read_at,
+        first_served: OnceLock::new(),
     }))
 }
 

@@ -115,9 +115,18 @@ async fn sighup_and_the_reload_call_rescan_when_not_watching() {
     assert!(api.plugins().await.is_empty());
 
     dir.install("welcome", guests::WELCOME, "");
+    let signalled = std::time::Instant::now();
     process.signal("HUP");
-    api.plugin_where("welcome", "loaded on SIGHUP", |p| p["state"] == "active")
+    let row = api
+        .plugin_where("welcome", "loaded on SIGHUP", |p| p["state"] == "active")
         .await;
+    // The rescan read the file after the signal: its first build served
+    // within what this test saw.
+    let served_after = row["served_after_ms"].as_u64().expect("served_after_ms");
+    assert!(
+        u128::from(served_after) <= signalled.elapsed().as_millis(),
+        "{row}"
+    );
 
     dir.install("rate-limit", guests::RATE_LIMIT, "");
     let (status, answer) = api.post("/plugins/reload", json!({})).await;
