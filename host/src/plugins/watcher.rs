@@ -1,7 +1,7 @@
 //! Hot reload: a `notify` watcher on the plugin directory.
 //!
 //! The notify callback runs on its own thread; it only notes whether the
-//! event finished a file and pokes a bounded channel of capacity one
+//! event finished a module and pokes a bounded channel of capacity one
 //! (`try_send`: a poke already waiting covers this one). The async side
 //! debounces (waits for the directory to be quiet) and rescans the whole
 //! directory, which is right both for editors that write in place (several
