@@ -12,24 +12,50 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
+/// How many times a server is started on fresh ports before a test gives up.
+pub(crate) const STARTS: usize = 5;
+
+/// Whether `INFO server` text names process `pid`.
+pub(crate) fn is_process(info: &str, pid: u32) -> bool {
+    info.lines()
+        .any(|line| line.trim() == format!("process_id:{pid}"))
+}
+
+/// Whether the child has exited (reaped if so); true without one.
+pub(crate) fn exited(child: &mut Option<Child>) -> bool {
+    match child {
+        Some(c) => !matches!(c.try_wait(), Ok(None)),
+        None => true,
+    }
+}
+
 impl RedisServer {
-    /// Starts a server and waits until it answers PING.
+    /// Starts a server and waits until it answers as itself. One that exits
+    /// first lost its port to another process meanwhile (a port
+    /// `free_addr` released can go to any test's connection): it starts
+    /// again on a fresh port.
     pub async fn start() -> RedisServer {
-        let port = crate::process::free_addr().port();
         let mut server = RedisServer {
-            port,
+            port: crate::process::free_addr().port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
         };
-        server.spawn().await;
-        server
+        for _ in 0..STARTS {
+            if server.spawn().await {
+                return server;
+            }
+            server.port = crate::process::free_addr().port();
+        }
+        panic!("redis-server exited {STARTS} times before answering: ports taken?");
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server on `self.port`; false when it exited before
+    /// answering as itself.
+    async fn spawn(&mut self) -> bool {
         let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -43,18 +69,34 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server (install it: apt-get install redis-server)");
+        let pid = child.id();
         self.child = Some(child);
-        let url = self.url();
-        crate::eventually("redis-server answers PING", || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
+        let deadline = tokio::time::Instant::now() + crate::DEADLINE;
+        loop {
+            let info: Option<String> = async {
+                let client = redis::Client::open(self.url()).ok()?;
                 let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let pong: String = redis::cmd("PING").query_async(&mut conn).await.ok()?;
-                (pong == "PONG").then_some(())
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()
             }
-        })
-        .await;
+            .await;
+            if info.is_some_and(|info| is_process(&info, pid)) {
+                return true;
+            }
+            if exited(&mut self.child) {
+                self.child = None;
+                return false;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for redis-server on port {} to answer",
+                self.port
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the server (SIGKILL, by PID) and waits for it to be gone.
@@ -68,7 +110,11 @@ impl RedisServer {
     /// Kills the server and starts a new, empty one on the same port.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        assert!(
+            self.spawn().await,
+            "redis-server could not start again on port {}",
+            self.port
+        );
     }
 
     /// A multiplexed connection for the test's own commands.
@@ -84,5 +130,33 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_whose_port_is_taken_reports_it_and_the_harness_needs_no_luck() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut server = RedisServer {
+            port: taken.local_addr().expect("addr").port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        assert!(
+            !server.spawn().await,
+            "redis-server cannot bind a taken port"
+        );
+        assert!(server.child.is_none(), "the exited server was reaped");
+
+        let started = RedisServer::start().await;
+        let mut conn = started.connection().await;
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .expect("ping");
+        assert_eq!(pong, "PONG");
     }
 }

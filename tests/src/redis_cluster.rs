@@ -76,13 +76,8 @@ impl RedisCluster {
         for i in 0..n {
             cluster.spawn(i);
         }
-        for server in &cluster.servers {
-            let port = server.port;
-            crate::eventually("a cluster node answers PING", || async move {
-                let pong = text(port, &redis::cmd("PING")).await?;
-                (pong == "PONG").then_some(())
-            })
-            .await;
+        for i in 0..n {
+            cluster.wait_started(i).await;
         }
         let addrs: Vec<String> = cluster
             .servers
@@ -103,6 +98,43 @@ impl RedisCluster {
         cluster.wait_ok(n).await;
         cluster.wait_replicas_synced().await;
         cluster
+    }
+
+    /// Waits until server `i` answers as itself (`INFO server` gives its
+    /// PID). One that exits first lost a port to another process meanwhile
+    /// (a port `free_addr` released can go to any test's connection, and a
+    /// full run makes thousands): it starts again on fresh ports.
+    async fn wait_started(&mut self, i: usize) {
+        for _ in 0..crate::redis::STARTS {
+            let deadline = tokio::time::Instant::now() + crate::DEADLINE;
+            loop {
+                let server = &mut self.servers[i];
+                let pid = server.child.as_ref().map(Child::id);
+                let info = text(server.port, redis::cmd("INFO").arg("server")).await;
+                if let (Some(pid), Some(info)) = (pid, info)
+                    && crate::redis::is_process(&info, pid)
+                {
+                    return;
+                }
+                if crate::redis::exited(&mut server.child) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for redis-server on port {} to answer",
+                    server.port
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let server = &mut self.servers[i];
+            server.port = crate::process::free_addr().port();
+            server.bus_port = crate::process::free_addr().port();
+            self.spawn(i);
+        }
+        panic!(
+            "redis-server exited {} times before answering: ports taken?",
+            crate::redis::STARTS
+        );
     }
 
     fn spawn(&mut self, i: usize) {
