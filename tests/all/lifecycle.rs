@@ -320,16 +320,7 @@ async fn the_binary_turns_transparent_huge_pages_off_unless_told_to_keep_them() 
         let addr = free_addr();
         let listen = addr.to_string();
         let process = ImhostProcess::spawn(addr, &["--listen", &listen], envs);
-        let http = reqwest::Client::new();
-        imhost_tests::eventually("imhost serves", || async {
-            let r = http
-                .get(format!("http://{addr}/healthz"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        imhost_tests::api::Api::new(addr).wait_serving().await;
         let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
             .expect("the process's status");
         process.signal("TERM");

@@ -15,17 +15,42 @@ pub struct RedisServer {
 /// How many times a server is started on fresh ports before a test gives up.
 pub(crate) const STARTS: usize = 5;
 
-/// Whether `INFO server` text names process `pid`.
-pub(crate) fn is_process(info: &str, pid: u32) -> bool {
-    info.lines()
-        .any(|line| line.trim() == format!("process_id:{pid}"))
-}
-
-/// Whether the child has exited (reaped if so); true without one.
-pub(crate) fn exited(child: &mut Option<Child>) -> bool {
-    match child {
-        Some(c) => !matches!(c.try_wait(), Ok(None)),
-        None => true,
+/// Waits until the `redis-server` in `child` answers on `port` as itself
+/// (`INFO server` gives its PID, so another process's server on a reused
+/// port does not count): true; false when it exited first (reaped, `child`
+/// emptied), most likely because its port was taken meanwhile.
+pub(crate) async fn answers_as_itself(port: u16, child: &mut Option<Child>) -> bool {
+    let Some(pid) = child.as_ref().map(Child::id) else {
+        return false;
+    };
+    let deadline = tokio::time::Instant::now() + crate::DEADLINE;
+    loop {
+        let info: Option<String> = async {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await
+                .ok()
+        }
+        .await;
+        let ours = format!("process_id:{pid}");
+        if info.is_some_and(|info| info.lines().any(|line| line.trim() == ours)) {
+            return true;
+        }
+        let exited = child
+            .as_mut()
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)));
+        if exited {
+            *child = None;
+            return false;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for redis-server on port {port} to answer"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
@@ -69,34 +94,8 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server (install it: apt-get install redis-server)");
-        let pid = child.id();
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + crate::DEADLINE;
-        loop {
-            let info: Option<String> = async {
-                let client = redis::Client::open(self.url()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("INFO")
-                    .arg("server")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()
-            }
-            .await;
-            if info.is_some_and(|info| is_process(&info, pid)) {
-                return true;
-            }
-            if exited(&mut self.child) {
-                self.child = None;
-                return false;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for redis-server on port {} to answer",
-                self.port
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        answers_as_itself(self.port, &mut self.child).await
     }
 
     /// Kills the server (SIGKILL, by PID) and waits for it to be gone.
