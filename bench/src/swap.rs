@@ -4,7 +4,10 @@
 //! JavaScript filter is written into the plugin directory (aside, then
 //! renamed into place), and the time from that rename to the new filter
 //! serving is measured, as is the time from the write's first byte. The same swap on the
-//! node once it is idle is the baseline, in the same command.
+//! node once it is idle is the baseline, in the same command. A third copy is
+//! compiled into the node's cache first (`imhost plugin compile --cache-dir`,
+//! as a deploy that precompiles does) and then renamed into place: the swap
+//! that waits for no compiler at all.
 //!
 //! Also reported: the node's resident memory once the four have loaded cold
 //! against a second node that loads them from the cache the first one filled
@@ -56,20 +59,32 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     })
     .await?;
     let building = optimized_builds(&http, addr).await?;
-    let busy = swap(&http, addr, &examples, plugins.path(), "swap-busy").await?;
+    let busy = swap(&http, addr, &examples, plugins.path(), "swap-busy", None).await?;
     let still_building = optimized_builds(&http, addr).await?;
     wait_for(&http, addr, "the optimized builds finish", |rows| {
         rows.iter()
             .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
     })
     .await?;
-    let idle = swap(&http, addr, &examples, plugins.path(), "swap-idle").await?;
+    let idle = swap(&http, addr, &examples, plugins.path(), "swap-idle", None).await?;
+    let precompiled = swap(
+        &http,
+        addr,
+        &examples,
+        plugins.path(),
+        "swap-precompiled",
+        Some(Precompile {
+            imhost: &args.imhost,
+            cache: cache.path(),
+        }),
+    )
+    .await?;
     wait_for(&http, addr, "every optimized build finishes", |rows| {
         rows.iter()
             .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
     })
     .await?;
-    // Six plugins loaded cold (the four, and the two swapped in).
+    // Seven plugins loaded cold (the four, and the three swapped in).
     let cold_rss = rss_bytes(pid)?;
     drop(node);
 
@@ -84,31 +99,40 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let warm_pid = warm.id().context("node pid")?;
     wait_serving(&http, addr).await?;
     wait_for(&http, addr, "the cached examples serve", |rows| {
-        rows.iter().filter(|r| r["tier"] == "optimized").count() >= LOADED.len() + 2
+        rows.iter().filter(|r| r["tier"] == "optimized").count() >= LOADED.len() + 3
     })
     .await?;
     let cached_rss = rss_bytes(warm_pid)?;
     drop(warm);
 
     println!(
-        "\n{:<58}{:>10}{:>10}",
-        "a new 12 MB JavaScript filter serves, ms after its", "rename", "1st byte"
+        "\n{:<58}{:>10}{:>10}{:>10}",
+        "a new 12 MB JavaScript filter serves, ms after its", "rename", "1st byte", "node"
     );
-    println!(
-        "{:<58}{:>10.0}{:>10.0}",
-        format!("  while optimized builds run ({building} running, {still_building} after)"),
-        busy.from_rename,
-        busy.from_first_byte
+    let row = |label: &str, t: &SwapTime| {
+        println!(
+            "{label:<58}{:>10.0}{:>10.0}{:>10}",
+            t.from_rename,
+            t.from_first_byte,
+            t.node.map_or("-".to_string(), |ms| ms.to_string())
+        );
+    };
+    row(
+        &format!("  while optimized builds run ({building} running, {still_building} after)"),
+        &busy,
     );
-    println!(
-        "{:<58}{:>10.0}{:>10.0}",
-        "  on the idle node", idle.from_rename, idle.from_first_byte
-    );
+    row("  on the idle node", &idle);
+    row("  compiled into the cache first, idle node", &precompiled);
     println!(
         "{:<58}{:>10.2}{:>10.2}",
         "  busy / idle",
         busy.from_rename / idle.from_rename,
         busy.from_first_byte / idle.from_first_byte
+    );
+    println!(
+        "{:<58}{:>10.2}",
+        "  precompiled / idle",
+        precompiled.from_rename / idle.from_rename
     );
     println!(
         "\nresident memory after loading the four cold: {:.0} MB; from the cache: {:.0} MB; cold/cached {:.2}",
@@ -124,19 +148,31 @@ struct SwapTime {
     /// From the rename that put the finished file in place: the node's time.
     from_rename: f64,
     /// From the first byte of the manifest written: the deploy's write of
-    /// 12 MB (tens of ms on a slow disk) included.
+    /// 12 MB (tens of ms on a slow disk) included, and its compile when it
+    /// precompiles.
     from_first_byte: f64,
+    /// The node's own `served_after_ms` for the version: from its read of
+    /// the file to serving (the watcher's quiet before the read excluded).
+    node: Option<u64>,
+}
+
+/// A deploy that compiles the file into the node's cache before placing it.
+struct Precompile<'a> {
+    imhost: &'a Path,
+    cache: &'a Path,
 }
 
 /// Writes a copy of the JavaScript moderation filter as `name` (made a
 /// file of its own, so that it compiles rather than loading another copy's
-/// cached build) and returns how long until it runs.
+/// cached build), compiled into the node's cache before it is renamed into
+/// place when `precompile` says so, and returns how long until it runs.
 async fn swap(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
     examples: &Path,
     plugins: &Path,
     name: &str,
+    precompile: Option<Precompile<'_>>,
 ) -> anyhow::Result<SwapTime> {
     let mut wasm = std::fs::read(examples.join(format!("{SWAPPED}.wasm")))?;
     // A custom section naming the copy: the same code, another content hash.
@@ -156,10 +192,21 @@ async fn swap(
     )?;
     let aside = plugins.join(format!(".{name}.wasm.partial"));
     std::fs::write(&aside, &wasm)?;
+    if let Some(Precompile { imhost, cache }) = precompile {
+        let status = tokio::process::Command::new(imhost)
+            .args(["plugin", "compile", "--cache-dir"])
+            .arg(cache)
+            .arg(&aside)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .context("run imhost plugin compile")?;
+        anyhow::ensure!(status.success(), "imhost plugin compile failed: {status}");
+    }
     std::fs::rename(&aside, plugins.join(format!("{name}.wasm")))?;
     let placed = Instant::now();
     // Polled often: the poll's period is part of what is measured.
-    poll_until(
+    let rows = poll_until(
         http,
         addr,
         "the new filter serves",
@@ -167,9 +214,18 @@ async fn swap(
         |rows| active(rows, name),
     )
     .await?;
+    let (from_rename, from_first_byte) = (
+        placed.elapsed().as_secs_f64() * 1000.0,
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    let node = rows
+        .iter()
+        .find(|r| r["name"] == name)
+        .and_then(|r| r["served_after_ms"].as_u64());
     Ok(SwapTime {
-        from_rename: placed.elapsed().as_secs_f64() * 1000.0,
-        from_first_byte: started.elapsed().as_secs_f64() * 1000.0,
+        from_rename,
+        from_first_byte,
+        node,
     })
 }
 
@@ -209,22 +265,25 @@ async fn wait_for(
     what: &str,
     done: impl Fn(&[serde_json::Value]) -> bool,
 ) -> anyhow::Result<()> {
-    poll_until(http, addr, what, Duration::from_millis(10), done).await
+    poll_until(http, addr, what, Duration::from_millis(10), done)
+        .await
+        .map(drop)
 }
 
-/// Polls the plugin list every `every` until `done`; within 600 s.
+/// Polls the plugin list every `every` until `done`, within 600 s; returns
+/// the list that satisfied it.
 async fn poll_until(
     http: &reqwest::Client,
     addr: std::net::SocketAddr,
     what: &str,
     every: Duration,
     done: impl Fn(&[serde_json::Value]) -> bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let rows = super::plugins::plugin_rows(http, addr).await?;
         if done(&rows) {
-            return Ok(());
+            return Ok(rows);
         }
         if Instant::now() > deadline {
             bail!("{what}: not within 600 s: {rows:?}");
