@@ -61,12 +61,16 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let building = optimized_builds(&http, addr).await?;
     let busy = swap(&http, addr, &examples, plugins.path(), "swap-busy", None).await?;
     let still_building = optimized_builds(&http, addr).await?;
-    wait_for(&http, addr, "the optimized builds finish", |rows| {
-        rows.iter()
-            .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
-    })
-    .await?;
+    wait_for(&http, addr, "the optimized builds finish", all_optimized).await?;
     let idle = swap(&http, addr, &examples, plugins.path(), "swap-idle", None).await?;
+    // Idle again: the idle swap's own optimized build done.
+    wait_for(
+        &http,
+        addr,
+        "the idle swap's optimized build finishes",
+        all_optimized,
+    )
+    .await?;
     let precompiled = swap(
         &http,
         addr,
@@ -79,12 +83,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         }),
     )
     .await?;
-    wait_for(&http, addr, "every optimized build finishes", |rows| {
-        rows.iter()
-            .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
-    })
-    .await?;
-    // Seven plugins loaded cold (the four, and the three swapped in).
+    wait_for(&http, addr, "every optimized build finishes", all_optimized).await?;
+    // Seven plugins loaded (the four and two swaps cold, one from the cache).
     let cold_rss = rss_bytes(pid)?;
     drop(node);
 
@@ -239,6 +239,13 @@ fn copy_example(examples: &Path, plugins: &Path, from: &str, to: &str) -> anyhow
         std::fs::rename(&aside, plugins.join(format!("{to}.{ext}")))?;
     }
     Ok(())
+}
+
+/// Every plugin serves its optimized build, and none is compiling: the node
+/// is idle.
+fn all_optimized(rows: &[serde_json::Value]) -> bool {
+    rows.iter()
+        .all(|r| r["compiling"].is_null() && r["tier"] == "optimized")
 }
 
 fn active(rows: &[serde_json::Value], name: &str) -> bool {
