@@ -112,3 +112,75 @@ async fn compiled_plugins_are_cached_outside_the_plugin_dir_and_reused() {
     third.send(0, &[1], json!("x again"), false).await;
     assert_eq!(t.next_text().await, r#""* again""#);
 }
+
+/// The deploy of docs/plugins.md, "A swap that waits for no compiler": the
+/// module compiled into the node's cache while it is still aside, then
+/// renamed into place. The node's first version of it is the optimized
+/// build, loaded, not compiled: the artifact is still the very file the
+/// deploy wrote (a node that compiled would have written its own).
+#[tokio::test]
+async fn a_module_compiled_into_the_cache_before_it_is_placed_serves_optimized_at_once() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = PluginDir::new();
+    let cache = tempfile::tempdir().expect("cache dir");
+    let cache_dir = cache.path().join("imhost");
+    let cache_arg = cache_dir.display().to_string();
+    let (_process, api) = imhost_tests::process::ImhostProcess::serving_plugins(
+        dir.path(),
+        &["--plugin-cache", &cache_arg],
+    )
+    .await;
+
+    std::fs::write(
+        dir.path().join("word-filter.toml"),
+        "[settings]\nwords = [\"x\"]\n",
+    )
+    .expect("manifest");
+    let aside = dir.path().join(".word-filter.wasm.partial");
+    std::fs::copy(guests::WORD_FILTER, &aside).expect("copy aside");
+    let compiled = std::process::Command::new(imhost_tests::process::imhost_bin())
+        .args(["plugin", "compile", "--cache-dir", &cache_arg])
+        .arg(&aside)
+        .output()
+        .expect("run plugin compile");
+    assert!(
+        compiled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let deployed = artifacts(&cache_dir);
+    assert_eq!(deployed.len(), 1, "{deployed:?}");
+    let inode = |path: &std::path::Path| std::fs::metadata(path).expect("artifact").ino();
+    let deployed_inode = inode(&deployed[0]);
+    // The file aside is not a plugin: nothing loads it.
+    assert!(api.plugins().await.is_empty());
+
+    std::fs::rename(&aside, dir.path().join("word-filter.wasm")).expect("place");
+    let first = imhost_tests::eventually_within(
+        "word-filter serves",
+        imhost_tests::COMPILE_DEADLINE,
+        || async {
+            api.plugins()
+                .await
+                .into_iter()
+                .find(|p| p["name"] == "word-filter" && p["state"] == "active")
+        },
+    )
+    .await;
+    assert_eq!(first["tier"], "optimized", "{first}");
+    assert!(
+        first["compiling"].is_null(),
+        "nothing left to build: {first}"
+    );
+    assert_eq!(artifacts(&cache_dir), deployed);
+    assert_eq!(
+        inode(&deployed[0]),
+        deployed_inode,
+        "the node compiled nothing"
+    );
+
+    let mut t = api.terminal(1).await;
+    api.send(0, &[1], json!("x marks"), false).await;
+    assert_eq!(t.next_text().await, r#""* marks""#);
+}
