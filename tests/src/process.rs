@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -31,10 +32,43 @@ pub fn imhost_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port (bound, then released for the child to take).
+/// A free loopback port for a child process to bind.
+///
+/// Binding port 0 and releasing it races: that port comes from the
+/// ephemeral range, which every outgoing connection of every test draws from
+/// too, so one can take it before the child binds it (a Redis harness saw
+/// it). Ports below the range (`net.ipv4.ip_local_port_range`) are never
+/// given to outgoing connections. So this walks them from a point that
+/// differs per process, never hands out the same port twice in a process,
+/// and returns the first that binds now. Where the range leaves too little
+/// below it, it falls back to port 0.
 pub fn free_addr() -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let below = ephemeral_start().saturating_sub(LOWEST);
+    if below >= 1_000 {
+        let start = std::process::id().wrapping_mul(7_919) % below;
+        for _ in 0..below {
+            let step = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(LOWEST + (start + step) % below) else {
+                continue;
+            };
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return listener.local_addr().expect("addr");
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr")
+}
+
+/// The first port of the kernel's ephemeral range (Linux's default when it
+/// cannot be read).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A running `imhost` process.

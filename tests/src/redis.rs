@@ -56,9 +56,9 @@ pub(crate) async fn answers_as_itself(port: u16, child: &mut Option<Child>) -> b
 
 impl RedisServer {
     /// Starts a server and waits until it answers as itself. One that exits
-    /// first lost its port to another process meanwhile (a port
-    /// `free_addr` released can go to any test's connection): it starts
-    /// again on a fresh port.
+    /// first lost its port to another process meanwhile (`free_addr` picks
+    /// ports no outgoing connection takes, but any process may bind one): it
+    /// starts again on a fresh port.
     pub async fn start() -> RedisServer {
         let mut server = RedisServer {
             port: crate::process::free_addr().port(),

@@ -102,8 +102,8 @@ impl RedisCluster {
 
     /// Waits until server `i` answers as itself (`INFO server` gives its
     /// PID). One that exits first lost a port to another process meanwhile
-    /// (a port `free_addr` released can go to any test's connection, and a
-    /// full run makes thousands): it starts again on fresh ports.
+    /// (`free_addr` picks ports no outgoing connection takes, but any process
+    /// may bind one): it starts again on fresh ports.
     async fn wait_started(&mut self, i: usize) {
         for _ in 0..crate::redis::STARTS {
             let server = &mut self.servers[i];
