@@ -748,26 +748,13 @@ async fn channel_messages_cost_no_redis_read_per_message() {
         .ok("/channels/hot/join", json!({"client_ids": [member]}))
         .await;
     let mut conn = redis.connection().await;
-    let hkeys_calls = |info: String| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_hkeys:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
     // The first message fills each node's cache.
     cluster
         .node(2)
         .ok("/channels/hot/messages", json!({"message": 0}))
         .await;
     assert_eq!(reader.next_text().await, "0");
-    let before = hkeys_calls(
-        redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .expect("info"),
-    );
+    let before = hkeys_calls(&mut conn).await;
     for n in 1..=20 {
         cluster
             .node(2)
@@ -777,13 +764,7 @@ async fn channel_messages_cost_no_redis_read_per_message() {
     for n in 1..=20 {
         assert_eq!(reader.next_text().await, n.to_string());
     }
-    let after = hkeys_calls(
-        redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .expect("info"),
-    );
+    let after = hkeys_calls(&mut conn).await;
     assert_eq!(
         after, before,
         "20 channel messages on 3 nodes read no members from Redis"
@@ -802,6 +783,66 @@ async fn channel_messages_cost_no_redis_read_per_message() {
         .await;
     assert_eq!(second.next_text().await, r#""both""#);
     assert_eq!(reader.next_text().await, r#""both""#);
+}
+
+/// `HKEYS` calls Redis has served (its `INFO commandstats`): a node reads a
+/// channel's members with it when its channel cache cannot answer.
+async fn hkeys_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hkeys:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_channel_cache_comes_back_after_a_redis_restart() {
+    // A restarted Redis is empty, keyspace notifications off: each node
+    // turns them on again when it resubscribes, over its command
+    // connection, which is the one that still holds the dead socket then.
+    let mut redis = RedisServer::start().await;
+    let cluster = Cluster::start(&redis, 2).await;
+    let member = cluster.client_on(1, 1);
+    let mut reader = cluster.node(0).terminal(member).await.into_reader();
+    redis.restart().await;
+    imhost_tests::eventually("online set repaired", || async {
+        let (status, online) = cluster.node(0).get_raw("/online").await;
+        (status == 200 && online == json!([member])).then_some(())
+    })
+    .await;
+    cluster
+        .node(0)
+        .ok("/channels/hot/join", json!({"client_ids": [member]}))
+        .await;
+    // The first messages fill each node's cache.
+    for node in [0, 1] {
+        cluster
+            .node(node)
+            .ok("/channels/hot/messages", json!({"message": node}))
+            .await;
+        assert_eq!(reader.next_text().await, node.to_string());
+    }
+    let mut conn = redis.connection().await;
+    let before = hkeys_calls(&mut conn).await;
+    for n in 1..=20 {
+        cluster
+            .node(n % 2)
+            .ok("/channels/hot/messages", json!({"message": n}))
+            .await;
+    }
+    for n in 1..=20 {
+        assert_eq!(reader.next_text().await, n.to_string());
+    }
+    assert_eq!(
+        hkeys_calls(&mut conn).await,
+        before,
+        "20 channel messages after the restart read no members from Redis"
+    );
 }
 
 #[tokio::test]

@@ -159,25 +159,59 @@ pub(super) fn presence_change(
     })
 }
 
+/// Waits before asking again over a command connection that failed at the
+/// connection level (see [`enable_keyspace_events`]): 50, 100, 200, 400 ms.
+const CONFIG_RETRIES: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
+
 /// Turns on keyspace notifications for hash and generic commands, keeping
-/// flags already set. Returns false (cache off) where CONFIG is not allowed.
+/// flags already set; returns whether the channel cache may be on. False
+/// where CONFIG is not allowed (Redis refuses it: asked once).
+///
+/// Asked over the shared command connection, which after a Redis restart
+/// may still hold the socket of the Redis that went away: this subscriber
+/// reconnects first, and the connection manager only notices at its next
+/// command, which fails ("broken pipe") while it reconnects. So a failure at
+/// the connection level is asked again a few times ([`CONFIG_RETRIES`])
+/// before the cache is given up until the next subscription; giving it up
+/// at the first one left every node after a Redis restart reading each
+/// channel's members from Redis per message, for good (`scripts/soak` found
+/// it).
 async fn enable_keyspace_events(presence: &RedisPresence) -> bool {
+    let mut retries = CONFIG_RETRIES.iter();
+    loop {
+        match keyspace_events_on(presence).await {
+            Ok(()) => return true,
+            Err(err) if connection_failed(&err) => {
+                if let Some(wait) = retries.next() {
+                    tokio::time::sleep(*wait).await;
+                    continue;
+                }
+                warn!(cause = %err, "cannot reach Redis to enable keyspace notifications; channel cache off");
+            }
+            Err(err) => {
+                warn!(cause = %err, "cannot enable keyspace notifications; channel cache off");
+            }
+        }
+        return false;
+    }
+}
+
+/// `CONFIG GET`, then `CONFIG SET` if the flags the cache needs are missing.
+async fn keyspace_events_on(presence: &RedisPresence) -> redis::RedisResult<()> {
     let mut conn = presence.helper.connection();
-    let current: redis::RedisResult<(String, String)> = redis::cmd("CONFIG")
+    let (_, flags): (String, String) = redis::cmd("CONFIG")
         .arg("GET")
         .arg("notify-keyspace-events")
         .query_async(&mut conn)
-        .await;
-    let flags = match current {
-        Ok((_, flags)) => flags,
-        Err(err) => {
-            warn!(cause = %err, "cannot read notify-keyspace-events; channel cache off");
-            return false;
-        }
-    };
+        .await?;
     let has = |c: char| flags.contains(c);
     if has('K') && (has('A') || (has('h') && has('g'))) {
-        return true;
+        return Ok(());
     }
     let mut wanted = flags.clone();
     for c in ['K', 'h', 'g'] {
@@ -185,17 +219,19 @@ async fn enable_keyspace_events(presence: &RedisPresence) -> bool {
             wanted.push(c);
         }
     }
-    let set: redis::RedisResult<()> = redis::cmd("CONFIG")
+    redis::cmd("CONFIG")
         .arg("SET")
         .arg("notify-keyspace-events")
         .arg(&wanted)
         .query_async(&mut conn)
-        .await;
-    match set {
-        Ok(()) => true,
-        Err(err) => {
-            warn!(cause = %err, "cannot enable keyspace notifications; channel cache off");
-            false
-        }
-    }
+        .await
+}
+
+/// The command never got an answer from Redis (as opposed to Redis
+/// refusing it).
+fn connection_failed(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
 }
