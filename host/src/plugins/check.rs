@@ -46,8 +46,6 @@ pub async fn check_file(
     let prepared = source.build(compiled, &Services::detached()).await?;
     Ok(PluginInfo {
         state: "valid",
-        // Built, never served.
-        served_after_ms: None,
         ..PluginInfo::of(&prepared, None)
     })
 }

@@ -71,8 +71,9 @@ pub struct Prepared {
     pub loaded_at: std::time::SystemTime,
     /// From the rescan reading this version's file to its first build
     /// serving (a swap's wait, less the watcher's quiet): the same for the
-    /// baseline build and the optimized one that replaces it.
-    pub served_after: std::time::Duration,
+    /// baseline build and the optimized one that replaces it. `None` until
+    /// installed (`plugin check` builds without serving).
+    pub served_after: Option<std::time::Duration>,
     /// Content hash of the wasm and of its manifest: unchanged means reusable.
     source_version: String,
     auth: Option<auth::GuestIndices>,
@@ -133,7 +134,7 @@ impl Prepared {
             compiled,
             hooks,
             loaded_at: std::time::SystemTime::now(),
-            served_after: std::time::Duration::ZERO,
+            served_after: None,
             source_version,
             stats: Mutex::new(CallStats::default()),
             share,

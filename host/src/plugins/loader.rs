@@ -344,7 +344,7 @@ impl PluginHost {
         let mut prepared = source.build(compiled, &self.services).await?;
         // Swapped in the next moment: the first build's wait ends here.
         let served_after = *source.first_served.get_or_init(|| source.read_at.elapsed());
-        prepared.served_after = served_after;
+        prepared.served_after = Some(served_after);
         let prepared = Arc::new(prepared);
         let mut set = self.set.write().unwrap_or_else(|p| p.into_inner());
         let mut plugins: Vec<Arc<Prepared>> = set

@@ -90,7 +90,7 @@ impl PluginInfo {
             compiling: None,
             order: p.manifest.order,
             loaded_at_ms: unix_ms(p.loaded_at),
-            served_after_ms: Some(p.served_after.as_millis() as u64),
+            served_after_ms: p.served_after.map(|d| d.as_millis() as u64),
             calls: stats.calls,
             errors: stats.errors,
             timeouts: stats.timeouts,
